@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS := -q --disable-pip-version-check
+
+.PHONY: demo test lint typecheck pytest bench fuzz clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import torch, dcp_safetensors, pytest, safetensors" && touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dcp-safetensors demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check dcp_safetensors tests
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy dcp_safetensors
+
+pytest: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test: lint typecheck pytest
+
+fuzz: $(VENV)/.installed
+	DCP_SAFETENSORS_FUZZ_N=100000 $(PY) -m pytest -q -p no:cacheprovider tests/test_format.py -k fuzz
+
+clean:
+	rm -rf $(VENV) build *.egg-info

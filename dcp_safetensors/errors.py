@@ -1,0 +1,131 @@
+"""Exception types raised by dcp_safetensors.
+
+Every error carries one message string as its only constructor argument, so it
+pickles: DCP ships a failing rank's exception to every other rank by pickling
+it inside :class:`torch.distributed.checkpoint.api.CheckpointException`, and a
+user catching ``exc.failures[rank][0]`` gets our type back, not a string.
+
+Example:
+    >>> from dcp_safetensors.errors import HeaderTooLargeError, CheckpointCorruptError
+    >>> issubclass(HeaderTooLargeError, CheckpointCorruptError)
+    True
+    >>> import pickle
+    >>> type(pickle.loads(pickle.dumps(HeaderTooLargeError("x")))).__name__
+    'HeaderTooLargeError'
+"""
+
+from __future__ import annotations
+
+
+class DcpSafetensorsError(Exception):
+    """Base class of every error this package raises."""
+
+
+class ConfigurationError(DcpSafetensorsError, ValueError):
+    """An option or a call that this package cannot honour (e.g. a bad ``max_shard_size``)."""
+
+
+class LayoutError(DcpSafetensorsError):
+    """The ranks' plans do not describe one consistent checkpoint (overlap, hole, dtype clash)."""
+
+
+class CheckpointNotFoundError(DcpSafetensorsError, FileNotFoundError):
+    """No safetensors checkpoint at the path; the message says what was found instead."""
+
+
+class CheckpointCorruptError(DcpSafetensorsError):
+    """A checkpoint on storage breaks a rule of the safetensors format or of our index."""
+
+
+# --- safetensors header rules: one type per rule (mirrors safetensors' Rust errors) ---
+
+
+class HeaderError(CheckpointCorruptError):
+    """A safetensors file header breaks one of the format's rules."""
+
+
+class HeaderTooSmallError(HeaderError):
+    """The file is shorter than the 8-byte header length prefix."""
+
+
+class HeaderTooLargeError(HeaderError):
+    """The declared header length exceeds 100,000,000 bytes or the file's size."""
+
+
+class HeaderEncodingError(HeaderError):
+    """The header bytes are not valid UTF-8."""
+
+
+class HeaderJsonError(HeaderError):
+    """The header is not a JSON object (malformed JSON, or another JSON type)."""
+
+
+class DuplicateKeyError(HeaderError):
+    """A tensor name appears twice in one header."""
+
+
+class UnknownDtypeError(HeaderError):
+    """A tensor's dtype string is not one safetensors defines (or torch cannot hold)."""
+
+
+class InvalidShapeError(HeaderError):
+    """A shape is not a list of non-negative integers."""
+
+
+class InvalidTensorEntryError(HeaderError):
+    """A tensor entry is not an object with exactly ``dtype``, ``shape``, ``data_offsets``."""
+
+
+class InvalidOffsetsError(HeaderError):
+    """``data_offsets`` are not two integers with ``0 <= begin <= end``."""
+
+
+class TensorSizeMismatchError(HeaderError):
+    """``end - begin`` differs from ``numel * itemsize`` for a tensor."""
+
+
+class OffsetGapError(HeaderError):
+    """Tensors do not tile the data section: a gap between two tensors, or a first offset != 0."""
+
+
+class OffsetOverlapError(HeaderError):
+    """Two tensors' byte ranges overlap."""
+
+
+class DataSizeMismatchError(HeaderError):
+    """The last tensor's end differs from the data section's size (truncated file or trailing bytes)."""
+
+
+class InvalidMetadataError(HeaderError):
+    """``__metadata__`` is not a mapping from strings to strings."""
+
+
+# --- checkpoint-level rules (index, snapshot, files) ---
+
+
+class InvalidIndexError(CheckpointCorruptError):
+    """``model.safetensors.index.json`` is malformed or inconsistent with the files."""
+
+
+class UnsafePathError(CheckpointCorruptError):
+    """The index names a file outside the checkpoint directory."""
+
+
+class MissingFileError(CheckpointCorruptError):
+    """A file the index lists does not exist."""
+
+
+class MissingKeyError(CheckpointCorruptError):
+    """A key the index lists is absent from the file it names."""
+
+
+class FileSizeMismatchError(CheckpointCorruptError):
+    """A file's size differs from the size recorded in the index (truncated or appended)."""
+
+
+class SnapshotMismatchError(CheckpointCorruptError):
+    """A data file belongs to another save than the index (a stale or foreign file)."""
+
+
+class ChecksumMismatchError(CheckpointCorruptError):
+    """A file's bytes do not match the checksum computed while it was written."""

@@ -1,0 +1,456 @@
+"""The global byte layout of a checkpoint, planned once from every rank's chunks.
+
+Pure functions: given each tensor's global shape and dtype and every rank's
+chunk of it (what DCP's coordinator sees in ``prepare_global_plan``), decide
+
+1. which file each tensor goes to (``max_shard_size``, natural key order),
+2. where it sits inside the file (``save_file``'s order: dtype, then name),
+3. each file's exact header bytes and size,
+4. the byte runs each rank's chunk occupies in its file (:class:`Runs`), and
+5. which rank writes each file's header (the owner of its first data byte).
+
+The result, :class:`CheckpointLayout`, is the frozen snapshot: headers, the
+index and every rank's writes all derive from it. :func:`check_chunks_tile`
+proves, before any byte is written, that each tensor's chunks cover it
+exactly once, in O(n log n) for the grid-shaped chunks DTensor produces.
+
+Example:
+    >>> specs = [TensorSpec("w", "w", "F32", (4, 2))]
+    >>> chunks = [ChunkSpec(0, "w", (0, 0), (2, 2)), ChunkSpec(1, "w", (2, 0), (2, 2))]
+    >>> layout = plan_layout(specs, chunks, max_shard_size=10**9, metadata={"format": "pt"})
+    >>> [f.name for f in layout.files]
+    ['model.safetensors']
+    >>> [(w.runs.start, w.runs.length) for w in layout.rank_plans[1].chunks]
+    [(112, 16)]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dcp_safetensors.errors import ConfigurationError, LayoutError
+from dcp_safetensors.format import DTYPE_ITEMSIZE, TensorEntry, dtype_sort_key, encode_header
+
+__all__ = [
+    "TensorSpec",
+    "ChunkSpec",
+    "Runs",
+    "ChunkWrite",
+    "HeaderWrite",
+    "RankWritePlan",
+    "FileLayout",
+    "CheckpointLayout",
+    "parse_size",
+    "natural_key",
+    "chunk_runs",
+    "check_chunks_tile",
+    "plan_layout",
+    "file_names",
+]
+
+MODEL_GROUP = "model"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor of the checkpoint: its DCP key, its name in the file, dtype, global shape.
+
+    ``group`` is the file stem the tensor belongs to (``"model"`` for the HF
+    files; another stem, e.g. ``"training_state/state"``, for tensors kept out
+    of the weight map).
+    """
+
+    key: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    group: str = MODEL_GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """The box ``[offsets, offsets + sizes)`` of tensor ``key`` that ``rank`` holds and writes."""
+
+    rank: int
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Where a chunk's bytes go: ``prod(counts)`` runs of ``length`` bytes.
+
+    Run ``i`` (row-major over ``counts``) holds bytes ``[i*length, (i+1)*length)``
+    of the chunk's contiguous row-major copy and starts at absolute file offset
+    ``start + sum(idx[d] * strides[d])``. A chunk spanning every trailing dim
+    (``Shard(0)``) is one run; a column shard (``Shard(1)``) one run per row.
+
+    Example:
+        >>> Runs(100, 8, (3,), (32,)).offsets().tolist()
+        [100, 132, 164]
+    """
+
+    start: int
+    length: int
+    counts: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.length
+
+    def offsets(self) -> np.ndarray:
+        """Absolute file offset of every run, in the chunk's byte order (int64 array)."""
+        out = np.array([self.start], dtype=np.int64)
+        for count, stride in zip(self.counts, self.strides, strict=False):
+            out = (out[:, None] + np.arange(count, dtype=np.int64)[None, :] * stride).reshape(-1)
+        return out
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk a rank writes: the DCP item it comes from and the runs it fills in ``file``."""
+
+    key: str
+    offsets: tuple[int, ...]
+    file: str
+    runs: Runs
+
+
+@dataclass(frozen=True)
+class HeaderWrite:
+    """The header bytes a rank writes at offset 0 of ``file``."""
+
+    file: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RankWritePlan:
+    """Everything one rank writes; travels to it in its ``SavePlan.storage_data``."""
+
+    chunks: tuple[ChunkWrite, ...] = ()
+    headers: tuple[HeaderWrite, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.runs.nbytes for c in self.chunks) + sum(len(h.data) for h in self.headers)
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """One output file: its relative name, header bytes, tensor entries (file order), size."""
+
+    name: str
+    group: str
+    header: bytes
+    entries: tuple[TensorEntry, ...]
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @property
+    def data_size(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+    @property
+    def size(self) -> int:
+        return self.data_start + self.data_size
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The frozen layout of a whole checkpoint."""
+
+    files: tuple[FileLayout, ...]
+    tensors: tuple[TensorSpec, ...]
+    rank_plans: Mapping[int, RankWritePlan] = field(default_factory=dict)
+
+    def weight_map(self, group: str = MODEL_GROUP) -> dict[str, str]:
+        """``{name in file: file name}`` for the tensors of ``group``."""
+        return {e.name: f.name for f in self.files if f.group == group for e in f.entries}
+
+    def total_size(self, group: str = MODEL_GROUP) -> int:
+        """Sum of the tensor bytes of ``group`` (HF's ``metadata.total_size``)."""
+        return sum(e.nbytes for f in self.files if f.group == group for e in f.entries)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size`` as transformers reads ``max_shard_size``.
+
+    An int is bytes; ``"5GB"`` is ``5 * 10**9``; ``"5GiB"`` is ``5 * 2**30``;
+    a lower-case ``b`` after a decimal unit means bits, as in transformers
+    (``"8Mb"`` is 10**6 bytes).
+
+    Example:
+        >>> parse_size("5GB"), parse_size("2MiB"), parse_size(1000)
+        (5000000000, 2097152, 1000)
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigurationError(f"max_shard_size must be an int or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(size)
+        if not m:
+            raise ConfigurationError(
+                f"max_shard_size {size!r} is not a size: use an int (bytes) or e.g. '5GB', '500MB', '2GiB'"
+            )
+        number, unit = m.groups()
+        value = int(float(number) * _SIZE_UNITS[unit.upper()])
+        if unit.endswith("b") and "i" not in unit.lower() and unit.upper() != "B":
+            value //= 8
+    if value <= 0:
+        raise ConfigurationError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``layers.2`` before ``layers.10``.
+
+    Example:
+        >>> sorted(["l.10.w", "l.2.w"], key=natural_key)
+        ['l.2.w', 'l.10.w']
+    """
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def file_names(stem: str, count: int) -> list[str]:
+    """HF file names for ``count`` files of ``stem``.
+
+    Example:
+        >>> file_names("model", 1), file_names("model", 2)
+        (['model.safetensors'], ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'])
+    """
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _row_major_strides(shape: Sequence[int]) -> list[int]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def chunk_runs(
+    shape: Sequence[int], itemsize: int, offsets: Sequence[int], sizes: Sequence[int], base: int = 0
+) -> Runs:
+    """The byte runs of the box ``[offsets, offsets + sizes)`` of a row-major tensor at ``base``.
+
+    Example:
+        >>> chunk_runs((4, 6), 4, (0, 3), (4, 3))  # a Shard(1) half: one run per row
+        Runs(start=12, length=12, counts=(4,), strides=(24,))
+        >>> chunk_runs((4, 6), 4, (2, 0), (2, 6))  # a Shard(0) half: one run
+        Runs(start=48, length=48, counts=(), strides=())
+    """
+    if math.prod(sizes) == 0:
+        return Runs(base, 0, (0,), (0,))
+    strides = _row_major_strides(shape)
+    start = base + sum(o * s for o, s in zip(offsets, strides, strict=False)) * itemsize
+    split = next((d for d in range(len(shape) - 1, -1, -1) if sizes[d] != shape[d]), -1)
+    if split < 0:
+        return Runs(start, math.prod(shape) * itemsize)
+    length = sizes[split] * strides[split] * itemsize
+    outer = [(sizes[d], strides[d] * itemsize) for d in range(split) if sizes[d] != 1]
+    return Runs(start, length, tuple(c for c, _ in outer), tuple(s for _, s in outer))
+
+
+def _describe(c: ChunkSpec) -> str:
+    return f"rank {c.rank} chunk offsets={list(c.offsets)} sizes={list(c.sizes)}"
+
+
+def check_chunks_tile(spec: TensorSpec, chunks: Sequence[ChunkSpec]) -> None:
+    """Raise :class:`LayoutError` unless ``chunks`` cover ``spec`` exactly once.
+
+    In bounds, pairwise disjoint, and volumes summing to ``numel`` together
+    mean an exact tiling. Disjointness is checked by sweeping the dim with the
+    most distinct chunk offsets (the sharded one), so only chunks that share
+    that dim's interval are compared: linear for ``Shard(0)``/``Shard(1)``.
+
+    Example:
+        >>> s = TensorSpec("w", "w", "F32", (4,))
+        >>> check_chunks_tile(s, [ChunkSpec(0, "w", (0,), (2,)), ChunkSpec(1, "w", (2,), (2,))])
+        >>> check_chunks_tile(s, [ChunkSpec(0, "w", (0,), (3,)), ChunkSpec(1, "w", (2,), (2,))])
+        Traceback (most recent call last):
+        ...
+        dcp_safetensors.errors.LayoutError: tensor 'w': rank 0 chunk offsets=[0] sizes=[3] overlaps rank 1 chunk offsets=[2] sizes=[2]
+    """
+    ndim = len(spec.shape)
+    live = []
+    for c in chunks:
+        if len(c.offsets) != ndim or len(c.sizes) != ndim:
+            raise LayoutError(f"tensor {spec.key!r}: {_describe(c)} does not have the tensor's {ndim} dims")
+        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(c.offsets, c.sizes, spec.shape, strict=False)):
+            raise LayoutError(
+                f"tensor {spec.key!r}: {_describe(c)} lies outside the global shape {list(spec.shape)}"
+            )
+        if c.numel:
+            live.append(c)
+    numel = math.prod(spec.shape)
+    if ndim == 0:
+        if len(live) != 1:
+            ranks = sorted(c.rank for c in live)
+            raise LayoutError(
+                f"tensor {spec.key!r}: a 0-dim tensor needs exactly one writer, got ranks {ranks}"
+            )
+        return
+    if live:
+        dim = max(range(ndim), key=lambda d: len({c.offsets[d] for c in live}))
+        active: list[ChunkSpec] = []
+        for c in sorted(live, key=lambda c: c.offsets[dim]):
+            active = [a for a in active if a.offsets[dim] + a.sizes[dim] > c.offsets[dim]]
+            for a in active:
+                if all(
+                    a.offsets[d] < c.offsets[d] + c.sizes[d] and c.offsets[d] < a.offsets[d] + a.sizes[d]
+                    for d in range(ndim)
+                ):
+                    raise LayoutError(f"tensor {spec.key!r}: {_describe(a)} overlaps {_describe(c)}")
+            active.append(c)
+    covered = sum(c.numel for c in live)
+    if covered != numel:
+        raise LayoutError(
+            f"tensor {spec.key!r}: chunks from ranks {sorted({c.rank for c in live})} cover {covered} "
+            f"of {numel} elements of shape {list(spec.shape)} (a rank's shard is missing from the plan)"
+        )
+
+
+def _assign_files(specs: Sequence[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    files: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    used = 0
+    for spec in sorted(specs, key=lambda s: natural_key(s.name)):
+        if current and used + spec.nbytes > max_bytes:
+            files.append(current)
+            current, used = [], 0
+        current.append(spec)
+        used += spec.nbytes
+    if current:
+        files.append(current)
+    return files
+
+
+def _build_file(name: str, group: str, specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> FileLayout:
+    entries = []
+    position = 0
+    for spec in sorted(specs, key=lambda s: dtype_sort_key(s.dtype, s.name)):
+        entries.append(TensorEntry(spec.name, spec.dtype, spec.shape, position, position + spec.nbytes))
+        position += spec.nbytes
+    return FileLayout(name, group, encode_header(entries, metadata), tuple(entries))
+
+
+def plan_layout(
+    tensors: Sequence[TensorSpec],
+    chunks: Sequence[ChunkSpec],
+    *,
+    max_shard_size: int | str,
+    metadata: Mapping[str, str],
+) -> CheckpointLayout:
+    """Plan files, headers and every rank's writes for one checkpoint.
+
+    ``tensors`` lists each tensor once; ``chunks`` holds every rank's chunk
+    (after DCP's dedup of replicated items). Raises :class:`LayoutError` if two
+    tensors share a name within a group, a chunk names an unknown tensor, or a
+    tensor's chunks do not tile it exactly.
+    """
+    max_bytes = parse_size(max_shard_size)
+    by_key: dict[str, TensorSpec] = {}
+    names: dict[tuple[str, str], str] = {}
+    for spec in tensors:
+        if spec.dtype not in DTYPE_ITEMSIZE:
+            raise LayoutError(f"tensor {spec.key!r}: dtype {spec.dtype!r} has no safetensors equivalent")
+        if spec.key in by_key:
+            raise LayoutError(f"tensor {spec.key!r} is listed twice")
+        other = names.setdefault((spec.group, spec.name), spec.key)
+        if other != spec.key:
+            raise LayoutError(
+                f"keys {other!r} and {spec.key!r} both map to {spec.name!r} in {spec.group}.safetensors"
+            )
+        by_key[spec.key] = spec
+    chunks_of: dict[str, list[ChunkSpec]] = defaultdict(list)
+    for c in chunks:
+        if c.key not in by_key:
+            raise LayoutError(f"{_describe(c)} names tensor {c.key!r}, which no plan declares")
+        chunks_of[c.key].append(c)
+    for spec in tensors:
+        check_chunks_tile(spec, chunks_of[spec.key])
+
+    groups: dict[str, list[TensorSpec]] = defaultdict(list)
+    for spec in tensors:
+        groups[spec.group].append(spec)
+    files: list[FileLayout] = []
+    for group in sorted(groups):
+        assigned = _assign_files(groups[group], max_bytes)
+        for fname, members in zip(file_names(group, len(assigned)), assigned, strict=False):
+            files.append(_build_file(fname, group, members, metadata))
+
+    placement: dict[tuple[str, str], tuple[FileLayout, TensorEntry]] = {
+        (e.name, f.group): (f, e) for f in files for e in f.entries
+    }
+    writes: dict[int, list[ChunkWrite]] = defaultdict(list)
+    header_owner: dict[str, int] = {}
+    for c in chunks:
+        if not c.numel:
+            continue
+        spec = by_key[c.key]
+        f, entry = placement[spec.name, spec.group]
+        runs = chunk_runs(spec.shape, DTYPE_ITEMSIZE[spec.dtype], c.offsets, c.sizes, f.data_start + entry.begin)
+        writes[c.rank].append(ChunkWrite(c.key, c.offsets, f.name, runs))
+        if runs.start == f.data_start:
+            header_owner[f.name] = c.rank
+    headers: dict[int, list[HeaderWrite]] = defaultdict(list)
+    for f in files:
+        headers[header_owner.get(f.name, 0)].append(HeaderWrite(f.name, f.header))
+    ranks = set(writes) | set(headers)
+    plans = {r: RankWritePlan(tuple(writes[r]), tuple(headers[r])) for r in sorted(ranks)}
+    return CheckpointLayout(tuple(files), tuple(tensors), plans)
+
+
+def iter_file_extents(plan: RankWritePlan) -> Iterator[tuple[str, int, int]]:
+    """Every ``(file, offset, length)`` a rank writes, headers included.
+
+    Example:
+        >>> list(iter_file_extents(RankWritePlan((ChunkWrite("w", (0,), "f", Runs(8, 4, (2,), (16,))),))))
+        [('f', 8, 4), ('f', 24, 4)]
+    """
+    for h in plan.headers:
+        yield h.file, 0, len(h.data)
+    for w in plan.chunks:
+        for off in w.runs.offsets().tolist():
+            yield w.file, off, w.runs.length

@@ -1,0 +1,209 @@
+"""``SafetensorsReader``: a DCP ``StorageReader`` for any HF safetensors checkpoint.
+
+DCP calls the methods in this order (``dcp.load``)::
+
+    all ranks    reset(checkpoint_id)
+    all ranks    read_metadata()                 rank 0 of the group reads and validates the
+                                                 index and every header once, then broadcasts
+                                                 the result (or its error) to the other ranks
+    all ranks    set_up_storage_reader(metadata, is_coordinator)
+                                                 raises the error read_metadata deferred
+    all ranks    prepare_local_plan(plan)
+    coordinator  prepare_global_plan(plans)
+    all ranks    read_data(plan, planner)        each rank preads only the byte runs of its
+                                                 own shards, straight into the destination
+                                                 when it is a contiguous CPU tensor of the
+                                                 file's dtype
+
+Every tensor is described to DCP as one chunk of its full shape, so
+``dcp.load`` reshards to any world size or mesh.
+
+Why ``read_metadata`` defers errors: DCP catches an ``Exception`` from it and
+re-raises it as ``AssertionError("metadata is None ...")``, losing its type.
+Returning an empty ``Metadata`` and raising the original error from
+``set_up_storage_reader`` (the next call, on every rank) keeps the type and
+message intact inside ``CheckpointException.failures``.
+
+Example:
+    >>> import tempfile, torch, safetensors.torch, torch.distributed.checkpoint as dcp
+    >>> path = tempfile.mkdtemp()
+    >>> safetensors.torch.save_file({"w": torch.arange(6.0).reshape(2, 3)}, path + "/model.safetensors")
+    >>> out = {"w": torch.zeros(2, 3)}
+    >>> dcp.load(out, storage_reader=SafetensorsReader(path))
+    >>> out["w"][1].tolist()
+    [3.0, 4.0, 5.0]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, read_checkpoint
+from dcp_safetensors.dtypes import to_torch_dtype
+from dcp_safetensors.errors import CheckpointCorruptError, DcpSafetensorsError
+from dcp_safetensors.format import DTYPE_ITEMSIZE
+from dcp_safetensors.layout import Runs, chunk_runs
+from dcp_safetensors.storage.local import LocalStorage
+
+__all__ = ["SafetensorsReader"]
+
+COALESCE_GAP = 1 << 20
+"""Runs of one chunk closer than this are read as one span (fewer, larger reads)."""
+
+
+class SafetensorsReader(StorageReader):
+    """Load a Hugging Face safetensors checkpoint into a (sharded) state dict.
+
+    Args:
+        path: checkpoint directory; ``dcp.load``'s ``checkpoint_id`` overrides it.
+        model_prefix: prepended with a dot to every weight-map key, to load into
+            a nested ``{"model": ...}`` state dict. Default: the prefix our save
+            recorded, or none for checkpoints of other tools.
+        process_group: group whose rank 0 reads the index and headers and
+            broadcasts them (default: the world group).
+
+    See the module docstring for the order in which DCP calls the methods.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model_prefix: str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.model_prefix = model_prefix
+        self.process_group = process_group
+        self._checkpoint: Checkpoint | None = None
+        self._deferred_error: BaseException | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self._checkpoint = None
+        self._deferred_error = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return "://" not in os.fspath(checkpoint_id)
+
+    def _read_once(self) -> Checkpoint | DcpSafetensorsError | OSError:
+        try:
+            return read_checkpoint(self.path, model_prefix=self.model_prefix)
+        except (DcpSafetensorsError, OSError) as e:
+            return e
+
+    def read_metadata(self) -> Metadata:
+        group = self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            payload: list[Any] = [self._read_once() if dist.get_rank(group) == 0 else None]
+            dist.broadcast_object_list(payload, group=group, group_src=0)
+            result = payload[0]
+        else:
+            result = self._read_once()
+        if isinstance(result, BaseException):
+            self._deferred_error = result
+            return Metadata(state_dict_metadata={})
+        self._checkpoint = result
+        return _to_metadata(result)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, **kwargs: Any) -> None:
+        if self._deferred_error is not None:
+            raise self._deferred_error
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        ckpt = self._checkpoint
+        if ckpt is None:
+            raise CheckpointCorruptError(f"{self.path}: read_data() before read_metadata()")
+        storage = LocalStorage(ckpt.root)
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                buffer = io.BytesIO()
+                # The value was decoded without pickle (JSON or weights_only=True); re-serialising
+                # it hands the planner bytes that hold nothing but that value.
+                torch.save(ckpt.objects[item.storage_index.fqn], buffer)
+                buffer.seek(0)
+                planner.load_bytes(item, buffer)
+            else:
+                _read_tensor(storage, ckpt.tensors[item.storage_index.fqn], item, planner)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+def _to_metadata(ckpt: Checkpoint) -> Metadata:
+    sd: dict[str, Any] = {}
+    for key, loc in ckpt.tensors.items():
+        size = torch.Size(loc.shape)
+        sd[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=to_torch_dtype(loc.dtype, source=loc.file)),
+            size=size,
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)],
+        )
+    for key in ckpt.objects:
+        sd[key] = BytesStorageMetadata()
+    return Metadata(state_dict_metadata=sd)
+
+
+def _read_runs(storage: LocalStorage, file: str, runs: Runs, out: np.ndarray) -> None:
+    """Fill ``out`` (uint8, ``runs.nbytes``) with the runs' bytes, coalescing runs closer than COALESCE_GAP."""
+    if runs.count == 1:
+        storage.readinto(file, runs.start, out)
+        return
+    offsets = runs.offsets()
+    if runs.strides[-1] - runs.length <= COALESCE_GAP:
+        # Runs on a regular grid with small gaps: one sequential read of the span, then a strided copy.
+        span = int(offsets[-1]) + runs.length - int(offsets[0])
+        block = np.empty(span, dtype=np.uint8)
+        storage.readinto(file, int(offsets[0]), block)
+        picked = np.lib.stride_tricks.as_strided(
+            block, shape=(*runs.counts, runs.length), strides=(*runs.strides, 1), writeable=False
+        )
+        out.reshape(*runs.counts, runs.length)[...] = picked
+        return
+    for i, off in enumerate(offsets.tolist()):
+        storage.readinto(file, off, out[i * runs.length : (i + 1) * runs.length])
+
+
+def _read_tensor(storage: LocalStorage, loc: TensorLocation, item: ReadItem, planner: LoadPlanner) -> None:
+    dtype = to_torch_dtype(loc.dtype, source=loc.file)
+    runs = chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)
+    dest = planner.resolve_tensor(item)
+    direct = dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous()
+    if runs.nbytes:
+        if direct:
+            out = dest.detach().reshape(-1).view(torch.uint8).numpy()
+        else:
+            out = np.empty(runs.nbytes, dtype=np.uint8)
+        try:
+            _read_runs(storage, loc.file, runs, out)
+        except EOFError as e:
+            raise CheckpointCorruptError(f"{storage.path(loc.file)}: truncated while reading {item.storage_index.fqn!r}: {e}") from None
+        if not direct:
+            src = torch.from_numpy(out).view(dtype).reshape(tuple(item.lengths))
+            dest.copy_(src)
+    planner.commit_tensor(item, dest)

@@ -1,0 +1,179 @@
+"""Per-rank test cases, run by ``rank_pool.RankPool`` on every rank of a gloo group.
+
+Each function builds its state deterministically from a seed, so the test
+process can build the same full tensors to compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from dcp_safetensors import SafetensorsReader, SafetensorsWriter
+
+ALL_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+]
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g, dtype=torch.float32) * 4).to(dtype)
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return torch.randint(0, 2**15, shape, generator=g, dtype=torch.int64).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -(2**31)), min(info.max, 2**31 - 1), shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def shard(full: torch.Tensor, mesh, placements) -> DTensor:
+    """A DTensor of ``full`` with this rank's local chunk, built without communication."""
+    local_shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    local = full[tuple(slice(o, o + s) for o, s in zip(offset, local_shape, strict=False))].clone()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
+
+
+# --- state builders (deterministic; the test process calls them too) ---------------------
+
+
+def mixed_state() -> dict[str, torch.Tensor]:
+    """Full tensors of every dtype and awkward shape; the placements below shard them."""
+    out = {f"dtypes.{str(dt).split('.')[-1]}": random_tensor((5, 3), dt, i) for i, dt in enumerate(ALL_DTYPES)}
+    out.update(
+        {
+            "even": random_tensor((8, 6), torch.float32, 100),
+            "uneven": random_tensor((5, 7), torch.float32, 101),
+            "tiny": random_tensor((1, 3), torch.bfloat16, 102),
+            "cols": random_tensor((6, 10), torch.float32, 103),
+            "grid": random_tensor((6, 9), torch.float16, 104),
+            "hsdp": random_tensor((7, 4), torch.float32, 105),
+            "replicated": random_tensor((3, 4), torch.float32, 106),
+            "plain": random_tensor((4, 4), torch.int64, 107),
+            "scalar": random_tensor((), torch.float32, 108),
+            "scalar_dt": random_tensor((), torch.int64, 109),
+            "empty": random_tensor((0, 4), torch.float32, 110),
+            "deep": random_tensor((2, 3, 4, 5), torch.float32, 111),
+        }
+    )
+    return out
+
+
+def mixed_placements(world_size: int):
+    """Per key: (mesh shape, placements), or None for a plain tensor present on every rank."""
+    flat = (world_size,)
+    grid = (2, world_size // 2) if world_size % 2 == 0 and world_size >= 4 else flat
+    two_d = len(grid) == 2
+    out = {k: (flat, [Shard(0)]) for k in mixed_state() if k.startswith("dtypes.")}
+    out.update(
+        {
+            "even": (flat, [Shard(0)]),
+            "uneven": (flat, [Shard(0)]),
+            "tiny": (flat, [Shard(0)]),
+            "cols": (flat, [Shard(1)]),
+            "grid": (grid, [Shard(0), Shard(1)] if two_d else [Shard(1)]),
+            "hsdp": (grid, [Replicate(), Shard(0)] if two_d else [Shard(0)]),
+            "replicated": (flat, [Replicate()]),
+            "plain": None,
+            "scalar": None,
+            "scalar_dt": (flat, [Replicate()]),
+            "empty": (flat, [Shard(0)]),
+            "deep": (grid, [Shard(2), Shard(1)] if two_d else [Shard(2)]),
+        }
+    )
+    return out
+
+
+def sharded_mixed_state(reshard: dict | None = None) -> dict[str, torch.Tensor]:
+    ws = dist.get_world_size()
+    meshes: dict[tuple[int, ...], object] = {}
+    out = {}
+    placements = mixed_placements(ws)
+    placements.update(reshard or {})
+    for key, full in mixed_state().items():
+        where = placements[key]
+        if where is None:
+            out[key] = full.clone()
+            continue
+        mesh_shape, pl = where
+        if mesh_shape not in meshes:
+            meshes[mesh_shape] = init_device_mesh("cpu", mesh_shape)
+        out[key] = shard(full, meshes[mesh_shape], pl)
+    return out
+
+
+# --- cases --------------------------------------------------------------------------------
+
+
+def save_mixed(path: str, max_shard_size="5GB") -> None:
+    dcp.save(sharded_mixed_state(), storage_writer=SafetensorsWriter(path, max_shard_size=max_shard_size))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def local_matches(value, full: torch.Tensor) -> bool:
+    """Whether this rank's part of ``value`` (DTensor or plain) equals the same box of ``full``, bit for bit."""
+    if isinstance(value, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        expected = full[tuple(slice(o, o + s) for o, s in zip(offset, local_shape, strict=False))]
+        value = value.to_local()
+    else:
+        expected = full
+    return value.dtype == full.dtype and value.shape == expected.shape and torch.equal(as_bytes(value), as_bytes(expected))
+
+
+def load_mixed(path: str, reshard: dict | None = None) -> dict[str, bool]:
+    """Load into a zeroed, possibly differently sharded state; report per key whether it matches."""
+    target = sharded_mixed_state(reshard)
+    for v in target.values():
+        (v.to_local() if isinstance(v, DTensor) else v).zero_()
+    dcp.load(target, storage_reader=SafetensorsReader(path))
+    expected = mixed_state()
+    return {key: local_matches(v, expected[key]) for key, v in target.items()}
+
+
+def error_summary(fn, *args):
+    """Run ``fn``; return (exception class name per failing rank, message) or None."""
+    try:
+        fn(*args)
+    except CheckpointException as e:
+        return {r: (type(exc).__name__, str(exc)) for r, (exc, _) in e.failures.items()}
+    return None
+
+
+class ToyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(37, 16)
+        self.layers = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 5)])
+        self.norm = nn.LayerNorm(5)
+        self.register_buffer("positions", torch.arange(7, dtype=torch.int64))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.norm(h)

@@ -1,0 +1,106 @@
+"""A pool of N gloo ranks started once and reused by many test cases.
+
+Process and torch start-up dominate on two cores, so each world size gets one
+pool per test session; a case is a module-level function run on every rank
+with ``pool.run(fn, *args)``. A case that fails on a rank raises here with
+that rank's traceback; a case that hangs past its timeout kills the pool (the
+next case starts a fresh one) and raises naming the ranks still running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # noqa: BLE001 - report everything, the pool lives on
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` processes in one gloo group, running cases on request."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        self.broken = False
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 180) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the per-rank results in rank order."""
+        for q in self._tasks:
+            q.put((fn, args))
+        out: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        while len(out) + len(errors) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                if time.monotonic() < deadline and all(p.is_alive() for p in self._procs):
+                    continue
+                pending = sorted(set(range(self.world_size)) - set(out) - set(errors))
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                self.close(kill=True)
+                raise TimeoutError(
+                    f"{fn.__name__}: ranks {pending} did not finish within {timeout} s (dead ranks: {dead})"
+                ) from None
+            (out if ok else errors)[rank] = value
+        if errors:
+            self.broken = True  # a rank may have left a collective half-done
+            rank = min(errors)
+            raise AssertionError(f"{fn.__name__} failed on ranks {sorted(errors)}; rank {rank}:\n{errors[rank]}")
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        self.broken = True
+        for p, q in zip(self._procs, self._tasks, strict=False):
+            if p.is_alive() and not kill:
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if kill else 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
