@@ -6,9 +6,10 @@ its own bytes into the final files), then (a) load it back into a freshly
 initialised 2-rank FSDP2 model and (b) reshard it into one unsharded model in
 this process, checking every tensor bit for bit.
 
-Example:
-    >>> from dcp_safetensors.demo import run_demo  # doctest: +SKIP
-    >>> run_demo("/tmp/demo-ckpt", hidden=256)      # doctest: +SKIP
+Usage (spawns two processes; ``make demo`` runs it)::
+
+    from dcp_safetensors.demo import run_demo
+    run_demo("/tmp/demo-ckpt", hidden=256)
 """
 
 from __future__ import annotations

@@ -156,7 +156,16 @@ class SafetensorsWriter(StorageWriter):
             )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        # DCP's dedup drops all but one copy of a replicated item before the coordinator
+        # sees it, so a plain tensor whose shape or dtype differs between ranks would be
+        # saved silently from one of them. Each rank declares what it holds; the
+        # coordinator compares the declarations.
+        declared = {
+            item.index.fqn: (to_safetensors_dtype(item.tensor_data.properties.dtype, key=item.index.fqn), tuple(item.tensor_data.size))
+            for item in plan.items
+            if item.tensor_data is not None
+        }
+        return dataclasses.replace(plan, storage_data=declared)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         started = time.perf_counter()
@@ -280,31 +289,30 @@ class SafetensorsWriter(StorageWriter):
 
     def _collect(self, plans: list[SavePlan]) -> tuple[list[TensorSpec], list[ChunkSpec]]:
         """Every tensor's spec (checked consistent across ranks) and every rank's chunk."""
-        specs: dict[str, tuple[int, TensorSpec]] = {}
+        declared: dict[str, tuple[int, tuple[str, tuple[int, ...]]]] = {}
         chunks: list[ChunkSpec] = []
-        prefix = f"{self.model_prefix}." if self.model_prefix else ""
         for rank, plan in enumerate(plans):
-            for item in plan.items:
-                if item.tensor_data is None:
-                    continue
-                key = item.index.fqn
-                td = item.tensor_data
-                dtype = to_safetensors_dtype(td.properties.dtype, key=key)
-                shape = tuple(td.size)
-                if not prefix:
-                    spec = TensorSpec(key, key, dtype, shape)
-                elif key.startswith(prefix):
-                    spec = TensorSpec(key, key[len(prefix) :], dtype, shape)
-                else:
-                    spec = TensorSpec(key, key, dtype, shape, TRAINING_STATE_GROUP)
-                seen = specs.setdefault(key, (rank, spec))
-                if seen[1] != spec:
+            for key, decl in plan.storage_data.items():
+                first_rank, first = declared.setdefault(key, (rank, decl))
+                if first != decl:
                     raise LayoutError(
-                        f"tensor {key!r}: rank {seen[0]} plans {seen[1].dtype} {list(seen[1].shape)}, "
-                        f"rank {rank} plans {spec.dtype} {list(spec.shape)}"
+                        f"tensor {key!r}: rank {first_rank} holds {first[0]} {list(first[1])}, "
+                        f"rank {rank} holds {decl[0]} {list(decl[1])}"
                     )
-                chunks.append(ChunkSpec(rank, key, tuple(td.chunk.offsets), tuple(td.chunk.sizes)))
-        return [s for _, s in specs.values()], chunks
+            for item in plan.items:
+                if item.tensor_data is not None:
+                    chunk = item.tensor_data.chunk
+                    chunks.append(ChunkSpec(rank, item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes)))
+        prefix = f"{self.model_prefix}." if self.model_prefix else ""
+        specs = []
+        for key, (_, (dtype, shape)) in declared.items():
+            if not prefix:
+                specs.append(TensorSpec(key, key, dtype, shape))
+            elif key.startswith(prefix):
+                specs.append(TensorSpec(key, key[len(prefix) :], dtype, shape))
+            else:
+                specs.append(TensorSpec(key, key, dtype, shape, TRAINING_STATE_GROUP))
+        return specs, chunks
 
     @staticmethod
     def _write_tensor(file: Any, index: MetadataIndex, tensor: torch.Tensor, write: Any) -> WriteResult:

@@ -155,10 +155,10 @@ def load_mixed(path: str, reshard: dict | None = None) -> dict[str, bool]:
     return {key: local_matches(v, expected[key]) for key, v in target.items()}
 
 
-def error_summary(fn, *args):
-    """Run ``fn``; return (exception class name per failing rank, message) or None."""
+def error_summary(fn, *args, **kwargs):
+    """Run ``fn``; return {failing rank: (exception class name, message)}, or None if it succeeded."""
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except CheckpointException as e:
         return {r: (type(exc).__name__, str(exc)) for r, (exc, _) in e.failures.items()}
     return None
@@ -177,3 +177,89 @@ class ToyModel(nn.Module):
         for layer in self.layers:
             h = torch.tanh(layer(h))
         return self.norm(h)
+
+
+# --- FSDP2 training resume ---------------------------------------------------------------
+
+
+def _fsdp_toy(seed: int):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = ToyModel()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train_steps(model, optim, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+        idx = torch.randint(0, 37, (4, 6), generator=g)
+        target = torch.randn(4, 6, 5, generator=g)
+        loss = torch.nn.functional.mse_loss(model(idx), target)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train_save_resume(path: str) -> dict:
+    """Train 3 steps, save model+optimizer+counters, train 3 more; resume a fresh model from the save."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp_toy(seed=0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_steps(model, optim, range(3))
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd, "step": 3, "cfg": {"lr": 1e-2, "warmup": 0, "decay": 0.0, "on": False}}
+    dcp.save(state, storage_writer=SafetensorsWriter(path, model_prefix="model"))
+    reference = _train_steps(model, optim, range(3, 6))
+
+    model2 = _fsdp_toy(seed=1)
+    optim2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    msd2, osd2 = get_state_dict(model2, optim2)
+    state2 = {"model": msd2, "optim": osd2, "step": -1, "cfg": {"lr": 0.5, "warmup": 9, "decay": 1.0, "on": True}}
+    dcp.load(state2, storage_reader=SafetensorsReader(path))
+    set_state_dict(model2, optim2, model_state_dict=state2["model"], optim_state_dict=state2["optim"])
+    resumed = _train_steps(model2, optim2, range(3, 6))
+    cfg = state2["cfg"]
+    return {
+        "reference": reference,
+        "resumed": resumed,
+        "step": state2["step"],
+        "cfg": cfg,
+        "cfg_types": {k: type(v).__name__ for k, v in cfg.items()},
+    }
+
+
+# --- errors agreed on by every rank ------------------------------------------------------
+
+
+def save_with_shape_clash(path: str):
+    """Rank 1 declares a plain tensor with another shape than rank 0: a planning error everywhere."""
+    shape = (4, 4) if dist.get_rank() == 0 else (4, 5)
+    return error_summary(dcp.save, {"w": torch.ones(shape)}, storage_writer=SafetensorsWriter(path))
+
+
+class _FailingPlanner(dcp.DefaultSavePlanner):
+    def resolve_data(self, write_item):
+        if dist.get_rank() == 1:
+            raise OSError(28, "No space left on device (injected on rank 1)")
+        return super().resolve_data(write_item)
+
+
+def save_failing_on_rank1(path: str, value: float):
+    sd = sharded_mixed_state()
+    for v in sd.values():
+        (v.to_local() if isinstance(v, DTensor) else v).fill_(value) if v.dtype != torch.bool else None
+    return error_summary(dcp.save, sd, storage_writer=SafetensorsWriter(path), planner=_FailingPlanner())
+
+
+def load_missing(path: str):
+    target = {"w": torch.zeros(3)}
+    return error_summary(dcp.load, target, storage_reader=SafetensorsReader(path))

@@ -1,0 +1,149 @@
+"""Bad checkpoints and failing ranks: clear errors naming the file/key/rank, nothing committed is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from cases import (
+    load_missing,
+    mixed_state,
+    save_failing_on_rank1,
+    save_mixed,
+    save_with_shape_clash,
+)
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dcp_safetensors import SafetensorsReader, SafetensorsWriter, read_checkpoint, verify
+from dcp_safetensors.errors import (
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    FileSizeMismatchError,
+    HeaderTooLargeError,
+    InvalidIndexError,
+    MissingFileError,
+    MissingKeyError,
+    SnapshotMismatchError,
+    UnsafePathError,
+)
+
+INDEX = "model.safetensors.index.json"
+
+
+def save(path, value: float = 1.0, **kwargs) -> None:
+    state = {f"layer.{i}.w": torch.full((64, 64), value + i) for i in range(4)}
+    dcp.save(state, storage_writer=SafetensorsWriter(str(path), max_shard_size=20000, **kwargs), no_dist=True)
+
+
+def load_error(path) -> BaseException:
+    """The error a dcp.load raises, unwrapped from DCP's CheckpointException."""
+    target = {f"layer.{i}.w": torch.zeros(64, 64) for i in range(4)}
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(target, storage_reader=SafetensorsReader(str(path)), no_dist=True)
+    (exc, _), = info.value.failures.values()
+    return exc
+
+
+def edit_index(path, fn) -> None:
+    index = json.loads((path / INDEX).read_text())
+    fn(index)
+    (path / INDEX).write_text(json.dumps(index))
+
+
+def test_file_from_another_snapshot_is_refused(tmp_path):
+    save(tmp_path / "a", 1.0)
+    save(tmp_path / "b", 2.0)
+    shutil.copy(tmp_path / "b" / "model-00002-of-00004.safetensors", tmp_path / "a" / "model-00002-of-00004.safetensors")
+    err = load_error(tmp_path / "a")
+    assert isinstance(err, SnapshotMismatchError) and "model-00002-of-00004.safetensors" in str(err)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    save(tmp_path)
+    f = tmp_path / "model-00003-of-00004.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])
+    err = load_error(tmp_path)
+    assert isinstance(err, FileSizeMismatchError) and "model-00003-of-00004.safetensors" in str(err)
+
+
+def test_missing_file_is_refused(tmp_path):
+    save(tmp_path)
+    (tmp_path / "model-00001-of-00004.safetensors").unlink()
+    err = load_error(tmp_path)
+    assert isinstance(err, MissingFileError) and "model-00001-of-00004.safetensors" in str(err)
+
+
+def test_key_absent_from_its_file_is_refused(tmp_path):
+    save(tmp_path)
+    edit_index(tmp_path, lambda i: i["weight_map"].update({"layer.9.w": "model-00001-of-00004.safetensors"}))
+    with pytest.raises(MissingKeyError, match=r"layer\.9\.w.*model-00001-of-00004|model-00001-of-00004.*layer\.9\.w"):
+        read_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "a/../../x.safetensors", "sub\\x"])
+def test_index_path_outside_directory_is_refused(tmp_path, name):
+    save(tmp_path)
+    edit_index(tmp_path, lambda i: i["weight_map"].update({"layer.0.w": name}))
+    with pytest.raises(UnsafePathError, match="outside the checkpoint directory"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_malformed_index_json_is_refused(tmp_path):
+    save(tmp_path)
+    (tmp_path / INDEX).write_text('{"weight_map": {')
+    with pytest.raises(InvalidIndexError, match=INDEX):
+        read_checkpoint(str(tmp_path))
+
+
+def test_huge_header_length_fails_before_allocating(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    err = load_error(tmp_path)
+    assert isinstance(err, HeaderTooLargeError) and "model.safetensors" in str(err)
+
+
+def test_distcp_directory_gets_a_conversion_hint(tmp_path):
+    dcp.save({"w": torch.ones(2)}, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    with pytest.raises(CheckpointNotFoundError, match="dcp-safetensors convert"):
+        read_checkpoint(str(tmp_path))
+
+
+def test_verify_catches_a_flipped_bit(tmp_path):
+    save(tmp_path)
+    verify(str(tmp_path))
+    f = tmp_path / "model-00004-of-00004.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-100] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumMismatchError, match="model-00004-of-00004.safetensors"):
+        verify(str(tmp_path))
+
+
+def test_error_on_one_rank_reaches_every_rank(ranks, tmp_path):
+    results = ranks(2).run(save_with_shape_clash, str(tmp_path))
+    for failures in results:
+        ((name, message),) = failures.values()
+        assert name == "LayoutError" and "'w'" in message and "rank 1" in message
+
+
+def test_failed_write_on_one_rank_keeps_the_previous_checkpoint(ranks, tmp_path):
+    ranks(2).run(save_mixed, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    results = ranks(2).run(save_failing_on_rank1, str(tmp_path), 7.0)
+    for failures in results:
+        assert set(failures) == {1}
+        assert failures[1][0] == "OSError" and "injected on rank 1" in failures[1][1]
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+    ckpt = read_checkpoint(str(tmp_path))
+    assert set(ckpt.tensors) == set(mixed_state())
+
+
+def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
+    for failures in ranks(2).run(load_missing, str(tmp_path / "nope")):
+        assert set(failures) == {0, 1}  # read once on rank 0, the same error raised on both
+        for name, message in failures.values():
+            assert name == "CheckpointNotFoundError" and "nope" in message
