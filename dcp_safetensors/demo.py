@@ -20,6 +20,7 @@ import tempfile
 import time
 import warnings
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,14 +77,14 @@ def _rank_main(rank: int, world: int, port: int, path: str, hidden: int) -> None
         return model
 
     model = sharded(seed=0)
-    sd = get_model_state_dict(model)
+    sd: dict[str, Any] = dict(get_model_state_dict(model))
     dist.barrier()
     start = time.perf_counter()
     dcp.save(sd, storage_writer=SafetensorsWriter(path, max_shard_size="50MB"))
     save_s = time.perf_counter() - start
 
     fresh = sharded(seed=1)
-    target = get_model_state_dict(fresh)
+    target: dict[str, Any] = dict(get_model_state_dict(fresh))
     dist.barrier()
     start = time.perf_counter()
     dcp.load(target, storage_reader=SafetensorsReader(path))
