@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -440,17 +440,3 @@ def plan_layout(
     ranks = set(writes) | set(headers)
     plans = {r: RankWritePlan(tuple(writes[r]), tuple(headers[r])) for r in sorted(ranks)}
     return CheckpointLayout(tuple(files), tuple(tensors), plans)
-
-
-def iter_file_extents(plan: RankWritePlan) -> Iterator[tuple[str, int, int]]:
-    """Every ``(file, offset, length)`` a rank writes, headers included.
-
-    Example:
-        >>> list(iter_file_extents(RankWritePlan((ChunkWrite("w", (0,), "f", Runs(8, 4, (2,), (16,))),))))
-        [('f', 8, 4), ('f', 24, 4)]
-    """
-    for h in plan.headers:
-        yield h.file, 0, len(h.data)
-    for w in plan.chunks:
-        for off in w.runs.offsets().tolist():
-            yield w.file, off, w.runs.length

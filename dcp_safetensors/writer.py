@@ -130,7 +130,6 @@ class SafetensorsWriter(StorageWriter):
         self.path = os.fspath(path)
         self.max_shard_size = max_shard_size
         self.model_prefix = model_prefix
-        self._is_coordinator = False
         self._layout: CheckpointLayout | None = None
         self._snapshot: str | None = None
 
@@ -147,7 +146,6 @@ class SafetensorsWriter(StorageWriter):
         return "://" not in os.fspath(checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, **kwargs: Any) -> None:
-        self._is_coordinator = is_coordinator
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if not kwargs.get("use_collectives", True) and world > 1:
             raise ConfigurationError(

@@ -105,13 +105,23 @@ def mixed_placements(world_size: int):
     return out
 
 
-def sharded_mixed_state(reshard: dict | None = None) -> dict[str, torch.Tensor]:
+def sharded_mixed_state(reshard: str | None = None) -> dict[str, torch.Tensor]:
+    """The mixed state as this rank holds it; ``reshard`` picks another layout to load into:
+    ``"transpose"`` swaps Shard(0) and Shard(1) on every 2-D tensor, ``"plain"`` makes every
+    tensor a plain full tensor (an unsharded model)."""
     ws = dist.get_world_size()
     meshes: dict[tuple[int, ...], object] = {}
     out = {}
     placements = mixed_placements(ws)
-    placements.update(reshard or {})
-    for key, full in mixed_state().items():
+    full_state = mixed_state()
+    if reshard == "plain":
+        placements = dict.fromkeys(placements)
+    elif reshard == "transpose":
+        swap = {Shard(0): Shard(1), Shard(1): Shard(0)}
+        for key, where in placements.items():
+            if where is not None and full_state[key].dim() == 2:
+                placements[key] = (where[0], [swap.get(p, p) for p in where[1]])
+    for key, full in full_state.items():
         where = placements[key]
         if where is None:
             out[key] = full.clone()
@@ -145,7 +155,7 @@ def local_matches(value, full: torch.Tensor) -> bool:
     return value.dtype == full.dtype and value.shape == expected.shape and torch.equal(as_bytes(value), as_bytes(expected))
 
 
-def load_mixed(path: str, reshard: dict | None = None) -> dict[str, bool]:
+def load_mixed(path: str, reshard: str | None = None) -> dict[str, bool]:
     """Load into a zeroed, possibly differently sharded state; report per key whether it matches."""
     target = sharded_mixed_state(reshard)
     for v in target.values():

@@ -147,3 +147,25 @@ def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
         assert set(failures) == {0, 1}  # read once on rank 0, the same error raised on both
         for name, message in failures.values():
             assert name == "CheckpointNotFoundError" and "nope" in message
+
+
+class _LosingWriter(SafetensorsWriter):
+    """Reports one run fewer than it wrote: finish must notice the hole and refuse to commit."""
+
+    def write_data(self, plan, planner):
+        fut = super().write_data(plan, planner)
+        results = fut.value()
+        fut2 = torch.futures.Future()
+        fut2.set_result(results[:-1])
+        return fut2
+
+
+def test_finish_refuses_runs_that_do_not_tile_the_files(tmp_path):
+    save(tmp_path, 1.0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    state = {f"layer.{i}.w": torch.full((64, 64), 5.0 + i) for i in range(4)}
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(state, storage_writer=_LosingWriter(str(tmp_path), max_shard_size=20000), no_dist=True)
+    (exc, _), = info.value.failures.values()
+    assert type(exc).__name__ == "LayoutError" and "refusing to commit" in str(exc)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

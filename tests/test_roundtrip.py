@@ -9,7 +9,7 @@ import safetensors.torch
 from cases import load_mixed, mixed_state, save_mixed
 from safetensors import safe_open
 
-from dcp_safetensors import verify
+from dcp_safetensors import read_checkpoint, verify
 from dcp_safetensors.format import parse_header
 
 
@@ -54,4 +54,24 @@ def test_reshard_4_to_n(ranks, tmp_path, load_world):
     ranks(4).run(save_mixed, str(tmp_path))
     results = ranks(load_world).run(load_mixed, str(tmp_path))
     for rank, ok in enumerate(results):
+        assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
+
+
+@pytest.mark.parametrize("reshard", ["transpose", "plain"])
+def test_load_into_other_placements(ranks, tmp_path, reshard):
+    """Saved Shard(0) loads into Shard(1) (and back), and FSDP2 state loads into unsharded tensors."""
+    ranks(2).run(save_mixed, str(tmp_path))
+    for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path), reshard)):
+        assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
+
+
+def test_loads_huggingface_hub_output(ranks, tmp_path):
+    """A checkpoint this package did not write (huggingface_hub, indexed, several files) loads resharded."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(mixed_state(), str(tmp_path), max_shard_size=300)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ckpt = read_checkpoint(str(tmp_path))
+    assert not ckpt.written_by_us and len(ckpt.headers) > 2
+    for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path))):
         assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
