@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_safetensors.checksum import format_crc32
-from dcp_safetensors.commit import INDEX_NAME, TRAINING_STATE_DIR, recover
+from dcp_safetensors.commit import INDEX_NAME, TRAINING_STATE_DIR
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -43,7 +43,7 @@ from dcp_safetensors.errors import (
 from dcp_safetensors.format import DTYPE_ITEMSIZE, Header, header_length, parse_header
 from dcp_safetensors.layout import natural_key
 from dcp_safetensors.objects import decode_object
-from dcp_safetensors.storage.local import LocalStorage
+from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = [
     "FORMAT_VERSION",
@@ -153,24 +153,24 @@ def _safe_name(name: object, root: str) -> str:
     return name
 
 
-def _describe_directory(storage: LocalStorage) -> str:
-    entries = storage.list()
+def _describe_directory(storage: Storage) -> str:
+    entries = storage.listdir()
     if not entries:
-        return f"{storage.root}: no checkpoint here (the directory is empty or missing)"
+        return f"{storage.path('')}: no checkpoint here (the directory is empty or missing)"
     if ".metadata" in entries or any(e.endswith(".distcp") for e in entries):
         return (
-            f"{storage.root}: holds a torch.distributed.checkpoint (.distcp) checkpoint, not safetensors; "
-            f"convert it with `dcp-safetensors convert {storage.root} DST` or load it with FileSystemReader"
+            f"{storage.path('')}: holds a torch.distributed.checkpoint (.distcp) checkpoint, not safetensors; "
+            f"convert it with `dcp-safetensors convert {storage.path('')} DST` or load it with FileSystemReader"
         )
     if any(e.endswith(".bin") or e.endswith(".pt") for e in entries):
         return (
-            f"{storage.root}: holds pickled weights ({', '.join(e for e in entries if e.endswith(('.bin', '.pt')))}) "
+            f"{storage.path('')}: holds pickled weights ({', '.join(e for e in entries if e.endswith(('.bin', '.pt')))}) "
             "but no safetensors; convert them with transformers' save_pretrained(safe_serialization=True)"
         )
-    return f"{storage.root}: no {INDEX_NAME} or {SINGLE_FILE}; found {', '.join(entries[:10])}"
+    return f"{storage.path('')}: no {INDEX_NAME} or {SINGLE_FILE}; found {', '.join(entries[:10])}"
 
 
-def _read_json(storage: LocalStorage, name: str) -> Any:
+def _read_json(storage: Storage, name: str) -> Any:
     raw = storage.read_range(name, 0, storage.size(name))
     try:
         return json.loads(raw)
@@ -178,7 +178,7 @@ def _read_json(storage: LocalStorage, name: str) -> Any:
         raise InvalidIndexError(f"{storage.path(name)}: not valid JSON ({str(e)[:200]})") from None
 
 
-def read_header(storage: LocalStorage, name: str) -> Header:
+def read_header(storage: Storage, name: str) -> Header:
     """Read and validate one file's header: two small reads, length checked before the second."""
     size = storage.size(name)
     source = storage.path(name)
@@ -187,14 +187,16 @@ def read_header(storage: LocalStorage, name: str) -> Header:
     return parse_header(prefix + storage.read_range(name, 8, n), size, source=source)
 
 
-def read_checkpoint(path: str, *, model_prefix: str | None = None) -> Checkpoint:
-    """Open and validate the checkpoint at ``path`` (see the module docstring).
+def read_checkpoint(
+    path: str, *, model_prefix: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Open and validate the checkpoint at ``path``, a directory or an fsspec URL (see the module docstring).
 
     ``model_prefix`` is prepended (with a dot) to every weight-map key to form
     the DCP key; by default it is the prefix the save recorded, or none.
     """
-    storage = LocalStorage(path)
-    recover(storage, discard_uncommitted=False)
+    storage = open_storage(path, storage_options)
+    storage.recover(discard_uncommitted=False)
     block: dict[str, Any] = {}
     if storage.exists(INDEX_NAME):
         index = _read_json(storage, INDEX_NAME)
@@ -267,7 +269,7 @@ def read_checkpoint(path: str, *, model_prefix: str | None = None) -> Checkpoint
     return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix)
 
 
-def verify(path: str, *, chunk_size: int = 16 << 20) -> Checkpoint:
+def verify(path: str, *, chunk_size: int = 16 << 20, storage_options: dict[str, Any] | None = None) -> Checkpoint:
     """Every check :func:`read_checkpoint` makes, plus every file's checksum (reads every byte).
 
     Raises a :class:`~dcp_safetensors.errors.CheckpointCorruptError` subclass
@@ -281,8 +283,8 @@ def verify(path: str, *, chunk_size: int = 16 << 20) -> Checkpoint:
         >>> sorted(verify(d).headers)
         ['model.safetensors']
     """
-    ckpt = read_checkpoint(path)
-    storage = LocalStorage(path)
+    ckpt = read_checkpoint(path, storage_options=storage_options)
+    storage = open_storage(path, storage_options)
     for file, want in sorted(ckpt.checksums.items()):
         size = storage.size(file)
         crc = 0

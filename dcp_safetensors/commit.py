@@ -36,9 +36,12 @@ import logging
 import posixpath
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dcp_safetensors.errors import CheckpointCorruptError
-from dcp_safetensors.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    from dcp_safetensors.storage.local import LocalStorage
 
 __all__ = ["INDEX_NAME", "STAGING_PREFIX", "staging_name", "commit", "roll_forward", "recover"]
 
@@ -50,6 +53,16 @@ COMMIT_RECORD = "COMMIT.json"
 TRAINING_STATE_DIR = "training_state"
 # Files a save owns and replaces, as save_pretrained replaces its shards; nothing else is deleted.
 _OWNED_TOP_LEVEL = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def is_owned_file(name: str) -> bool:
+    """Whether a top-level file belongs to a save (replaced or removed by the next one).
+
+    Example:
+        >>> is_owned_file("model-00001-of-00002.safetensors"), is_owned_file("config.json")
+        (True, False)
+    """
+    return bool(_OWNED_TOP_LEVEL.match(name)) or name == INDEX_NAME
 
 
 def staging_name(snapshot: str) -> str:
@@ -99,7 +112,7 @@ def roll_forward(storage: LocalStorage, staging: str) -> None:
         storage.replace(staged_index, INDEX_NAME)
     storage.fsync_dir()
     keep = set(files)
-    stale = [f for f in storage.list() if _OWNED_TOP_LEVEL.match(f) and f not in keep]
+    stale = [f for f in storage.listdir() if _OWNED_TOP_LEVEL.match(f) and f not in keep]
     stale += [f for f in storage.walk_files(TRAINING_STATE_DIR) if f not in keep]
     for f in stale:
         storage.remove(f)
@@ -114,7 +127,7 @@ def recover(storage: LocalStorage, *, discard_uncommitted: bool) -> None:
     Writers pass ``discard_uncommitted=True`` (one writer per directory at a
     time); readers pass False so they never delete a save still in progress.
     """
-    for entry in storage.list():
+    for entry in storage.listdir():
         if not entry.startswith(STAGING_PREFIX):
             continue
         if storage.exists(posixpath.join(entry, COMMIT_RECORD)):

@@ -29,6 +29,14 @@ class LayoutError(DcpSafetensorsError):
     """The ranks' plans do not describe one consistent checkpoint (overlap, hole, dtype clash)."""
 
 
+class RankFailedError(DcpSafetensorsError):
+    """Another rank failed; raised on every rank so none waits in a collective for it."""
+
+
+class StorageError(DcpSafetensorsError):
+    """A storage request failed for good (after retries); the message names the object and request."""
+
+
 class CheckpointNotFoundError(DcpSafetensorsError, FileNotFoundError):
     """No safetensors checkpoint at the path; the message says what was found instead."""
 

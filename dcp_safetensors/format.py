@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,8 +130,22 @@ class Header:
     file_size: int
 
 
-def _numel(shape: Iterable[int]) -> int:
-    return math.prod(shape)
+_MAX_U64 = 2**64 - 1
+
+
+def _nbytes_checked(shape: Iterable[int], itemsize: int) -> int | None:
+    """``numel * itemsize``, or None where a partial product exceeds 64 bits.
+
+    Mirrors safetensors' ``checked_mul`` (its ``ValidationOverflow``) and keeps
+    a hostile shape from building, then printing, a number of millions of digits.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > _MAX_U64:
+            return None
+    nbytes = numel * itemsize
+    return nbytes if nbytes <= _MAX_U64 else None
 
 
 def encode_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None) -> bytes:
@@ -146,7 +159,7 @@ def encode_header(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | 
         b' \\x00\\x00\\x00\\x00\\x00\\x00\\x00{"__metadata__":{"format":"pt"}}'
     """
     body: dict[str, object] = {}
-    if metadata:
+    if metadata is not None:
         body["__metadata__"] = dict(sorted(metadata.items()))
     for e in entries:
         body[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
@@ -228,7 +241,12 @@ def _parse_entry(name: str, raw: object, source: str) -> TensorEntry:
             f"{source}: tensor {name!r} has data_offsets {str(offs)[:200]}; expected [begin, end] with 0 <= begin <= end"
         )
     begin, end = offs
-    expected = _numel(shape) * DTYPE_ITEMSIZE[dtype]
+    expected = _nbytes_checked(shape, DTYPE_ITEMSIZE[dtype])
+    if expected is None:
+        raise TensorSizeMismatchError(
+            f"{source}: tensor {name!r} ({dtype}, shape {str(shape)[:200]}) has a byte size that "
+            "overflows 64 bits"
+        )
     if end - begin != expected:
         raise TensorSizeMismatchError(
             f"{source}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes "

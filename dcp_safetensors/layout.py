@@ -26,11 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -51,6 +54,11 @@ __all__ = [
     "chunk_runs",
     "check_chunks_tile",
     "plan_layout",
+    "plan_parts",
+    "plan_rounds",
+    "PartPlan",
+    "Transfer",
+    "TransferRound",
     "file_names",
 ]
 
@@ -145,15 +153,56 @@ class HeaderWrite:
 
 
 @dataclass(frozen=True)
+class PartPlan:
+    """Bytes ``[start, end)`` of ``file``, written by ``rank`` as part ``number`` (1-based).
+
+    On POSIX storage a part is written with ``pwrite``; on an object store it
+    is one ``UploadPart`` of the file's multipart upload.
+    """
+
+    file: str
+    number: int
+    start: int
+    end: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Bytes ``[offset, offset + length)`` of ``file`` that ``src`` holds and ``dst`` writes."""
+
+    src: int
+    dst: int
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TransferRound:
+    """One ``all_to_all`` exchange: what this rank sends and receives, in wire order."""
+
+    sends: tuple[Transfer, ...] = ()
+    recvs: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True)
 class RankWritePlan:
-    """Everything one rank writes; travels to it in its ``SavePlan.storage_data``."""
+    """Everything one rank does in ``write_data``; travels in its ``SavePlan.storage_data``.
+
+    ``chunks`` and ``headers`` are the bytes this rank holds; ``rounds`` move
+    the bytes of other ranks' parts (every rank runs the same number of
+    rounds); ``parts`` are what it writes.
+    """
 
     chunks: tuple[ChunkWrite, ...] = ()
     headers: tuple[HeaderWrite, ...] = ()
+    parts: tuple[PartPlan, ...] = ()
+    rounds: tuple[TransferRound, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(c.runs.nbytes for c in self.chunks) + sum(len(h.data) for h in self.headers)
+        return sum(p.end - p.start for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -232,7 +281,12 @@ def parse_size(size: int | str) -> int:
                 f"max_shard_size {size!r} is not a size: use an int (bytes) or e.g. '5GB', '500MB', '2GiB'"
             )
         number, unit = m.groups()
-        value = int(float(number) * _SIZE_UNITS[unit.upper()])
+        factor = _SIZE_UNITS.get(unit.upper())
+        if factor is None:  # the pattern also lets through e.g. "5K", "5i", "5GI"
+            raise ConfigurationError(
+                f"max_shard_size {size!r} has an unknown unit {unit!r}: use e.g. '5GB', '500MB', '2GiB'"
+            )
+        value = int(Fraction(number) * factor)  # exact: "1.005KB" is 1005, not 1004
         if unit.endswith("b") and "i" not in unit.lower() and unit.upper() != "B":
             value //= 8
     if value <= 0:
@@ -381,13 +435,20 @@ def plan_layout(
     *,
     max_shard_size: int | str,
     metadata: Mapping[str, str],
+    min_part: int = 1,
+    max_part: int | None = None,
+    transfer_budget: int = 256 << 20,
+    world_size: int | None = None,
 ) -> CheckpointLayout:
-    """Plan files, headers and every rank's writes for one checkpoint.
+    """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
 
     ``tensors`` lists each tensor once; ``chunks`` holds every rank's chunk
-    (after DCP's dedup of replicated items). Raises :class:`LayoutError` if two
-    tensors share a name within a group, a chunk names an unknown tensor, or a
-    tensor's chunks do not tile it exactly.
+    (after DCP's dedup of replicated items). ``min_part``/``max_part`` are the
+    storage's rules for one writer's contiguous byte run (see
+    :func:`plan_parts`); ``transfer_budget`` bounds the bytes one rank sends or
+    receives per round. Raises :class:`LayoutError` if two tensors share a name
+    within a group, a chunk names an unknown tensor, or a tensor's chunks do
+    not tile it exactly.
     """
     max_bytes = parse_size(max_shard_size)
     by_key: dict[str, TensorSpec] = {}
@@ -424,7 +485,7 @@ def plan_layout(
         (e.name, f.group): (f, e) for f in files for e in f.entries
     }
     writes: dict[int, list[ChunkWrite]] = defaultdict(list)
-    header_owner: dict[str, int] = {}
+    owned: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for c in chunks:
         if not c.numel:
             continue
@@ -432,11 +493,143 @@ def plan_layout(
         f, entry = placement[spec.name, spec.group]
         runs = chunk_runs(spec.shape, DTYPE_ITEMSIZE[spec.dtype], c.offsets, c.sizes, f.data_start + entry.begin)
         writes[c.rank].append(ChunkWrite(c.key, c.offsets, f.name, runs))
-        if runs.start == f.data_start:
-            header_owner[f.name] = c.rank
+        owned[f.name].extend((int(o), int(o) + runs.length, c.rank) for o in runs.offsets())
     headers: dict[int, list[HeaderWrite]] = defaultdict(list)
+    parts: dict[int, list[PartPlan]] = defaultdict(list)
+    transfers: list[Transfer] = []
     for f in files:
-        headers[header_owner.get(f.name, 0)].append(HeaderWrite(f.name, f.header))
-    ranks = set(writes) | set(headers)
-    plans = {r: RankWritePlan(tuple(writes[r]), tuple(headers[r])) for r in sorted(ranks)}
+        runs_of_file = sorted(owned[f.name])
+        # The header goes with the file's first data byte, so a file's first part needs no transfer.
+        header_rank = runs_of_file[0][2] if runs_of_file and runs_of_file[0][0] == f.data_start else 0
+        headers[header_rank].append(HeaderWrite(f.name, f.header))
+        runs_of_file.insert(0, (0, f.data_start, header_rank))
+        for part in plan_parts(f.name, f.size, runs_of_file, min_part=min_part, max_part=max_part):
+            parts[part.rank].append(part)
+            transfers.extend(_foreign_bytes(part, runs_of_file))
+    rounds = plan_rounds(transfers, transfer_budget)
+    ranks = set(writes) | set(headers) | set(parts) | set(range(world_size or 0))
+    plans = {
+        r: RankWritePlan(
+            tuple(writes[r]),
+            tuple(headers[r]),
+            tuple(parts[r]),
+            tuple(
+                TransferRound(tuple(t for t in rnd if t.src == r), tuple(t for t in rnd if t.dst == r))
+                for rnd in rounds
+            ),
+        )
+        for r in sorted(ranks)
+    }
     return CheckpointLayout(tuple(files), tuple(tensors), plans)
+
+
+MAX_PARTS = 10_000
+
+
+def plan_parts(
+    file: str,
+    size: int,
+    owned: Sequence[tuple[int, int, int]],
+    *,
+    min_part: int,
+    max_part: int | None = None,
+    max_parts: int = MAX_PARTS,
+) -> list[PartPlan]:
+    """Cut a file into parts, each at least ``min_part`` bytes (but the last) and at most ``max_part``.
+
+    ``owned`` lists ``(start, end, rank)`` ranges tiling ``[0, size)`` in
+    order: who holds which bytes. Parts follow ownership boundaries where the
+    rules allow, so large shards are written by their holder with nothing
+    moved; each part goes to the rank holding most of its bytes. With
+    ``min_part = 1`` and no ``max_part`` (POSIX), every part is one holder's
+    maximal contiguous range.
+
+    Example:
+        >>> plan_parts("f", 12, [(0, 3, 0), (3, 12, 1)], min_part=4, max_part=8)
+        [PartPlan(file='f', number=1, start=0, end=4, rank=0), PartPlan(file='f', number=2, start=4, end=12, rank=1)]
+    """
+    if min_part < 1:
+        raise ConfigurationError(f"min_part must be >= 1, got {min_part}")
+    limit = max(max_part or size, min_part, -(-size // max_parts))
+    if min_part > 1 and limit < 2 * min_part:
+        limit = 2 * min_part  # lets any run longer than max_part split into pieces >= min_part
+    spans: list[list[int]] = []
+    for start, end, rank in owned:
+        if spans and spans[-1][2] == rank and spans[-1][1] == start:
+            spans[-1][1] = end
+        else:
+            spans.append([start, end, rank])
+    cuts: list[tuple[int, int]] = []
+    pos, i = 0, 0
+    while pos < size:
+        while spans[i][1] <= pos:
+            i += 1
+        remaining = spans[i][1] - pos
+        if remaining >= min_part:
+            pieces = -(-remaining // limit)
+            end = pos + -(-remaining // pieces)
+        elif pos + min_part >= size:
+            end = size
+        else:
+            j = i
+            while spans[j][1] < pos + min_part:
+                j += 1
+            end = spans[j][1] if spans[j][1] - pos <= limit else pos + min_part
+        cuts.append((pos, end))
+        pos = end
+    parts = []
+    i = 0
+    for number, (start, end) in enumerate(cuts, 1):
+        held: dict[int, int] = defaultdict(int)
+        while spans[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < end:
+            held[spans[j][2]] += min(end, spans[j][1]) - max(start, spans[j][0])
+            j += 1
+        rank = max(sorted(held), key=lambda r: held[r])
+        parts.append(PartPlan(file, number, start, end, rank))
+    return parts
+
+
+def _foreign_bytes(part: PartPlan, owned: Sequence[tuple[int, int, int]]) -> list[Transfer]:
+    """The transfers that bring a part's bytes held by other ranks to its writer."""
+    out: list[Transfer] = []
+    lo = bisect.bisect_right(owned, (part.start, float("inf"))) - 1
+    for start, end, rank in owned[max(lo, 0) :]:
+        if start >= part.end:
+            break
+        a, b = max(start, part.start), min(end, part.end)
+        if b > a and rank != part.rank:
+            if out and out[-1].src == rank and out[-1].offset + out[-1].length == a:
+                out[-1] = dataclasses.replace(out[-1], length=out[-1].length + b - a)
+            else:
+                out.append(Transfer(rank, part.rank, part.file, a, b - a))
+    return out
+
+
+def plan_rounds(transfers: Sequence[Transfer], budget: int) -> list[list[Transfer]]:
+    """Group transfers into rounds in which no rank sends or receives more than ``budget`` bytes.
+
+    A transfer larger than the budget is split. Every rank runs every round.
+
+    Example:
+        >>> [len(r) for r in plan_rounds([Transfer(0, 1, "f", 0, 6), Transfer(1, 0, "f", 6, 2)], 4)]
+        [1, 2]
+    """
+    pieces = []
+    for t in transfers:
+        for off in range(0, t.length, budget):
+            pieces.append(dataclasses.replace(t, offset=t.offset + off, length=min(budget, t.length - off)))
+    rounds: list[list[Transfer]] = []
+    sent: dict[int, int] = defaultdict(int)
+    received: dict[int, int] = defaultdict(int)
+    for t in pieces:
+        if not rounds or sent[t.src] + t.length > budget or received[t.dst] + t.length > budget:
+            rounds.append([])
+            sent.clear()
+            received.clear()
+        rounds[-1].append(t)
+        sent[t.src] += t.length
+        received[t.dst] += t.length
+    return rounds

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import CheckpointCorruptError, DcpSafetensorsError
 from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.layout import Runs, chunk_runs
-from dcp_safetensors.storage.local import LocalStorage
+from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = ["SafetensorsReader"]
 
@@ -77,6 +78,9 @@ class SafetensorsReader(StorageReader):
             recorded, or none for checkpoints of other tools.
         process_group: group whose rank 0 reads the index and headers and
             broadcasts them (default: the world group).
+        storage_options: for an fsspec URL (``s3://...``), what its
+            filesystem takes (``key``, ``secret``, ``client_kwargs``, ...).
+        read_threads: concurrent reads (ranged GETs on object stores) per rank.
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -87,11 +91,15 @@ class SafetensorsReader(StorageReader):
         *,
         model_prefix: str | None = None,
         process_group: dist.ProcessGroup | None = None,
+        storage_options: dict[str, Any] | None = None,
+        read_threads: int = 8,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.model_prefix = model_prefix
         self.process_group = process_group
+        self.storage_options = storage_options
+        self.read_threads = read_threads
         self._checkpoint: Checkpoint | None = None
         self._deferred_error: BaseException | None = None
 
@@ -103,11 +111,11 @@ class SafetensorsReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return "://" not in os.fspath(checkpoint_id)
+        return True
 
     def _read_once(self) -> Checkpoint | DcpSafetensorsError | OSError:
         try:
-            return read_checkpoint(self.path, model_prefix=self.model_prefix)
+            return read_checkpoint(self.path, model_prefix=self.model_prefix, storage_options=self.storage_options)
         except (DcpSafetensorsError, OSError) as e:
             return e
 
@@ -139,7 +147,8 @@ class SafetensorsReader(StorageReader):
         ckpt = self._checkpoint
         if ckpt is None:
             raise CheckpointCorruptError(f"{self.path}: read_data() before read_metadata()")
-        storage = LocalStorage(ckpt.root)
+        storage = open_storage(ckpt.root, self.storage_options)
+        tensor_items = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 buffer = io.BytesIO()
@@ -149,7 +158,17 @@ class SafetensorsReader(StorageReader):
                 buffer.seek(0)
                 planner.load_bytes(item, buffer)
             else:
-                _read_tensor(storage, ckpt.tensors[item.storage_index.fqn], item, planner)
+                tensor_items.append(item)
+
+        def read_one(item: ReadItem) -> None:
+            _read_tensor(storage, ckpt.tensors[item.storage_index.fqn], item, planner)
+
+        if self.read_threads > 1 and len(tensor_items) > 1:
+            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
+                list(pool.map(read_one, tensor_items))
+        else:
+            for item in tensor_items:
+                read_one(item)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -169,7 +188,7 @@ def _to_metadata(ckpt: Checkpoint) -> Metadata:
     return Metadata(state_dict_metadata=sd)
 
 
-def _read_runs(storage: LocalStorage, file: str, runs: Runs, out: np.ndarray) -> None:
+def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None:
     """Fill ``out`` (uint8, ``runs.nbytes``) with the runs' bytes, coalescing runs closer than COALESCE_GAP."""
     if runs.count == 1:
         storage.readinto(file, runs.start, out)
@@ -189,7 +208,7 @@ def _read_runs(storage: LocalStorage, file: str, runs: Runs, out: np.ndarray) ->
         storage.readinto(file, off, out[i * runs.length : (i + 1) * runs.length])
 
 
-def _read_tensor(storage: LocalStorage, loc: TensorLocation, item: ReadItem, planner: LoadPlanner) -> None:
+def _read_tensor(storage: Storage, loc: TensorLocation, item: ReadItem, planner: LoadPlanner) -> None:
     dtype = to_torch_dtype(loc.dtype, source=loc.file)
     runs = chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)
     dest = planner.resolve_tensor(item)

@@ -6,11 +6,17 @@ DCP calls the methods in this order (``dcp.save``)::
     all ranks    set_up_storage_writer(is_coordinator, rank=, use_collectives=)
     all ranks    prepare_local_plan(plan)        -> the planner's items, unchanged
     coordinator  prepare_global_plan(plans)      plans the whole byte layout once:
-                                                 files, headers, every rank's runs;
-                                                 a fresh snapshot id; the staging dir
-    all ranks    write_data(plan, planner)       pwrite own runs (+ headers it owns),
-                                                 crc32 per run, fsync
-    coordinator  finish(metadata, results)       checks the runs tile every file,
+                                                 files, headers, every rank's runs,
+                                                 parts (storage's min_part/max_part)
+                                                 and transfers; a fresh snapshot id;
+                                                 storage.begin_save (staging dir on
+                                                 POSIX, multipart uploads on S3)
+    all ranks    write_data(plan, planner)       resolve own chunks; rounds of
+                                                 all_to_all for bytes of other ranks'
+                                                 parts (none on POSIX); write own
+                                                 parts (pwrite / UploadPart), CRC-32
+                                                 each, fsync
+    coordinator  finish(metadata, results)       checks the parts tile every file,
                                                  writes the index, commits
 
 No rank gathers a full tensor, nothing is written twice, and no byte is read
@@ -39,6 +45,7 @@ import time
 import uuid
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,20 +58,22 @@ from torch.futures import Future
 
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
 from dcp_safetensors.checksum import combine_runs, format_crc32
-from dcp_safetensors.commit import TRAINING_STATE_DIR, commit, recover, staging_name
+from dcp_safetensors.collectives import ByteSource, agree_on_errors, exchange
+from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.layout import (
     MODEL_GROUP,
     CheckpointLayout,
     ChunkSpec,
+    PartPlan,
     RankWritePlan,
     TensorSpec,
     parse_size,
     plan_layout,
 )
 from dcp_safetensors.objects import encode_object
-from dcp_safetensors.storage.local import LocalStorage
+from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = ["SafetensorsWriter"]
 
@@ -77,19 +86,20 @@ TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 class _RankStorageData:
     """What the coordinator sends each rank in ``SavePlan.storage_data``."""
 
-    snapshot: str
-    staging: str
+    session: dict[str, Any]
     writes: RankWritePlan
 
 
 @dataclass(frozen=True)
-class _WrittenRuns:
-    """``WriteResult.storage_data`` of a tensor chunk or header: where the bytes went and their CRCs."""
+class _WrittenPart:
+    """``WriteResult.storage_data`` of a written part: where, its CRC-32, the storage's token (ETag)."""
 
     file: str
+    number: int
+    start: int
     length: int
-    offsets: list[int]
-    crcs: list[int]
+    crc: int
+    token: Any
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,13 @@ class SafetensorsWriter(StorageWriter):
             (optimizer state) goes to ``training_state/`` files that the
             weight map does not list, and non-tensor values to
             ``training_state/objects.json``.
+        storage_options: for an fsspec URL (``s3://...``), what its
+            filesystem takes (``key``, ``secret``, ``client_kwargs``, ...).
+        process_group: the group ``dcp.save`` runs on (default: world); byte
+            transfers between ranks (object stores) run on it.
+        max_part: largest part one rank uploads to an object store.
+        transfer_budget: most bytes a rank sends or receives per transfer round.
+        write_threads: concurrent part writes/uploads per rank.
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -122,6 +139,11 @@ class SafetensorsWriter(StorageWriter):
         *,
         max_shard_size: int | str = "5GB",
         model_prefix: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        max_part: int = 64 << 20,
+        transfer_budget: int = 256 << 20,
+        write_threads: int = 8,
     ) -> None:
         super().__init__()
         parse_size(max_shard_size)  # fail at construction, not mid-save
@@ -130,8 +152,13 @@ class SafetensorsWriter(StorageWriter):
         self.path = os.fspath(path)
         self.max_shard_size = max_shard_size
         self.model_prefix = model_prefix
+        self.storage_options = storage_options
+        self.process_group = process_group
+        self.max_part = max_part
+        self.transfer_budget = transfer_budget
+        self.write_threads = write_threads
         self._layout: CheckpointLayout | None = None
-        self._snapshot: str | None = None
+        self._session: dict[str, Any] | None = None
 
     # -- DCP protocol -------------------------------------------------------------------
 
@@ -139,11 +166,15 @@ class SafetensorsWriter(StorageWriter):
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
         self._layout = None
-        self._snapshot = None
+        self._session = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return "://" not in os.fspath(checkpoint_id)
+        return True
+
+    def _storage(self) -> Storage:
+        # Made on use, never held: the writer must pickle (async_save in a process).
+        return open_storage(self.path, self.storage_options, max_part=self.max_part)
 
     def set_up_storage_writer(self, is_coordinator: bool, **kwargs: Any) -> None:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -167,9 +198,7 @@ class SafetensorsWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         started = time.perf_counter()
-        storage = LocalStorage(self.path)
-        storage.makedirs("")
-        recover(storage, discard_uncommitted=True)
+        storage = self._storage()
         snapshot = uuid.uuid4().hex
         tensors, chunks = self._collect(plans)
         layout = plan_layout(
@@ -177,110 +206,90 @@ class SafetensorsWriter(StorageWriter):
             chunks,
             max_shard_size=self.max_shard_size,
             metadata={"format": "pt", SNAPSHOT_KEY: snapshot},
+            min_part=storage.min_part,
+            max_part=storage.max_part,
+            transfer_budget=self.transfer_budget,
+            world_size=len(plans),
         )
-        staging = staging_name(snapshot)
-        storage.makedirs(staging)
-        for f in layout.files:
-            storage.makedirs(posixpath.join(staging, posixpath.dirname(f.name)))
-        self._layout, self._snapshot = layout, snapshot
+        session = storage.begin_save(snapshot, [f.name for f in layout.files])
+        self._layout, self._session = layout, session
+        moved = sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
         logger.info(
-            "planned %d files, %d tensors, %.1f MB in %.3f s",
+            "planned %d files, %d tensors, %.1f MB; %.1f MB to move between ranks; in %.3f s",
             len(layout.files),
             len(tensors),
             sum(f.size for f in layout.files) / 1e6,
+            moved / 1e6,
             time.perf_counter() - started,
         )
         return [
-            dataclasses.replace(
-                plan,
-                storage_data=_RankStorageData(snapshot, staging, layout.rank_plans.get(rank, RankWritePlan())),
-            )
+            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank]))
             for rank, plan in enumerate(plans)
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        if getattr(planner, "_enable_plan_caching", False):
-            raise ConfigurationError(
-                "SafetensorsWriter does not support enable_plan_caching=True yet: cached plans "
-                "carry a stale layout and snapshot id; construct the planner without it"
-            )
         data: _RankStorageData = plan.storage_data
-        storage = LocalStorage(self.path)
+        storage = self._storage()
         results: list[WriteResult] = []
-        files: dict[str, Any] = {}
-
-        def open_file(name: str) -> Any:
-            if name not in files:
-                files[name] = storage.open_for_write(posixpath.join(data.staging, name))
-            return files[name]
-
+        source = ByteSource()
         try:
-            for h in data.writes.headers:
-                open_file(h.file).pwrite(h.data, 0)
-                written = _WrittenRuns(h.file, len(h.data), [0], [zlib.crc32(h.data)])
-                results.append(WriteResult(MetadataIndex(f"__header__/{h.file}"), len(h.data), written))
-            runs_of = {(w.key, w.offsets): w for w in data.writes.chunks}
-            for item in plan.items:
-                if item.type == WriteItemType.BYTE_IO:
-                    if not hasattr(planner, "lookup_object"):
-                        raise ConfigurationError(
-                            f"planner {type(planner).__name__} has no lookup_object(): cannot store "
-                            f"{item.index.fqn!r} without pickle; use a DefaultSavePlanner subclass"
-                        )
-                    value = planner.lookup_object(item.index)
-                    results.append(WriteResult(item.index, 0, _WrittenObject(encode_object(value))))
-                    continue
-                chunk = item.tensor_data.chunk  # type: ignore[union-attr]
-                write = runs_of.get((item.index.fqn, tuple(chunk.offsets)))
-                if write is None:  # an empty chunk (e.g. an uneven FSDP shard) has no bytes to write
-                    continue
-                tensor = planner.resolve_data(item)
-                if not isinstance(tensor, torch.Tensor):
-                    raise LayoutError(f"tensor {item.index.fqn!r}: planner resolved a {type(tensor).__name__}")
-                results.append(self._write_tensor(open_file(write.file), item.index, tensor, write))
-            for f in files.values():
-                f.fsync()
-        finally:
-            for f in files.values():
-                f.close()
+            try:
+                self._resolve(plan, planner, data.writes, source, results)
+                error = None
+            except Exception as e:  # every rank must reach the transfer rounds, failed or not
+                error = e
+            if data.writes.rounds:
+                group = self.process_group
+                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+                for number, rnd in enumerate(data.writes.rounds):
+                    agree_on_errors(error, group, f"transfer round {number + 1}")
+                    exchange(rnd, source, group, device)
+            elif error is not None:
+                raise error
+            results.extend(self._write_parts(storage, data, source))
+        except BaseException:
+            storage.abort_save(data.session)
+            raise
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        layout, snapshot = self._layout, self._snapshot
-        if layout is None or snapshot is None:
+        layout, session = self._layout, self._session
+        if layout is None or session is None:
             raise LayoutError("finish() called without prepare_global_plan() on this coordinator")
-        storage = LocalStorage(self.path)
-        runs_by_file: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
-        objects: dict[str, Any] = {}
-        for rank_results in results:
-            for r in rank_results:
-                if isinstance(r.storage_data, _WrittenObject):
-                    objects[r.index.fqn] = r.storage_data.record
-                else:
-                    w: _WrittenRuns = r.storage_data
-                    runs_by_file[w.file].extend((off, w.length, crc) for off, crc in zip(w.offsets, w.crcs, strict=False))
-        sizes = {f.name: f.size for f in layout.files}
-        checksums = {name: format_crc32(_check_tiled(name, size, runs_by_file[name])) for name, size in sizes.items()}
-        published = [f.name for f in layout.files]
-        objects_file = None
-        if objects:
-            objects_file = OBJECTS_FILE
-            body = json.dumps(dict(sorted(objects.items())), indent=1).encode()
-            storage.write_file(posixpath.join(staging_name(snapshot), objects_file), body)
-            published.append(objects_file)
-        index = build_index(
-            snapshot=snapshot,
-            weight_map=layout.weight_map(MODEL_GROUP),
-            total_size=layout.total_size(MODEL_GROUP),
-            files={name: (sizes[name], checksums[name]) for name in sizes},
-            extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
-            objects_file=objects_file,
-            model_prefix=self.model_prefix,
-        )
-        storage.fsync_dir(staging_name(snapshot))
-        commit(storage, snapshot, published, index)
+        storage = self._storage()
+        try:
+            parts_by_file: dict[str, list[_WrittenPart]] = defaultdict(list)
+            objects: dict[str, Any] = {}
+            for rank_results in results:
+                for r in rank_results:
+                    if isinstance(r.storage_data, _WrittenObject):
+                        objects[r.index.fqn] = r.storage_data.record
+                    else:
+                        parts_by_file[r.storage_data.file].append(r.storage_data)
+            sizes = {f.name: f.size for f in layout.files}
+            checksums = {name: format_crc32(_check_tiled(name, size, parts_by_file[name])) for name, size in sizes.items()}
+            published = [f.name for f in layout.files]
+            objects_file = None
+            if objects:
+                objects_file = OBJECTS_FILE
+                storage.write_small(session, objects_file, json.dumps(dict(sorted(objects.items())), indent=1).encode())
+                published.append(objects_file)
+            index = build_index(
+                snapshot=session["snapshot"],
+                weight_map=layout.weight_map(MODEL_GROUP),
+                total_size=layout.total_size(MODEL_GROUP),
+                files={name: (sizes[name], checksums[name]) for name in sizes},
+                extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
+                objects_file=objects_file,
+                model_prefix=self.model_prefix,
+            )
+            tokens = {name: [(p.number, p.token) for p in parts] for name, parts in parts_by_file.items()}
+            storage.commit_save(session, published, tokens, index)
+        except BaseException:
+            storage.abort_save(session)
+            raise
         logger.info("committed %s: %d files, %.1f MB", self.path, len(published), sum(sizes.values()) / 1e6)
 
     # -- helpers ------------------------------------------------------------------------
@@ -313,35 +322,72 @@ class SafetensorsWriter(StorageWriter):
         return specs, chunks
 
     @staticmethod
-    def _write_tensor(file: Any, index: MetadataIndex, tensor: torch.Tensor, write: Any) -> WriteResult:
-        runs = write.runs
-        if tensor.numel() * tensor.element_size() != runs.nbytes:
-            raise LayoutError(
-                f"tensor {index.fqn!r}: planner resolved {tensor.numel() * tensor.element_size()} bytes "
-                f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {runs.nbytes} bytes"
-            )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(flat)  # type: ignore[arg-type]
-        offsets = runs.offsets().tolist()
-        crcs = []
-        for i, off in enumerate(offsets):
-            piece = view[i * runs.length : (i + 1) * runs.length]
-            file.pwrite(piece, off)
-            crcs.append(zlib.crc32(piece))
-        return WriteResult(index, runs.nbytes, _WrittenRuns(write.file, runs.length, offsets, crcs))
+    def _resolve(
+        plan: SavePlan, planner: SavePlanner, writes: RankWritePlan, source: ByteSource, results: list[WriteResult]
+    ) -> None:
+        """Put every byte this rank holds (headers, chunk runs) into ``source``; encode objects."""
+        for h in writes.headers:
+            source.add(h.file, 0, memoryview(h.data))
+        runs_of = {(w.key, w.offsets): w for w in writes.chunks}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                if not hasattr(planner, "lookup_object"):
+                    raise ConfigurationError(
+                        f"planner {type(planner).__name__} has no lookup_object(): cannot store "
+                        f"{item.index.fqn!r} without pickle; use a DefaultSavePlanner subclass"
+                    )
+                value = planner.lookup_object(item.index)
+                results.append(WriteResult(item.index, 0, _WrittenObject(encode_object(value))))
+                continue
+            chunk = item.tensor_data.chunk  # type: ignore[union-attr]
+            write = runs_of.get((item.index.fqn, tuple(chunk.offsets)))
+            if write is None:  # an empty chunk (e.g. an uneven FSDP shard) has no bytes to write
+                continue
+            tensor = planner.resolve_data(item)
+            if not isinstance(tensor, torch.Tensor):
+                raise LayoutError(f"tensor {item.index.fqn!r}: planner resolved a {type(tensor).__name__}")
+            runs = write.runs
+            if tensor.numel() * tensor.element_size() != runs.nbytes:
+                raise LayoutError(
+                    f"tensor {item.index.fqn!r}: planner resolved {tensor.numel() * tensor.element_size()} bytes "
+                    f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {runs.nbytes} bytes"
+                )
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            view = memoryview(flat)  # type: ignore[arg-type]
+            for i, off in enumerate(runs.offsets().tolist()):
+                source.add(write.file, off, view[i * runs.length : (i + 1) * runs.length])
+
+    def _write_parts(self, storage: Storage, data: _RankStorageData, source: ByteSource) -> list[WriteResult]:
+        """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""
+        writer = storage.part_writer(data.session)
+
+        def write_one(part: PartPlan) -> WriteResult:
+            views = source.read(part.file, part.start, part.end - part.start)
+            crc = combine_runs((v.nbytes, zlib.crc32(v)) for v in views)
+            token = writer.write(part, views)
+            written = _WrittenPart(part.file, part.number, part.start, part.end - part.start, crc, token)
+            return WriteResult(MetadataIndex(f"__part__/{part.file}/{part.number}"), written.length, written)
+
+        try:
+            if self.write_threads > 1 and len(data.writes.parts) > 1:
+                with ThreadPoolExecutor(self.write_threads, thread_name_prefix="dcp-safetensors-write") as pool:
+                    out = list(pool.map(write_one, data.writes.parts))
+            else:
+                out = [write_one(p) for p in data.writes.parts]
+        finally:
+            writer.close()
+        return out
 
 
-def _check_tiled(name: str, size: int, runs: list[tuple[int, int, int]]) -> int:
-    """The file's CRC-32 if ``runs`` cover ``[0, size)`` exactly once; :class:`LayoutError` otherwise."""
-    runs.sort()
+def _check_tiled(name: str, size: int, parts: list[_WrittenPart]) -> int:
+    """The file's CRC-32 if ``parts`` cover ``[0, size)`` exactly once; :class:`LayoutError` otherwise."""
+    parts.sort(key=lambda p: p.start)
     position = 0
-    for off, length, _ in runs:
-        if off != position:
-            what = "a hole" if off > position else "an overlap"
-            raise LayoutError(
-                f"{name}: written runs leave {what} at byte {min(off, position)}; refusing to commit"
-            )
-        position += length
+    for p in parts:
+        if p.start != position:
+            what = "a hole" if p.start > position else "an overlap"
+            raise LayoutError(f"{name}: written parts leave {what} at byte {min(p.start, position)}; refusing to commit")
+        position += p.length
     if position != size:
-        raise LayoutError(f"{name}: written runs end at byte {position}, the file must be {size} bytes; refusing to commit")
-    return combine_runs((length, crc) for _, length, crc in runs)
+        raise LayoutError(f"{name}: written parts end at byte {position}, the file must be {size} bytes; refusing to commit")
+    return combine_runs((p.length, p.crc) for p in parts)

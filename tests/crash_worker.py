@@ -20,7 +20,6 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 import dcp_safetensors.commit as commit_mod
-import dcp_safetensors.writer as writer_mod
 from dcp_safetensors import SafetensorsWriter
 from dcp_safetensors.storage import local as local_mod
 
@@ -39,18 +38,18 @@ def die() -> None:
 
 def install_kill(phase: str) -> None:
     if phase == "mid-write":
-        original = local_mod.WritableFile.pwrite
+        original = local_mod.WritableFile.pwritev
         calls = {"n": 0}
 
-        def pwrite(self, data, offset):
+        def pwritev(self, views, offset):
             calls["n"] += 1
             if calls["n"] == 3:
                 die()
-            return original(self, data, offset)
+            return original(self, views, offset)
 
-        local_mod.WritableFile.pwrite = pwrite
+        local_mod.WritableFile.pwritev = pwritev
     elif phase == "before-commit":
-        writer_mod.commit = lambda *a, **k: die()
+        commit_mod.commit = lambda *a, **k: die()
     elif phase == "mid-publish":
         original_replace = local_mod.LocalStorage.replace
         calls = {"n": 0}
@@ -64,13 +63,13 @@ def install_kill(phase: str) -> None:
 
         local_mod.LocalStorage.replace = replace
     elif phase == "after-commit":
-        original_commit = writer_mod.commit
+        original_commit = commit_mod.commit
 
         def commit_then_die(*a, **k):
             original_commit(*a, **k)
             die()
 
-        writer_mod.commit = commit_then_die
+        commit_mod.commit = commit_then_die
 
 
 def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int) -> None:

@@ -2,7 +2,9 @@
 
 Files are opened without truncation, so ranks writing disjoint runs of one
 file never clobber each other and nothing moves between ranks
-(``min_part = 1``). Reads are ``preadv`` straight into the caller's buffer.
+(``min_part = 1``). A save writes into a staging directory and commits with
+:mod:`dcp_safetensors.commit`. Reads are ``preadv`` straight into the
+caller's buffer.
 
 Example:
     >>> import tempfile
@@ -16,11 +18,14 @@ Example:
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from dcp_safetensors import commit as commit_protocol
 from dcp_safetensors.errors import MissingFileError
+from dcp_safetensors.layout import PartPlan
 
 __all__ = ["LocalStorage", "WritableFile"]
 
@@ -34,11 +39,19 @@ class WritableFile:
 
     def pwrite(self, data: Any, offset: int) -> None:
         """Write all of ``data`` (any buffer) at ``offset``."""
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            n = os.pwrite(self._fd, view, offset)
-            view = view[n:]
+        self.pwritev([memoryview(data).cast("B")], offset)
+
+    def pwritev(self, views: Sequence[memoryview], offset: int) -> None:
+        """Write the buffers back to back from ``offset`` (one syscall when the kernel takes it all)."""
+        pending = [v for v in views if v.nbytes]
+        while pending:
+            n = os.pwritev(self._fd, pending, offset)
             offset += n
+            while pending and n >= pending[0].nbytes:
+                n -= pending[0].nbytes
+                pending.pop(0)
+            if n:
+                pending[0] = pending[0][n:]
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self._fd, size)
@@ -58,11 +71,40 @@ class WritableFile:
         self.close()
 
 
+class _LocalPartWriter:
+    """A rank's writes of one save: files in staging opened once, fsynced at close."""
+
+    def __init__(self, storage: LocalStorage, staging: str) -> None:
+        self._storage = storage
+        self._staging = staging
+        self._files: dict[str, WritableFile] = {}
+
+    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+        f = self._files.get(part.file)
+        if f is None:
+            f = self._files[part.file] = self._storage.open_for_write(posixpath.join(self._staging, part.file))
+        f.pwritev(views, part.start)
+        return None
+
+    def close(self) -> None:
+        try:
+            for f in self._files.values():
+                f.fsync()
+        finally:
+            for f in self._files.values():
+                f.close()
+
+
 class LocalStorage:
     """A checkpoint directory on a POSIX filesystem; names are relative to ``root``."""
 
+    min_part = 1
+    max_part: int | None = None
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
+
+    # -- reading ------------------------------------------------------------------------
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -76,26 +118,12 @@ class LocalStorage:
         except FileNotFoundError:
             raise MissingFileError(f"{self.path(name)}: file is missing") from None
 
-    def list(self, name: str = "") -> list[str]:
+    def listdir(self, name: str = "") -> list[str]:
         """Entries of directory ``name`` (empty if it does not exist)."""
         try:
             return sorted(os.listdir(self.path(name)))
         except (FileNotFoundError, NotADirectoryError):
             return []
-
-    def makedirs(self, name: str) -> None:
-        os.makedirs(self.path(name), exist_ok=True)
-
-    def open_for_write(self, name: str) -> WritableFile:
-        os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
-        return WritableFile(self.path(name))
-
-    def write_file(self, name: str, data: bytes) -> None:
-        """Write a whole small file and make it durable."""
-        with self.open_for_write(name) as f:
-            f.truncate(0)
-            f.pwrite(data, 0)
-            f.fsync()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -118,6 +146,53 @@ class LocalStorage:
                 offset += n
         finally:
             os.close(fd)
+
+    def recover(self, *, discard_uncommitted: bool) -> None:
+        """Complete a commit a crash interrupted (and, for writers, drop abandoned staging)."""
+        commit_protocol.recover(self, discard_uncommitted=discard_uncommitted)
+
+    # -- saving -------------------------------------------------------------------------
+
+    def begin_save(self, snapshot: str, files: Sequence[str]) -> dict[str, Any]:
+        """Coordinator, before any rank writes: clean up, create staging. Returns the session."""
+        os.makedirs(self.root, exist_ok=True)
+        self.recover(discard_uncommitted=True)
+        staging = commit_protocol.staging_name(snapshot)
+        for d in {posixpath.dirname(f) for f in files} | {""}:
+            os.makedirs(self.path(posixpath.join(staging, d)), exist_ok=True)
+        return {"snapshot": snapshot, "staging": staging}
+
+    def part_writer(self, session: dict[str, Any]) -> _LocalPartWriter:
+        return _LocalPartWriter(self, session["staging"])
+
+    def write_small(self, session: dict[str, Any], name: str, data: bytes) -> None:
+        self.write_file(posixpath.join(session["staging"], name), data)
+
+    def commit_save(
+        self, session: dict[str, Any], files: Sequence[str], tokens: dict[str, list[tuple[int, Any]]], index: bytes
+    ) -> None:
+        """Coordinator, after every rank's writes are durable: the commit (see :mod:`dcp_safetensors.commit`)."""
+        self.fsync_dir(session["staging"])
+        commit_protocol.commit(self, session["snapshot"], files, index)
+
+    def abort_save(self, session: dict[str, Any]) -> None:
+        self.remove_tree(session["staging"])
+
+    # -- primitives of the commit protocol ----------------------------------------------
+
+    def makedirs(self, name: str) -> None:
+        os.makedirs(self.path(name), exist_ok=True)
+
+    def open_for_write(self, name: str) -> WritableFile:
+        os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
+        return WritableFile(self.path(name))
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a whole small file and make it durable."""
+        with self.open_for_write(name) as f:
+            f.truncate(0)
+            f.pwrite(data, 0)
+            f.fsync()
 
     def replace(self, src: str, dst: str) -> None:
         os.makedirs(os.path.dirname(self.path(dst)), exist_ok=True)

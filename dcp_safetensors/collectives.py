@@ -1,0 +1,105 @@
+"""Moving bytes between ranks, and agreeing on errors before every collective.
+
+Rules every function here keeps: each rank calls the same collectives the
+same number of times (a rank with nothing to send still takes part), and a
+rank that failed locally says so in the status exchange that precedes the
+next data collective, so every rank raises the same error instead of one
+rank leaving and the others hanging.
+
+Example (one process, no group):
+    >>> src = ByteSource()
+    >>> src.add("f", 0, memoryview(b"abcd")); src.add("f", 4, memoryview(b"efgh"))
+    >>> b"".join(src.read("f", 2, 4))
+    b'cdef'
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from dcp_safetensors.errors import LayoutError, RankFailedError
+from dcp_safetensors.layout import TransferRound
+
+__all__ = ["ByteSource", "agree_on_errors", "exchange"]
+
+
+class ByteSource:
+    """The file bytes one rank holds: views into its tensors, headers and received buffers."""
+
+    def __init__(self) -> None:
+        self._pieces: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
+        self._sorted: set[str] = set()
+
+    def add(self, file: str, offset: int, view: memoryview) -> None:
+        if view.nbytes:
+            self._pieces[file].append((offset, view))
+            self._sorted.discard(file)
+
+    def read(self, file: str, offset: int, length: int) -> list[memoryview]:
+        """Views covering ``[offset, offset + length)`` of ``file`` exactly; LayoutError if not held."""
+        pieces = self._pieces[file]
+        if file not in self._sorted:
+            pieces.sort(key=lambda p: p[0])
+            self._sorted.add(file)
+        out: list[memoryview] = []
+        pos, end = offset, offset + length
+        i = max(bisect.bisect_right(pieces, pos, key=lambda p: p[0]) - 1, 0)
+        while pos < end and i < len(pieces):
+            start, view = pieces[i]
+            if start > pos:
+                break
+            if start + view.nbytes > pos:
+                take = min(end, start + view.nbytes) - pos
+                out.append(view[pos - start : pos - start + take])
+                pos += take
+            i += 1
+        if pos < end:
+            raise LayoutError(f"{file}: this rank does not hold bytes [{pos}, {end}) it was planned to write or send")
+        return out
+
+
+def agree_on_errors(error: BaseException | None, group: dist.ProcessGroup | None, phase: str) -> None:
+    """All ranks learn whether any failed; every rank raises if one did (the failing one its own error)."""
+    summary = None if error is None else f"{type(error).__name__}: {error}"
+    summaries: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(summaries, summary, group=group)
+    failed = {r: s for r, s in enumerate(summaries) if s is not None}
+    if error is not None:
+        raise error
+    if failed:
+        rank = min(failed)
+        raise RankFailedError(f"rank {rank} failed before {phase}: {failed[rank]}")
+
+
+def exchange(
+    rnd: TransferRound, source: ByteSource, group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """Run one round: send the planned bytes, add what arrives to ``source``."""
+    world = dist.get_world_size(group)
+    send_sizes = [0] * world
+    recv_sizes = [0] * world
+    # Plan ranks are ranks within the group DCP gathered the plans on: the same group as here.
+    for t in rnd.sends:
+        send_sizes[t.dst] += t.length
+    for t in rnd.recvs:
+        recv_sizes[t.src] += t.length
+    # Sends are packed by destination, in plan order; the receiver unpacks in the same order.
+    ordered = sorted(rnd.sends, key=lambda t: t.dst)
+    payload = bytearray(sum(send_sizes))
+    pos = 0
+    for t in ordered:
+        for view in source.read(t.file, t.offset, t.length):
+            payload[pos : pos + view.nbytes] = view
+            pos += view.nbytes
+    send = torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send.to(device), recv_sizes, send_sizes, group=group)
+    received = recv.cpu().numpy()
+    pos = 0
+    for t in sorted(rnd.recvs, key=lambda t: t.src):
+        source.add(t.file, t.offset, memoryview(received[pos : pos + t.length]))  # type: ignore[arg-type]
+        pos += t.length
