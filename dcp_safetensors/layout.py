@@ -551,8 +551,6 @@ def plan_parts(
     if min_part < 1:
         raise ConfigurationError(f"min_part must be >= 1, got {min_part}")
     limit = max(max_part or size, min_part, -(-size // max_parts))
-    if min_part > 1 and limit < 2 * min_part:
-        limit = 2 * min_part  # lets any run longer than max_part split into pieces >= min_part
     spans: list[list[int]] = []
     for start, end, rank in owned:
         if spans and spans[-1][2] == rank and spans[-1][1] == start:
@@ -566,7 +564,9 @@ def plan_parts(
             i += 1
         remaining = spans[i][1] - pos
         if remaining >= min_part:
-            pieces = -(-remaining // limit)
+            # Equal pieces of at most ``limit``; but never below min_part (S3 enforces that
+            # one, so a run that cannot satisfy both gets pieces a little over ``limit``).
+            pieces = min(-(-remaining // limit), remaining // min_part)
             end = pos + -(-remaining // pieces)
         elif pos + min_part >= size:
             end = size

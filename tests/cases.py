@@ -136,8 +136,9 @@ def sharded_mixed_state(reshard: str | None = None) -> dict[str, torch.Tensor]:
 # --- cases --------------------------------------------------------------------------------
 
 
-def save_mixed(path: str, max_shard_size="5GB") -> None:
-    dcp.save(sharded_mixed_state(), storage_writer=SafetensorsWriter(path, max_shard_size=max_shard_size))
+def save_mixed(path: str, max_shard_size="5GB", writer_kwargs: dict | None = None) -> None:
+    writer = SafetensorsWriter(path, max_shard_size=max_shard_size, **(writer_kwargs or {}))
+    dcp.save(sharded_mixed_state(), storage_writer=writer)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -155,12 +156,12 @@ def local_matches(value, full: torch.Tensor) -> bool:
     return value.dtype == full.dtype and value.shape == expected.shape and torch.equal(as_bytes(value), as_bytes(expected))
 
 
-def load_mixed(path: str, reshard: str | None = None) -> dict[str, bool]:
+def load_mixed(path: str, reshard: str | None = None, reader_kwargs: dict | None = None) -> dict[str, bool]:
     """Load into a zeroed, possibly differently sharded state; report per key whether it matches."""
     target = sharded_mixed_state(reshard)
     for v in target.values():
         (v.to_local() if isinstance(v, DTensor) else v).zero_()
-    dcp.load(target, storage_reader=SafetensorsReader(path))
+    dcp.load(target, storage_reader=SafetensorsReader(path, **(reader_kwargs or {})))
     expected = mixed_state()
     return {key: local_matches(v, expected[key]) for key, v in target.items()}
 
@@ -273,3 +274,28 @@ def save_failing_on_rank1(path: str, value: float):
 def load_missing(path: str):
     target = {"w": torch.zeros(3)}
     return error_summary(dcp.load, target, storage_reader=SafetensorsReader(path))
+
+
+# --- larger row-sharded tensors (object-store parts and transfers) ----------------------
+
+
+def big_state(shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    return {f"big.{i}": random_tensor(shape, torch.float32, 500 + i) for i, shape in enumerate(shapes)}
+
+
+def save_big(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict) -> None:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sd = {k: shard(v, mesh, [Shard(0)]) for k, v in big_state(shapes).items()}
+    dcp.save(sd, storage_writer=SafetensorsWriter(path, **writer_kwargs))
+
+
+def try_save_big(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict):
+    return error_summary(save_big, path, shapes, writer_kwargs)
+
+
+def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> bool:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = big_state(shapes)
+    target = {k: shard(torch.zeros_like(v), mesh, [Shard(1)]) for k, v in full.items()}
+    dcp.load(target, storage_reader=SafetensorsReader(path, **reader_kwargs))
+    return all(local_matches(target[k], full[k]) for k in full)

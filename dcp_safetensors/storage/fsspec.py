@@ -182,7 +182,8 @@ class ObjectStorage:
         view[:] = self.read_range(name, offset, view.nbytes)
 
     def recover(self, *, discard_uncommitted: bool) -> None:
-        """Writers abort multipart uploads an interrupted save left open under this prefix."""
+        """Forget cached listings; writers also abort uploads an interrupted save left open here."""
+        self.fs.invalidate_cache()
         if not (discard_uncommitted and self.multipart):
             return
         bucket, prefix = self.bucket_key("")

@@ -1,0 +1,88 @@
+"""Property tests of part planning and transfer rounds (layout.plan_parts / plan_rounds)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcp_safetensors.layout import Transfer, _foreign_bytes, plan_parts, plan_rounds
+
+
+@st.composite
+def ownership(draw):
+    """A file of random size split into random runs held by random ranks."""
+    world = draw(st.integers(1, 8))
+    lengths = draw(st.lists(st.integers(1, 5000), min_size=1, max_size=40))
+    owned, pos = [], 0
+    for length in lengths:
+        owned.append((pos, pos + length, draw(st.integers(0, world - 1))))
+        pos += length
+    return pos, owned
+
+
+@settings(max_examples=300, deadline=None)
+@given(ownership(), st.integers(1, 3000), st.integers(1, 6000), st.integers(1, 200))
+def test_parts_tile_the_file_and_respect_the_size_rules(file, min_part, max_part, max_parts):
+    size, owned = file
+    max_part = max(max_part, min_part)
+    parts = plan_parts("f", size, owned, min_part=min_part, max_part=max_part, max_parts=max_parts)
+    assert [p.number for p in parts] == list(range(1, len(parts) + 1))
+    assert parts[0].start == 0 and parts[-1].end == size
+    assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+    limit = max(max_part, min_part, -(-size // max_parts))
+    for p in parts[:-1]:
+        assert p.end - p.start >= min_part  # S3's rule: every part but the last
+    for p in parts:
+        # At most the limit, unless a holder's run cannot be cut into pieces in [min_part, limit].
+        assert p.end - p.start <= max(limit, 2 * min_part)
+    # Each part goes to the rank holding most of its bytes.
+    for p in parts:
+        held = defaultdict(int)
+        for s, e, r in owned:
+            held[r] += max(0, min(e, p.end) - max(s, p.start))
+        assert held[p.rank] == max(held.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(ownership(), st.integers(1, 3000))
+def test_transfers_bring_exactly_the_foreign_bytes(file, min_part):
+    size, owned = file
+    parts = plan_parts("f", size, owned, min_part=min_part, max_part=4 * min_part)
+    for p in parts:
+        moved = _foreign_bytes(p, owned)
+        covered = sorted((t.offset, t.offset + t.length) for t in moved)
+        expected = []
+        for s, e, r in owned:
+            a, b = max(s, p.start), min(e, p.end)
+            if b > a and r != p.rank:
+                expected.append((a, b, r))
+        assert sum(b - a for a, b in covered) == sum(b - a for a, b, _ in expected)
+        assert all(t.dst == p.rank and t.src != p.rank for t in moved)
+        for t in moved:  # each transfer lies inside bytes its source holds
+            held = sum(max(0, min(e, t.offset + t.length) - max(s, t.offset)) for s, e, r in owned if r == t.src)
+            assert held == t.length
+
+
+def test_posix_parts_are_each_holders_maximal_runs():
+    owned = [(0, 10, 0), (10, 30, 0), (30, 35, 1), (35, 50, 0)]
+    parts = plan_parts("f", 50, owned, min_part=1)
+    assert [(p.start, p.end, p.rank) for p in parts] == [(0, 30, 0), (30, 35, 1), (35, 50, 0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(1, 1000)), max_size=50),
+    st.integers(1, 1500),
+)
+def test_rounds_stay_within_the_budget_and_keep_every_byte(raw, budget):
+    transfers = [Transfer(s, d, "f", i * 10_000, n) for i, (s, d, n) in enumerate(raw) if s != d]
+    rounds = plan_rounds(transfers, budget)
+    for rnd in rounds:
+        sent, received = defaultdict(int), defaultdict(int)
+        for t in rnd:
+            sent[t.src] += t.length
+            received[t.dst] += t.length
+        assert max(sent.values()) <= budget and max(received.values()) <= budget
+    assert sum(t.length for rnd in rounds for t in rnd) == sum(t.length for t in transfers)
