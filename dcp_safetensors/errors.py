@@ -81,7 +81,7 @@ class InvalidShapeError(HeaderError):
 
 
 class InvalidTensorEntryError(HeaderError):
-    """A tensor entry is not an object with exactly ``dtype``, ``shape``, ``data_offsets``."""
+    """A tensor entry is not an object holding ``dtype``, ``shape`` and ``data_offsets`` (extra fields are ignored, as safetensors does)."""
 
 
 class InvalidOffsetsError(HeaderError):

@@ -232,21 +232,33 @@ class SafetensorsWriter(StorageWriter):
         storage = self._storage()
         results: list[WriteResult] = []
         source = ByteSource()
+        group = self.process_group
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
         try:
+            # Every rank reaches every collective below, failed or not; a local error is
+            # carried to the next status exchange so all ranks raise together.
+            error: Exception | None = None
             try:
                 self._resolve(plan, planner, data.writes, source, results)
-                error = None
-            except Exception as e:  # every rank must reach the transfer rounds, failed or not
+            except Exception as e:
                 error = e
             if data.writes.rounds:
-                group = self.process_group
-                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+                backend = dist.get_backend(group)
+                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
                 for number, rnd in enumerate(data.writes.rounds):
                     agree_on_errors(error, group, f"transfer round {number + 1}")
                     exchange(rnd, source, group, device)
+            if error is None:
+                try:
+                    results.extend(self._write_parts(storage, data, source))
+                except Exception as e:
+                    error = e
+            # A last status exchange: a failed or dead rank (the collective itself then
+            # fails) makes every rank abort the save's uploads, not only the failing one.
+            if distributed:
+                agree_on_errors(error, group, "commit")
             elif error is not None:
                 raise error
-            results.extend(self._write_parts(storage, data, source))
         except BaseException:
             storage.abort_save(data.session)
             raise

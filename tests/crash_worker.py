@@ -1,13 +1,14 @@
 """Run a 2-rank save that SIGKILLs one rank at a chosen point; used by test_crash.py.
 
-Usage: python crash_worker.py PATH VALUE PHASE RANK
-PHASE: none | mid-write | before-commit | mid-publish | after-commit
+Usage: python crash_worker.py PATH VALUE PHASE RANK [STORAGE_OPTIONS_JSON]
+PHASE: none | mid-write | before-commit | mid-publish | after-commit | mid-upload (object stores)
 The kill points are test hooks installed here by wrapping library functions;
 the library itself has no test code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -48,6 +49,19 @@ def install_kill(phase: str) -> None:
             return original(self, views, offset)
 
         local_mod.WritableFile.pwritev = pwritev
+    elif phase == "mid-upload":
+        from dcp_safetensors.storage import fsspec as fsspec_mod
+
+        original_write = fsspec_mod._ObjectPartWriter.write
+        uploads = {"n": 0}
+
+        def write(self, part, views):
+            uploads["n"] += 1
+            if uploads["n"] == 2:
+                die()
+            return original_write(self, part, views)
+
+        fsspec_mod._ObjectPartWriter.write = write
     elif phase == "before-commit":
         commit_mod.commit = lambda *a, **k: die()
     elif phase == "mid-publish":
@@ -72,19 +86,20 @@ def install_kill(phase: str) -> None:
         commit_mod.commit = commit_then_die
 
 
-def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int) -> None:
+def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int, options: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     if rank == kill_rank:
         install_kill(phase)
-    dcp.save(state(value, rank, world), storage_writer=SafetensorsWriter(path, max_shard_size="3MB"))
+    dcp.save(state(value, rank, world), storage_writer=SafetensorsWriter(path, max_shard_size="3MB", storage_options=options or None))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     path, value, phase, kill_rank = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(main, args=(2, port, path, value, phase, kill_rank), nprocs=2, join=True)
+    mp.spawn(main, args=(2, port, path, value, phase, kill_rank, options), nprocs=2, join=True)
