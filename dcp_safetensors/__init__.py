@@ -13,6 +13,7 @@ Example:
     ['w']
 """
 
+from dcp_safetensors.api import async_save, load, save
 from dcp_safetensors.checkpoint import read_checkpoint, verify
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
@@ -25,6 +26,9 @@ from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
 
 __all__ = [
+    "save",
+    "load",
+    "async_save",
     "SafetensorsWriter",
     "SafetensorsReader",
     "read_checkpoint",

@@ -37,7 +37,10 @@ Example:
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,6 +66,8 @@ from dcp_safetensors.layout import Runs, chunk_runs
 from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = ["SafetensorsReader"]
+
+logger = logging.getLogger("dcp_safetensors")
 
 COALESCE_GAP = 1 << 20
 """Runs of one chunk closer than this are read as one span (fewer, larger reads)."""
@@ -102,6 +107,12 @@ class SafetensorsReader(StorageReader):
         self.read_threads = read_threads
         self._checkpoint: Checkpoint | None = None
         self._deferred_error: BaseException | None = None
+        self._is_coordinator = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["process_group"] = None  # a group handle does not travel between processes
+        return state
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -134,6 +145,7 @@ class SafetensorsReader(StorageReader):
         return _to_metadata(result)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, **kwargs: Any) -> None:
+        self._is_coordinator = is_coordinator
         if self._deferred_error is not None:
             raise self._deferred_error
 
@@ -147,6 +159,7 @@ class SafetensorsReader(StorageReader):
         ckpt = self._checkpoint
         if ckpt is None:
             raise CheckpointCorruptError(f"{self.path}: read_data() before read_metadata()")
+        started = time.perf_counter()
         storage = open_storage(ckpt.root, self.storage_options)
         tensor_items = []
         for item in plan.items:
@@ -169,6 +182,18 @@ class SafetensorsReader(StorageReader):
         else:
             for item in tensor_items:
                 read_one(item)
+        if self._is_coordinator:
+            elapsed = time.perf_counter() - started
+            nbytes = sum(math.prod(i.lengths) * DTYPE_ITEMSIZE[ckpt.tensors[i.storage_index.fqn].dtype] for i in tensor_items)
+            logger.log(
+                logging.INFO if elapsed >= 1.0 else logging.DEBUG,
+                "loaded %s: this rank read %.1f MB of %d tensor pieces in %.2f s (%.0f MB/s)",
+                self.path,
+                nbytes / 1e6,
+                len(tensor_items),
+                elapsed,
+                nbytes / 1e6 / max(elapsed, 1e-9),
+            )
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

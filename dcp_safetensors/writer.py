@@ -129,6 +129,11 @@ class SafetensorsWriter(StorageWriter):
         max_part: largest part one rank uploads to an object store.
         transfer_budget: most bytes a rank sends or receives per transfer round.
         write_threads: concurrent part writes/uploads per rank.
+        hf_config: a transformers config (anything with ``to_dict()``) or a
+            dict, written as ``config.json`` in the same commit as the weights.
+        generation_config: likewise, written as ``generation_config.json``.
+        strip_auto_map: drop ``auto_map`` from the config (it points at custom
+            code that is not in the checkpoint directory).
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -144,6 +149,9 @@ class SafetensorsWriter(StorageWriter):
         max_part: int = 64 << 20,
         transfer_budget: int = 256 << 20,
         write_threads: int = 8,
+        hf_config: Any = None,
+        generation_config: Any = None,
+        strip_auto_map: bool = True,
     ) -> None:
         super().__init__()
         parse_size(max_shard_size)  # fail at construction, not mid-save
@@ -157,8 +165,18 @@ class SafetensorsWriter(StorageWriter):
         self.max_part = max_part
         self.transfer_budget = transfer_budget
         self.write_threads = write_threads
+        self._extra_files = _config_files(hf_config, generation_config, strip_auto_map)
         self._layout: CheckpointLayout | None = None
         self._session: dict[str, Any] | None = None
+        self._started = 0.0
+        self._phases: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # async_save(PROCESS) pickles the writer into a process with a fresh default
+        # group: a process group handle does not travel, the default group is used there.
+        state = dict(self.__dict__)
+        state["process_group"] = None
+        return state
 
     # -- DCP protocol -------------------------------------------------------------------
 
@@ -177,6 +195,8 @@ class SafetensorsWriter(StorageWriter):
         return open_storage(self.path, self.storage_options, max_part=self.max_part)
 
     def set_up_storage_writer(self, is_coordinator: bool, **kwargs: Any) -> None:
+        self._started = time.perf_counter()
+        self._phases = {}
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if not kwargs.get("use_collectives", True) and world > 1:
             raise ConfigurationError(
@@ -213,8 +233,9 @@ class SafetensorsWriter(StorageWriter):
         )
         session = storage.begin_save(snapshot, [f.name for f in layout.files])
         self._layout, self._session = layout, session
+        self._phases["plan"] = time.perf_counter() - started
         moved = sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
-        logger.info(
+        logger.debug(
             "planned %d files, %d tensors, %.1f MB; %.1f MB to move between ranks; in %.3f s",
             len(layout.files),
             len(tensors),
@@ -228,6 +249,7 @@ class SafetensorsWriter(StorageWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        write_started = time.perf_counter()
         data: _RankStorageData = plan.storage_data
         storage = self._storage()
         results: list[WriteResult] = []
@@ -262,11 +284,13 @@ class SafetensorsWriter(StorageWriter):
         except BaseException:
             storage.abort_save(data.session)
             raise
+        self._phases["write"] = time.perf_counter() - write_started
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        commit_started = time.perf_counter()
         layout, session = self._layout, self._session
         if layout is None or session is None:
             raise LayoutError("finish() called without prepare_global_plan() on this coordinator")
@@ -288,6 +312,9 @@ class SafetensorsWriter(StorageWriter):
                 objects_file = OBJECTS_FILE
                 storage.write_small(session, objects_file, json.dumps(dict(sorted(objects.items())), indent=1).encode())
                 published.append(objects_file)
+            for name, body in self._extra_files.items():
+                storage.write_small(session, name, body)
+                published.append(name)
             index = build_index(
                 snapshot=session["snapshot"],
                 weight_map=layout.weight_map(MODEL_GROUP),
@@ -302,7 +329,23 @@ class SafetensorsWriter(StorageWriter):
         except BaseException:
             storage.abort_save(session)
             raise
-        logger.info("committed %s: %d files, %.1f MB", self.path, len(published), sum(sizes.values()) / 1e6)
+        self._phases["commit"] = time.perf_counter() - commit_started
+        self._log_summary(len(published), sum(sizes.values()))
+
+    def _log_summary(self, files: int, nbytes: int) -> None:
+        """One line per save on the coordinator: INFO when it took a second or more, else DEBUG."""
+        total = time.perf_counter() - self._started
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in self._phases.items())
+        logger.log(
+            logging.INFO if total >= 1.0 else logging.DEBUG,
+            "saved %s: %d files, %.1f MB in %.2f s (%.0f MB/s; %s)",
+            self.path,
+            files,
+            nbytes / 1e6,
+            total,
+            nbytes / 1e6 / max(total, 1e-9),
+            phases,
+        )
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -403,3 +446,24 @@ def _check_tiled(name: str, size: int, parts: list[_WrittenPart]) -> int:
     if position != size:
         raise LayoutError(f"{name}: written parts end at byte {position}, the file must be {size} bytes; refusing to commit")
     return combine_runs((p.length, p.crc) for p in parts)
+
+
+def _config_files(hf_config: Any, generation_config: Any, strip_auto_map: bool) -> dict[str, bytes]:
+    """``config.json`` / ``generation_config.json`` bodies, as ``save_pretrained`` writes them."""
+    out = {}
+    for name, config in (("config.json", hf_config), ("generation_config.json", generation_config)):
+        if config is None:
+            continue
+        if hasattr(config, "to_dict"):
+            body = config.to_dict()
+        elif isinstance(config, dict):
+            body = dict(config)
+        else:
+            raise ConfigurationError(f"{name}: expected a transformers config or a dict, got {type(config).__name__}")
+        if strip_auto_map:
+            body.pop("auto_map", None)
+        try:
+            out[name] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+        except TypeError as e:
+            raise ConfigurationError(f"{name}: not JSON-serialisable ({e})") from None
+    return out

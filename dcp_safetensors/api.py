@@ -1,0 +1,170 @@
+"""High-level API: ``save``, ``load`` and ``async_save`` with our writer and reader.
+
+Thin wrappers over ``torch.distributed.checkpoint`` that work with and
+without an initialised process group, and that raise our own error types
+(the first failing rank's exception, chained to DCP's ``CheckpointException``)
+instead of DCP's ``BaseException`` wrapper.
+
+Example:
+    >>> import tempfile, torch, dcp_safetensors
+    >>> path = tempfile.mkdtemp()
+    >>> dcp_safetensors.save({"w": torch.arange(3.0), "step": 7}, path)
+    >>> state = {"w": torch.zeros(3), "step": 0}
+    >>> dcp_safetensors.load(state, path)
+    >>> state["w"].tolist(), state["step"]
+    ([0.0, 1.0, 2.0], 7)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
+
+from dcp_safetensors.reader import SafetensorsReader
+from dcp_safetensors.writer import SafetensorsWriter
+
+__all__ = ["save", "load", "async_save"]
+
+T = TypeVar("T")
+
+_async_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _our_errors() -> Iterator[None]:
+    """Re-raise DCP's CheckpointException as the lowest failing rank's own exception."""
+    try:
+        yield
+    except CheckpointException as e:
+        rank = min(e.failures)
+        original, _ = e.failures[rank]
+        if isinstance(original, Exception):
+            raise original from e
+        raise
+
+
+def _call(fn: Callable[..., T], **kwargs: Any) -> T:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with _our_errors():
+            return fn(**kwargs, no_dist=not _distributed())
+
+
+def save(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    planner: SavePlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    **writer_options: Any,
+) -> None:
+    """Save ``state_dict`` (DTensors, tensors, nested dicts, plain values) as HF safetensors at ``path``.
+
+    ``writer_options`` are :class:`SafetensorsWriter`'s (``max_shard_size``,
+    ``model_prefix``, ``storage_options``, ``hf_config``, ...). Every rank of
+    ``process_group`` must call it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> save({"layer.weight": torch.ones(2, 2)}, tempfile.mkdtemp(), max_shard_size="1GB")
+    """
+    writer = SafetensorsWriter(path, process_group=process_group, **writer_options)
+    _call(dcp.save, state_dict=state_dict, storage_writer=writer, planner=planner, process_group=process_group)
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    planner: LoadPlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    **reader_options: Any,
+) -> None:
+    """Load the checkpoint at ``path`` into ``state_dict`` in place, resharding to its tensors' placements.
+
+    ``reader_options`` are :class:`SafetensorsReader`'s (``model_prefix``,
+    ``storage_options``, ``read_threads``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = tempfile.mkdtemp()
+        >>> save({"w": torch.ones(2)}, path)
+        >>> out = {"w": torch.zeros(2)}
+        >>> load(out, path)
+        >>> out["w"].tolist()
+        [1.0, 1.0]
+    """
+    reader = SafetensorsReader(path, process_group=process_group, **reader_options)
+    _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+
+
+def _save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A gloo group over the same ranks, made once: a background save must not share the training group."""
+    if not _distributed():
+        return None
+    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+    if ranks not in _async_groups:
+        group = dist.new_group(list(ranks), backend="gloo")
+        if not isinstance(group, dist.ProcessGroup):
+            raise RuntimeError(f"this rank is not in the process group {list(ranks)}")
+        _async_groups[ranks] = group
+    return _async_groups[ranks]
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    planner: SavePlanner | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    **writer_options: Any,
+) -> Any:
+    """Stage ``state_dict`` to CPU, then save it in a background thread; returns a future.
+
+    Training may go on (and change the live tensors) as soon as this returns:
+    the checkpoint holds the state at the call. The save and its collectives
+    run on a dedicated gloo group over the same ranks, never on the training
+    group. ``future.result()`` returns once the checkpoint is committed (or
+    raises our error). Every rank must call it, and the first call on a group
+    creates the save group (a collective).
+
+    Example:
+        >>> import tempfile, torch
+        >>> fut = async_save({"w": torch.ones(2)}, tempfile.mkdtemp())
+        >>> fut.result() is not None
+        True
+    """
+    group = _save_group(process_group)
+    writer = SafetensorsWriter(path, process_group=group, **writer_options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        future = dcp.async_save(
+            state_dict, storage_writer=writer, planner=planner, process_group=group, no_dist=not _distributed()
+        )
+    return _UnwrappingFuture(future)
+
+
+class _UnwrappingFuture:
+    """A future whose ``result()`` raises our error types rather than CheckpointException."""
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def result(self, timeout: float | None = None) -> Any:
+        with _our_errors():
+            return self._future.result(timeout)

@@ -1,0 +1,61 @@
+"""High-level save/load/async_save, HF config files, progress logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from cases import api_roundtrip, async_save_while_training
+
+import dcp_safetensors
+from dcp_safetensors.errors import CheckpointNotFoundError, ConfigurationError
+
+
+def test_api_roundtrip_with_config_on_two_ranks(ranks, tmp_path):
+    for r in ranks(2).run(api_roundtrip, str(tmp_path)):
+        assert r == {"same": True, "step": 5, "error": "CheckpointNotFoundError"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config == {"model_type": "toy", "hidden_size": 16}  # auto_map stripped
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "embed.weight" in index["weight_map"]
+
+
+def test_async_save_commits_the_state_at_the_call_while_training_goes_on(ranks, tmp_path):
+    for rank, r in enumerate(ranks(2).run(async_save_while_training, str(tmp_path))):
+        assert r["steps_in_flight"] >= 1, f"rank {rank}: no training step ran while the save was in flight"
+        assert r["changed"], "training changed the live weights"
+        assert r["matches_call"], f"rank {rank}: the checkpoint differs from the state at the async_save call"
+    dcp_safetensors.verify(str(tmp_path))
+
+
+def test_api_without_process_group_raises_our_error_types(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint here"):
+        dcp_safetensors.load({"w": torch.zeros(1)}, tmp_path / "missing")
+
+
+class _Config:
+    def to_dict(self) -> dict:
+        return {"architectures": ["Toy"], "auto_map": {"AutoModel": "x.Y"}, "vocab_size": 3}
+
+
+def test_config_objects_and_generation_config_are_committed_with_the_weights(tmp_path):
+    dcp_safetensors.save(
+        {"w": torch.ones(2)}, tmp_path, hf_config=_Config(), generation_config={"max_new_tokens": 5}, strip_auto_map=False
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {"AutoModel": "x.Y"}
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {"max_new_tokens": 5}
+    with pytest.raises(ConfigurationError, match="config.json"):
+        dcp_safetensors.SafetensorsWriter(tmp_path, hf_config=object())
+
+
+def test_save_logs_bytes_files_and_phases(tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG, logger="dcp_safetensors"):
+        dcp_safetensors.save({"w": torch.ones(1000)}, tmp_path)
+        dcp_safetensors.load({"w": torch.zeros(1000)}, tmp_path)
+    saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved ")]
+    assert saved and "1 files" in saved[0] and "MB/s" in saved[0] and "plan" in saved[0] and "commit" in saved[0]
+    assert any(r.getMessage().startswith("loaded ") and "MB/s" in r.getMessage() for r in caplog.records)
+    # Nothing at INFO or above for a save that takes well under a second.
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name == "dcp_safetensors"]
