@@ -59,3 +59,16 @@ def test_save_logs_bytes_files_and_phases(tmp_path, caplog):
     assert any(r.getMessage().startswith("loaded ") and "MB/s" in r.getMessage() for r in caplog.records)
     # Nothing at INFO or above for a save that takes well under a second.
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name == "dcp_safetensors"]
+
+
+def test_async_save_in_process_mode_pickles_the_writer(tmp_path):
+    """dcp.async_save(PROCESS) pickles our writer into a checkpoint process with a fresh gloo group."""
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "async_process_worker.py")
+    proc = subprocess.run([sys.executable, worker, str(tmp_path)], capture_output=True, timeout=240, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("OK") == 2, proc.stdout[-2000:]
+    dcp_safetensors.verify(str(tmp_path))
