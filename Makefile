@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dcp-safetensors demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check dcp_safetensors tests benchmarks
+	$(VENV)/bin/ruff check dcp_safetensors tests benchmarks tools
 
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy dcp_safetensors

@@ -265,11 +265,13 @@ class SafetensorsWriter(StorageWriter):
             except Exception as e:
                 error = e
             if data.writes.rounds:
+                transfer_started = time.perf_counter()
                 backend = dist.get_backend(group)
                 device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
                 for number, rnd in enumerate(data.writes.rounds):
                     agree_on_errors(error, group, f"transfer round {number + 1}")
                     exchange(rnd, source, group, device)
+                self._phases["transfer"] = time.perf_counter() - transfer_started
             if error is None:
                 try:
                     results.extend(self._write_parts(storage, data, source))
@@ -284,7 +286,7 @@ class SafetensorsWriter(StorageWriter):
         except BaseException:
             storage.abort_save(data.session)
             raise
-        self._phases["write"] = time.perf_counter() - write_started
+        self._phases["write"] = time.perf_counter() - write_started - self._phases.get("transfer", 0.0)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
