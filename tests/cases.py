@@ -363,3 +363,42 @@ def async_save_while_training(path: str) -> dict:
     dcp_safetensors.load(target, path)
     matches_call = all(torch.equal(target[k].to_local(), at_call[k]) for k in at_call)
     return {"steps_in_flight": steps_in_flight, "changed": changed, "matches_call": matches_call}
+
+
+# --- FSDP2 + TP on the same dim (_StridedShard) -----------------------------------------
+
+
+def _tp_fsdp_model(seed: int):
+    """A 2 x 2 (dp, tp) mesh: TP colwise/rowwise linears, then FSDP2 over dp (same dim -> _StridedShard)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def save_tp_fsdp(path: str) -> list[str]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model = _tp_fsdp_model(seed=0)
+    sd = get_model_state_dict(model)
+    dcp.save(sd, storage_writer=SafetensorsWriter(path))
+    return sorted({str(p) for v in sd.values() for p in v.placements})
+
+
+def load_tp_fsdp(path: str) -> bool:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(_tp_fsdp_model(seed=1))
+    dcp.load(sd, storage_reader=SafetensorsReader(path))
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12)).state_dict()
+    return all(torch.equal(sd[k].full_tensor(), full[k]) for k in full)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import safetensors.torch
-from cases import load_mixed, mixed_state, save_mixed
+from cases import load_mixed, load_tp_fsdp, mixed_state, save_mixed, save_tp_fsdp
 from safetensors import safe_open
 
 from dcp_safetensors import read_checkpoint, verify
@@ -75,3 +75,18 @@ def test_loads_huggingface_hub_output(ranks, tmp_path):
     assert not ckpt.written_by_us and len(ckpt.headers) > 2
     for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path))):
         assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
+
+
+def test_fsdp2_and_tp_on_the_same_dim(ranks, tmp_path):
+    """FSDP2 over dp after TP over tp shards dim 0 twice (_StridedShard): DCP's offsets are trusted, and right."""
+    import torch
+    from torch import nn
+
+    placements = ranks(4).run(save_tp_fsdp, str(tmp_path))[0]
+    assert any(p.startswith("_S(") for p in placements), placements  # _StridedShard
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12)).state_dict()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for key, t in full.items():
+            assert torch.equal(f.get_tensor(key), t), key
+    assert all(ranks(4).run(load_tp_fsdp, str(tmp_path)))
