@@ -13,7 +13,7 @@ Example:
     ['w']
 """
 
-from dcp_safetensors.api import async_save, load, save
+from dcp_safetensors.api import async_save, load, save, save_submodule
 from dcp_safetensors.checkpoint import read_checkpoint, verify
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
@@ -22,6 +22,8 @@ from dcp_safetensors.errors import (
     DcpSafetensorsError,
     LayoutError,
 )
+from dcp_safetensors.mapping import KeyMapping
+from dcp_safetensors.planner import SafetensorsLoadPlanner, SafetensorsSavePlanner
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
 
@@ -29,6 +31,10 @@ __all__ = [
     "save",
     "load",
     "async_save",
+    "save_submodule",
+    "SafetensorsSavePlanner",
+    "SafetensorsLoadPlanner",
+    "KeyMapping",
     "SafetensorsWriter",
     "SafetensorsReader",
     "read_checkpoint",

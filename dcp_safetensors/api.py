@@ -23,15 +23,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
+from dcp_safetensors.errors import ConfigurationError
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
 
-__all__ = ["save", "load", "async_save"]
+__all__ = ["save", "load", "async_save", "save_submodule"]
 
 T = TypeVar("T")
 
@@ -108,6 +110,44 @@ def load(
     """
     reader = SafetensorsReader(path, process_group=process_group, **reader_options)
     _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+
+
+def save_submodule(
+    model: torch.nn.Module,
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    **writer_options: Any,
+) -> None:
+    """Save only submodule ``name`` of a (sharded) model, its prefix stripped; no rank gathers anything.
+
+    Every rank writes its own shards of the submodule's tensors, and every rank
+    must call it (also ranks holding no bytes of it). ``name`` is matched as a
+    whole path component: ``"draft"`` never takes ``"draft_head"``'s keys.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from dcp_safetensors import read_checkpoint
+        >>> model = torch.nn.ModuleDict({"base": torch.nn.Linear(2, 2), "draft": torch.nn.Linear(2, 1)})
+        >>> path = tempfile.mkdtemp()
+        >>> save_submodule(model, "draft", path)
+        >>> sorted(read_checkpoint(path).tensors)
+        ['bias', 'weight']
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from dcp_safetensors.mapping import KeyMapping
+    from dcp_safetensors.planner import SafetensorsSavePlanner
+
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise ConfigurationError(f"model has no submodule {name!r}") from None
+    # The full state dict of a sharded model holds each rank's shards (views), not a gather.
+    state = get_model_state_dict(model)
+    planner = SafetensorsSavePlanner(mapping=KeyMapping(include=[f"{name}.*"], strip_prefix=name))
+    save(state, path, planner=planner, process_group=process_group, **writer_options)
 
 
 def _save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -1,0 +1,106 @@
+"""Per-rank cases for the save/load planners and submodule export."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from cases import ToyModel, error_summary
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import dcp_safetensors
+from dcp_safetensors import (
+    KeyMapping,
+    SafetensorsLoadPlanner,
+    SafetensorsReader,
+    SafetensorsSavePlanner,
+    SafetensorsWriter,
+)
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class WithDraft(nn.Module):
+    """A base model with two siblings sharing a prefix: ``draft`` and ``draft_head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ToyModel()
+        self.draft = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))
+        self.draft_head = nn.Linear(16, 4)
+
+
+def sharded(module: nn.Module) -> nn.Module:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for child in module.children():
+        for unit in child if isinstance(child, nn.ModuleList) else [child]:
+            fully_shard(unit, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _toy(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return sharded(ToyModel())
+
+
+def save_renamed_bf16(path: str) -> None:
+    sd = get_model_state_dict(_toy(0))
+    planner = SafetensorsSavePlanner(
+        mapping=KeyMapping(exclude=["norm.*"], rename={"embed.weight": "model.embed_tokens.weight"}), dtype=torch.bfloat16
+    )
+    dcp.save(sd, storage_writer=SafetensorsWriter(path), planner=planner)
+
+
+def load_renamed(path: str, policy: str):
+    """Load the bf16 save back into fp32 targets under the same rules; return per-key match or the error."""
+    reference = get_model_state_dict(_toy(0))
+    target = get_model_state_dict(_toy(1))
+    norm_before = _local(target["norm.weight"]).clone()
+    planner = SafetensorsLoadPlanner(
+        mapping=KeyMapping(exclude=["norm.*"], rename={"embed.weight": "model.embed_tokens.weight"}), dtype_policy=policy
+    )
+    failures = error_summary(dcp.load, target, storage_reader=SafetensorsReader(path), planner=planner)
+    if failures:
+        return failures
+    out = {}
+    for key, value in target.items():
+        expected = _local(reference[key])
+        if expected.is_floating_point():
+            expected = expected.to(torch.bfloat16).to(expected.dtype)
+        out[key] = torch.equal(_local(value), expected)
+    out["norm_untouched"] = torch.equal(_local(target["norm.weight"]), norm_before)
+    return out
+
+
+def export_draft(path: str) -> None:
+    torch.manual_seed(0)
+    dcp_safetensors.save_submodule(sharded(WithDraft()), "draft", path)
+
+
+def export_missing(path: str):
+    torch.manual_seed(0)
+    model = sharded(WithDraft())
+    try:
+        dcp_safetensors.save_submodule(model, "drafts", path)
+    except Exception as e:  # noqa: BLE001 - the test inspects the type
+        return type(e).__name__, str(e)
+    return None
+
+
+def load_draft_into_other_sharding(path: str) -> bool:
+    """Load the exported draft into the draft of a model sharded over a 1-D mesh of a different seed."""
+    torch.manual_seed(5)
+    model = sharded(WithDraft())
+    full = get_model_state_dict(model)
+    target = {k[len("draft.") :]: v for k, v in full.items() if k.startswith("draft.")}
+    dcp_safetensors.load(target, path)
+    torch.manual_seed(0)
+    reference = WithDraft().state_dict()
+    return all(torch.equal(v.full_tensor(), reference["draft." + k]) for k, v in target.items())

@@ -1,0 +1,108 @@
+"""Key mapping (pure), dtype on save and on load, meta tensors, submodule export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from planner_cases import (
+    WithDraft,
+    export_draft,
+    export_missing,
+    load_draft_into_other_sharding,
+    load_renamed,
+    save_renamed_bf16,
+)
+from safetensors import safe_open
+
+from dcp_safetensors import KeyMapping, SafetensorsSavePlanner, SafetensorsWriter
+from dcp_safetensors.mapping import MappingError
+
+# --- KeyMapping, pure -------------------------------------------------------------------
+
+
+def test_include_exclude_globs_and_callables():
+    keys = ["a.w", "a.b", "b.w", "c"]
+    assert KeyMapping(include=["a.*"]).names(keys) == {"a.w": "a.w", "a.b": "a.b"}
+    assert KeyMapping(exclude=["*.w"]).names(keys) == {"a.b": "a.b", "c": "c"}
+    assert KeyMapping(include=lambda k: "." not in k).names(keys) == {"c": "c"}
+    assert KeyMapping(include=["a.*"], exclude=lambda k: k.endswith("b")).names(keys) == {"a.w": "a.w"}
+
+
+def test_rename_prefixes_and_order():
+    m = KeyMapping(strip_prefix="model", rename={"x": "y"}, add_prefix="lm")
+    assert m.names(["model.x", "model.z", "other"]) == {"model.x": "lm.y", "model.z": "lm.z", "other": "lm.other"}
+    assert KeyMapping(rename=str.upper).names(["ab"]) == {"ab": "AB"}
+
+
+def test_sibling_prefixes_are_never_mixed():
+    m = KeyMapping(include=["draft.*"], strip_prefix="draft")
+    assert m.names(["draft.w", "draft_head.w", "draftw"]) == {"draft.w": "w"}
+
+
+def test_collisions_name_both_keys():
+    with pytest.raises(MappingError, match=r"'model\.w' and 'w' both map to 'w'"):
+        KeyMapping(strip_prefix="model").names(["model.w", "w"])
+    with pytest.raises(MappingError, match="both map to 'same'"):
+        KeyMapping(rename=lambda k: "same").names(["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"strip_prefix": "model."}, {"add_prefix": ""}, {"include": "a.*"}, {"rename": lambda k: ""}]
+)
+def test_malformed_rules_are_errors(kwargs):
+    with pytest.raises(MappingError):
+        KeyMapping(**kwargs).names(["a"])
+
+
+# --- planners across ranks --------------------------------------------------------------
+
+
+def test_save_renamed_and_cast_to_bf16_then_load_under_the_same_rules(ranks, tmp_path):
+    ranks(2).run(save_renamed_bf16, str(tmp_path))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "model.embed_tokens.weight" in index["weight_map"] and "embed.weight" not in index["weight_map"]
+    assert not [k for k in index["weight_map"] if k.startswith("norm.")]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("layers.0.weight").dtype == torch.bfloat16
+        assert f.get_tensor("positions").dtype == torch.int64  # integers are never cast
+
+    for failures in ranks(2).run(load_renamed, str(tmp_path), "error"):
+        (name, message), *_ = failures.values()
+        assert name == "ConfigurationError" and "dtype_policy='cast'" in message and "torch.bfloat16" in message
+    for rank, ok in enumerate(ranks(2).run(load_renamed, str(tmp_path), "cast")):
+        assert all(ok.values()), f"rank {rank}: {[k for k, v in ok.items() if not v]}"
+
+
+def test_meta_tensors_are_an_error_listing_every_key_or_resolved(tmp_path):
+    state = {"a": torch.empty(2, device="meta"), "b": torch.ones(2), "c": torch.empty(3, device="meta")}
+    with pytest.raises(dcp.api.CheckpointException) as info:
+        dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), planner=SafetensorsSavePlanner(), no_dist=True)
+    (exc, _), = info.value.failures.values()
+    assert type(exc).__name__ == "ConfigurationError" and "a, c" in str(exc)
+
+    store = {"a": torch.full((2,), 7.0), "c": torch.full((3,), 8.0)}
+    planner = SafetensorsSavePlanner(meta_resolver=lambda key, t: store[key])
+    dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), planner=planner, no_dist=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("a").tolist() == [7.0, 7.0] and f.get_tensor("c").tolist() == [8.0] * 3
+
+
+def test_submodule_export_without_gather_loads_into_another_sharding(ranks, tmp_path):
+    ranks(2).run(export_draft, str(tmp_path))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == ["0.bias", "0.weight", "1.bias", "1.weight"]  # no draft_head keys
+    torch.manual_seed(0)
+    reference = WithDraft().state_dict()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for key in index["weight_map"]:
+            assert torch.equal(f.get_tensor(key), reference["draft." + key])
+    assert all(ranks(2).run(load_draft_into_other_sharding, str(tmp_path)))
+
+
+def test_missing_submodule_is_the_same_error_on_every_rank(ranks, tmp_path):
+    for result in ranks(2).run(export_missing, str(tmp_path)):
+        assert result == ("ConfigurationError", "model has no submodule 'drafts'")
