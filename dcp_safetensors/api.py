@@ -82,7 +82,10 @@ def save(
         >>> import tempfile, torch
         >>> save({"layer.weight": torch.ones(2, 2)}, tempfile.mkdtemp(), max_shard_size="1GB")
     """
+    from dcp_safetensors.planner import SafetensorsSavePlanner
+
     writer = SafetensorsWriter(path, process_group=process_group, **writer_options)
+    planner = planner or SafetensorsSavePlanner()
     _call(dcp.save, state_dict=state_dict, storage_writer=writer, planner=planner, process_group=process_group)
 
 
@@ -97,7 +100,10 @@ def load(
     """Load the checkpoint at ``path`` into ``state_dict`` in place, resharding to its tensors' placements.
 
     ``reader_options`` are :class:`SafetensorsReader`'s (``model_prefix``,
-    ``storage_options``, ``read_threads``).
+    ``storage_options``, ``read_threads``). The default planner is a
+    :class:`SafetensorsLoadPlanner`: a dtype difference is an error (pass
+    ``planner=SafetensorsLoadPlanner(dtype_policy="cast")`` to convert), and a
+    tied key the checkpoint lacks is filled through its twin.
 
     Example:
         >>> import tempfile, torch
@@ -108,7 +114,10 @@ def load(
         >>> out["w"].tolist()
         [1.0, 1.0]
     """
+    from dcp_safetensors.planner import SafetensorsLoadPlanner
+
     reader = SafetensorsReader(path, process_group=process_group, **reader_options)
+    planner = planner or SafetensorsLoadPlanner()
     _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
 
 

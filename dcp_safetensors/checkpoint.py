@@ -6,8 +6,10 @@ checks everything that can be checked without reading tensor data: the index
 is well-formed and names no path outside the directory, every listed file
 exists with the recorded size, every header obeys the format, every key the
 index lists is in its file, and every file belongs to the index's snapshot.
-:func:`verify` adds every file's checksum. :func:`build_index` writes the index
-that a save commits.
+:func:`verify` adds every file's checksum and raises the first problem;
+:func:`verify_all` reports every problem. :func:`summarize` describes a
+checkpoint (``dcp-safetensors inspect``). :func:`build_index` writes the
+index that a save commits.
 
 Example:
     >>> import tempfile, torch, safetensors.torch
@@ -24,7 +26,7 @@ import json
 import logging
 import posixpath
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from dcp_safetensors.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
+    DcpSafetensorsError,
     FileSizeMismatchError,
     InvalidIndexError,
     MissingKeyError,
@@ -42,7 +45,7 @@ from dcp_safetensors.errors import (
 )
 from dcp_safetensors.format import DTYPE_ITEMSIZE, Header, header_length, parse_header
 from dcp_safetensors.layout import natural_key
-from dcp_safetensors.objects import decode_object
+from dcp_safetensors.objects import decode_object, is_json_exact
 from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = [
@@ -55,6 +58,9 @@ __all__ = [
     "build_index",
     "read_checkpoint",
     "verify",
+    "verify_all",
+    "VerifyReport",
+    "summarize",
 ]
 
 logger = logging.getLogger("dcp_safetensors")
@@ -97,6 +103,7 @@ class Checkpoint:
     written_by_us: bool
     checksums: dict[str, str] = field(default_factory=dict)
     model_prefix: str | None = None
+    format_version: int | None = None
 
 
 def build_index(
@@ -108,10 +115,12 @@ def build_index(
     extra_weight_map: Mapping[str, str],
     objects_file: str | None,
     model_prefix: str | None,
+    aliases: Mapping[str, str] | None = None,
 ) -> bytes:
     """The bytes of ``model.safetensors.index.json`` for a save.
 
-    ``files`` maps each file to ``(size, checksum)``. HF tools read
+    ``files`` maps each file to ``(size, checksum)``; ``aliases`` maps a tied
+    key that was not written to the key it shares memory with. HF tools read
     ``metadata.total_size`` and ``weight_map``; the rest lives under
     ``metadata.dcp_safetensors``.
 
@@ -129,6 +138,7 @@ def build_index(
         "files": {f: {"size": size, "checksum": crc} for f, (size, crc) in sorted(files.items())},
         "extra_weight_map": {k: extra_weight_map[k] for k in sorted(extra_weight_map, key=natural_key)},
         "objects": objects_file,
+        "aliases": dict(aliases or {}),
     }
     index = {
         "metadata": {"total_size": total_size, BLOCK_KEY: block},
@@ -194,7 +204,24 @@ def read_checkpoint(
 
     ``model_prefix`` is prepended (with a dot) to every weight-map key to form
     the DCP key; by default it is the prefix the save recorded, or none.
+    Raises the first problem found (a :class:`~dcp_safetensors.errors.DcpSafetensorsError`
+    subclass naming the file); :func:`verify_all` reports every problem.
     """
+    return _read_checkpoint(path, model_prefix, storage_options, None)
+
+
+_Problem = DcpSafetensorsError | OSError
+"""What a check reports: one of our errors, or an I/O error, each naming its file."""
+
+
+def _read_checkpoint(
+    path: str,
+    model_prefix: str | None,
+    storage_options: dict[str, Any] | None,
+    problems: list[_Problem] | None,
+) -> Checkpoint:
+    """:func:`read_checkpoint`; with a ``problems`` list, per-file problems are appended there
+    and the file skipped, instead of raised. Index-level problems always raise."""
     storage = open_storage(path, storage_options)
     storage.recover(discard_uncommitted=False)
     block: dict[str, Any] = {}
@@ -233,48 +260,165 @@ def read_checkpoint(
     headers: dict[str, Header] = {}
     checksums: dict[str, str] = {}
     for file in sorted({f for _, f in keyed.values()} | set(map(lambda f: _safe_name(f, path), recorded))):
-        size = storage.size(file)
+        try:
+            size = storage.size(file)
+            if file in recorded:
+                want = recorded[file].get("size") if isinstance(recorded[file], dict) else None
+                if want != size:
+                    raise FileSizeMismatchError(
+                        f"{storage.path(file)}: {size} bytes on storage, the index recorded {want} (truncated or replaced)"
+                    )
+            header = read_header(storage, file)
+            if ours:
+                found = (header.metadata or {}).get(SNAPSHOT_KEY)
+                if found != snapshot:
+                    raise SnapshotMismatchError(
+                        f"{storage.path(file)}: belongs to save {found!r}, the index to save {snapshot!r} "
+                        "(a stale or foreign file; re-save or restore the matching file)"
+                    )
+        except (DcpSafetensorsError, OSError) as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            continue
         if file in recorded:
-            want = recorded[file].get("size") if isinstance(recorded[file], dict) else None
-            if want != size:
-                raise FileSizeMismatchError(
-                    f"{storage.path(file)}: {size} bytes on storage, the index recorded {want} (truncated or replaced)"
-                )
             checksums[file] = recorded[file].get("checksum")
-        header = read_header(storage, file)
-        if ours:
-            found = (header.metadata or {}).get(SNAPSHOT_KEY)
-            if found != snapshot:
-                raise SnapshotMismatchError(
-                    f"{storage.path(file)}: belongs to save {found!r}, the index to save {snapshot!r} "
-                    "(a stale or foreign file; re-save or restore the matching file)"
-                )
         headers[file] = header
 
     tensors: dict[str, TensorLocation] = {}
+    missing: dict[str, list[str]] = {}
     for key, (name, file) in keyed.items():
+        if file not in headers:  # its file's problem is already reported
+            continue
         entry = headers[file].tensors.get(name)
         if entry is None:
-            raise MissingKeyError(f"{storage.path(file)}: tensor {name!r} listed in the index is not in this file")
+            if problems is None:
+                raise MissingKeyError(f"{storage.path(file)}: tensor {name!r} listed in the index is not in this file")
+            missing.setdefault(file, []).append(name)
+            continue
         tensors[key] = TensorLocation(file, headers[file].data_start + entry.begin, entry.dtype, entry.shape)
+    for file, names in sorted(missing.items()):
+        assert problems is not None  # ``missing`` fills only when collecting
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        what = f"tensor {shown} listed in the index is" if len(names) == 1 else f"{len(names)} tensors listed in the index ({shown}) are"
+        problems.append(MissingKeyError(f"{storage.path(file)}: {what} not in this file"))
+
+    aliases = block.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise InvalidIndexError(f"{storage.path(INDEX_NAME)}: 'aliases' is not an object")
+    for alias, kept in aliases.items():
+        key = f"{model_prefix}.{kept}" if model_prefix else kept
+        if key not in tensors:
+            raise MissingKeyError(f"{storage.path(INDEX_NAME)}: tied key {alias!r} points at {kept!r}, which is not saved")
+        tensors[f"{model_prefix}.{alias}" if model_prefix else alias] = tensors[key]
 
     objects: dict[str, Any] = {}
     objects_file = block.get("objects")
     if objects_file:
         objects_file = _safe_name(objects_file, path)
-        records = _read_json(storage, objects_file)
-        if not isinstance(records, dict):
-            raise CheckpointCorruptError(f"{storage.path(objects_file)}: not a JSON object")
-        objects = {k: decode_object(v, key=k, source=storage.path(objects_file)) for k, v in records.items()}
-    return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix)
+        try:
+            records = _read_json(storage, objects_file)
+            if not isinstance(records, dict):
+                raise CheckpointCorruptError(f"{storage.path(objects_file)}: not a JSON object")
+        except (DcpSafetensorsError, OSError) as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            records = {}
+        for k, v in records.items():
+            try:
+                objects[k] = decode_object(v, key=k, source=storage.path(objects_file))
+            except DcpSafetensorsError as e:
+                if problems is None:
+                    raise
+                problems.append(e)
+    version = block.get("format_version") if ours else None
+    return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix, version)
 
 
-def verify(path: str, *, chunk_size: int = 16 << 20, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+ProgressCallback = Callable[[int, int], object]
+"""``progress(done_bytes, total_bytes)``: called with ``(0, total)`` first, then as bytes are done."""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_all` found.
+
+    ``checkpoint`` holds what could be opened (``None`` when the index itself
+    is unusable); ``problems`` lists every problem, each naming its file;
+    ``bytes_checked`` counts the bytes read for checksums.
+    """
+
+    checkpoint: Checkpoint | None
+    problems: list[_Problem]
+    files_checked: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_checksums(
+    ckpt: Checkpoint,
+    storage: Storage,
+    chunk_size: int,
+    progress: ProgressCallback | None,
+    problems: list[_Problem] | None,
+) -> tuple[int, int]:
+    """CRC-32 every file that has a recorded checksum; raise the first mismatch, or append each
+    to ``problems``. Returns ``(files, bytes)`` read."""
+    files = sorted(ckpt.checksums.items())
+    sizes = [ckpt.headers[f].file_size for f, _ in files]
+    total = sum(sizes)
+    if progress is not None:
+        progress(0, total)
+    buf = bytearray(min(chunk_size, max(sizes, default=0)))
+    done = read = 0
+    for (file, want), size in zip(files, sizes):
+        crc = 0
+        try:
+            for offset in range(0, size, chunk_size):
+                view = memoryview(buf)[: min(chunk_size, size - offset)]
+                storage.readinto(file, offset, view)
+                crc = zlib.crc32(view, crc)
+                read += view.nbytes
+                if progress is not None:
+                    progress(done + offset + view.nbytes, total)
+            if format_crc32(crc) != want:
+                raise ChecksumMismatchError(
+                    f"{storage.path(file)}: checksum {format_crc32(crc)} differs from {want} recorded at save time "
+                    "(the file's bytes changed after it was written)"
+                )
+        except EOFError as e:
+            error = FileSizeMismatchError(f"{storage.path(file)}: shrank while being checked ({e})")
+            if problems is None:
+                raise error from None
+            problems.append(error)
+        except (DcpSafetensorsError, OSError) as e:
+            if problems is None:
+                raise
+            problems.append(e)
+        done += size
+        if progress is not None:
+            progress(done, total)
+    return len(files), read
+
+
+def verify(
+    path: str,
+    *,
+    chunk_size: int = 16 << 20,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Checkpoint:
     """Every check :func:`read_checkpoint` makes, plus every file's checksum (reads every byte).
 
     Raises a :class:`~dcp_safetensors.errors.CheckpointCorruptError` subclass
     naming the first broken file; returns the checkpoint if intact. Checkpoints
     written by other tools carry no checksums: their structure is checked.
+    :func:`verify_all` reports every problem instead of the first.
+    ``progress(done_bytes, total_bytes)`` is called as the checksums are read.
 
     Example:
         >>> import tempfile, torch, safetensors.torch
@@ -284,18 +428,107 @@ def verify(path: str, *, chunk_size: int = 16 << 20, storage_options: dict[str, 
         ['model.safetensors']
     """
     ckpt = read_checkpoint(path, storage_options=storage_options)
-    storage = open_storage(path, storage_options)
-    for file, want in sorted(ckpt.checksums.items()):
-        size = storage.size(file)
-        crc = 0
-        buf = bytearray(min(chunk_size, size))
-        for offset in range(0, size, chunk_size):
-            view = memoryview(buf)[: min(chunk_size, size - offset)]
-            storage.readinto(file, offset, view)
-            crc = zlib.crc32(view, crc)
-        if format_crc32(crc) != want:
-            raise ChecksumMismatchError(
-                f"{storage.path(file)}: checksum {format_crc32(crc)} differs from {want} recorded at save time "
-                "(the file's bytes changed after it was written)"
-            )
+    _check_checksums(ckpt, open_storage(path, storage_options), chunk_size, progress, None)
     return ckpt
+
+
+def verify_all(
+    path: str,
+    *,
+    chunk_size: int = 16 << 20,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
+    """Like :func:`verify`, but report every problem rather than raise the first.
+
+    Each broken file is reported once (a file whose size, header or snapshot is
+    wrong is not also checksummed); every intact file is checksummed. A problem
+    that leaves nothing to check file by file (no checkpoint at ``path``, an
+    unreadable index) is the only problem reported.
+
+    Example:
+        >>> import tempfile, torch, torch.distributed.checkpoint as dcp
+        >>> from dcp_safetensors import SafetensorsWriter
+        >>> d = tempfile.mkdtemp()
+        >>> _ = dcp.save({"a": torch.ones(4), "b": torch.zeros(4)}, no_dist=True,
+        ...              storage_writer=SafetensorsWriter(d, max_shard_size=16))
+        >>> verify_all(d).ok
+        True
+        >>> for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        ...     with open(f"{d}/{name}", "r+b") as f:
+        ...         _ = f.seek(-1, 2); _ = f.write(b"!")
+        >>> [type(p).__name__ for p in verify_all(d).problems]
+        ['ChecksumMismatchError', 'ChecksumMismatchError']
+    """
+    problems: list[_Problem] = []
+    try:
+        ckpt = _read_checkpoint(path, None, storage_options, problems)
+    except (DcpSafetensorsError, OSError) as e:
+        return VerifyReport(None, [e])
+    files, nbytes = _check_checksums(ckpt, open_storage(path, storage_options), chunk_size, progress, problems)
+    return VerifyReport(ckpt, problems, files, nbytes)
+
+
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    """A JSON-serialisable description of ``ckpt`` (what ``dcp-safetensors inspect --json`` prints).
+
+    ``tensors`` are the weights of the HF files; ``training_state`` the tensors
+    kept out of the weight map (``training_state/``); ``objects`` the
+    non-tensor values, each with its type and its ``value`` when JSON holds it
+    exactly, else its ``repr``.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> d = tempfile.mkdtemp()
+        >>> safetensors.torch.save_file({"w": torch.ones(2, 3)}, d + "/model.safetensors")
+        >>> s = summarize(read_checkpoint(d))
+        >>> s["written_by"], s["tensors"][0], s["totals"]["tensor_bytes"]
+        ('other', {'key': 'w', 'dtype': 'F32', 'shape': [2, 3], 'bytes': 24, 'file': 'model.safetensors'}, 24)
+    """
+    files = []
+    count: dict[str, int] = {}
+    tensor_bytes: dict[str, int] = {}
+    for loc in ckpt.tensors.values():
+        count[loc.file] = count.get(loc.file, 0) + 1
+        tensor_bytes[loc.file] = tensor_bytes.get(loc.file, 0) + loc.nbytes
+    for name in sorted(ckpt.headers, key=natural_key):
+        h = ckpt.headers[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "size": h.file_size,
+            "tensors": count.get(name, 0),
+            "tensor_bytes": tensor_bytes.get(name, 0),
+        }
+        if name in ckpt.checksums:
+            entry["checksum"] = ckpt.checksums[name]
+        files.append(entry)
+    model: list[dict[str, Any]] = []
+    state: list[dict[str, Any]] = []
+    for key in sorted(ckpt.tensors, key=natural_key):
+        loc = ckpt.tensors[key]
+        row = {"key": key, "dtype": loc.dtype, "shape": list(loc.shape), "bytes": loc.nbytes, "file": loc.file}
+        (state if loc.file.startswith(TRAINING_STATE_DIR + "/") else model).append(row)
+    objects = []
+    for key in sorted(ckpt.objects, key=natural_key):
+        value = ckpt.objects[key]
+        shown = {"value": value} if is_json_exact(value) else {"repr": repr(value)[:1000]}
+        objects.append({"key": key, "type": type(value).__name__, **shown})
+    return {
+        "path": ckpt.root,
+        "written_by": "dcp_safetensors" if ckpt.written_by_us else "other",
+        "format_version": ckpt.format_version,
+        "snapshot": ckpt.snapshot,
+        "model_prefix": ckpt.model_prefix,
+        "files": files,
+        "tensors": model,
+        "training_state": state,
+        "objects": objects,
+        "totals": {
+            "tensors": len(model),
+            "training_state_tensors": len(state),
+            "objects": len(objects),
+            "tensor_bytes": sum(r["bytes"] for r in model + state),
+            "file_bytes": sum(f["size"] for f in files),
+            "files": len(files),
+        },
+    }

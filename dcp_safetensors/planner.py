@@ -34,6 +34,9 @@ from dcp_safetensors.mapping import KeyMapping
 
 __all__ = ["SafetensorsSavePlanner", "SafetensorsLoadPlanner", "MetaResolver"]
 
+ALIASES_KEY = "__dcp_safetensors_aliases__"
+"""Key in ``SavePlan.planner_data`` carrying ``{dropped tied key: kept key}`` to the writer's ``finish``."""
+
 MetaResolver = Callable[[str, torch.Tensor], torch.Tensor]
 """``resolver(key, meta_tensor) -> tensor`` supplying the data of a tensor left on the ``meta`` device."""
 
@@ -46,6 +49,41 @@ def _rename(planner: Any, mapping: KeyMapping) -> None:
     planner.state_dict = {names[k]: v for k, v in planner.state_dict.items() if k in names}
     if getattr(planner, "flatten_state_dict", False):
         planner.mappings = {names[k]: path for k, path in planner.mappings.items() if k in names}
+
+
+def _storage_key(value: Any) -> tuple[Any, ...] | None:
+    """Identity of the memory a tensor views: equal keys mean tied tensors (one Parameter, two keys)."""
+    local = value.to_local() if isinstance(value, DTensor) else value
+    if not isinstance(local, torch.Tensor) or local.is_meta or local.numel() == 0:
+        return None
+    return (
+        local.device,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        tuple(local.stride()),
+        local.dtype,
+    )
+
+
+def tied_keys(state_dict: dict[str, Any]) -> dict[str, str]:
+    """``{alias: first key}`` for every key whose tensor views the same memory as an earlier key's.
+
+    Example:
+        >>> w = torch.ones(2)
+        >>> tied_keys({"embed.weight": w, "other": torch.ones(2), "lm_head.weight": w})
+        {'lm_head.weight': 'embed.weight'}
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    aliases = {}
+    for key, value in state_dict.items():
+        ident = _storage_key(value)
+        if ident is None:
+            continue
+        kept = first.setdefault(ident, key)
+        if kept != key:
+            aliases[key] = kept
+    return aliases
 
 
 def _is_meta(value: Any) -> bool:
@@ -103,6 +141,11 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
                 )
             self.state_dict[key] = resolved
         _rename(self, self.mapping)
+        # Tied tensors (one Parameter under two keys) are written once, as save_pretrained
+        # does; the dropped keys are recorded in the index and restored by the reader.
+        self.aliases = tied_keys(self.state_dict)
+        for alias in self.aliases:
+            del self.state_dict[alias]
 
     def _cast(self, item: WriteItem) -> WriteItem:
         td = item.tensor_data
@@ -115,7 +158,10 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         plan = super().create_local_plan()
         if self.dtype is not None:
             plan = dataclasses.replace(plan, items=[self._cast(i) for i in plan.items])
-            self.plan = plan
+        if self.aliases:
+            # DCP merges every rank's planner_data into the global Metadata handed to finish().
+            plan = dataclasses.replace(plan, planner_data={**(plan.planner_data or {}), ALIASES_KEY: self.aliases})
+        self.plan = plan
         return plan
 
     def resolve_data(self, write_item: WriteItem) -> Any:
@@ -152,6 +198,15 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
     ) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
         _rename(self, self.mapping)
+        if metadata is not None:
+            # A tied target key the checkpoint lacks (save_pretrained drops lm_head.weight when
+            # tie_word_embeddings=True) is filled through the memory it shares with its twin.
+            present = metadata.state_dict_metadata
+            for alias, kept in tied_keys(self.state_dict).items():
+                if alias not in present and kept in present:
+                    del self.state_dict[alias]
+                elif kept not in present and alias in present:
+                    del self.state_dict[kept]
         if self.dtype_policy == "error" and metadata is not None:
             clashes = []
             for key, value in self.state_dict.items():

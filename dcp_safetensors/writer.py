@@ -73,6 +73,7 @@ from dcp_safetensors.layout import (
     plan_layout,
 )
 from dcp_safetensors.objects import encode_object
+from dcp_safetensors.planner import ALIASES_KEY
 from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = ["SafetensorsWriter"]
@@ -317,6 +318,7 @@ class SafetensorsWriter(StorageWriter):
             for name, body in self._extra_files.items():
                 storage.write_small(session, name, body)
                 published.append(name)
+            aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
             index = build_index(
                 snapshot=session["snapshot"],
                 weight_map=layout.weight_map(MODEL_GROUP),
@@ -325,6 +327,7 @@ class SafetensorsWriter(StorageWriter):
                 extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
                 objects_file=objects_file,
                 model_prefix=self.model_prefix,
+                aliases=self._file_names(aliases, layout),
             )
             tokens = {name: [(p.number, p.token) for p in parts] for name, parts in parts_by_file.items()}
             storage.commit_save(session, published, tokens, index)
@@ -350,6 +353,16 @@ class SafetensorsWriter(StorageWriter):
         )
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _file_names(self, aliases: dict[str, str], layout: CheckpointLayout) -> dict[str, str]:
+        """Tied aliases as names in the files (model prefix stripped), for keys that were saved."""
+        prefix = f"{self.model_prefix}." if self.model_prefix else ""
+        names = {s.key: s.name for s in layout.tensors}
+        return {
+            (alias[len(prefix) :] if prefix and alias.startswith(prefix) else alias): names[kept]
+            for alias, kept in sorted(aliases.items())
+            if kept in names
+        }
 
     def _collect(self, plans: list[SavePlan]) -> tuple[list[TensorSpec], list[ChunkSpec]]:
         """Every tensor's spec (checked consistent across ranks) and every rank's chunk."""

@@ -11,7 +11,7 @@ from torch.distributed.fsdp import fully_shard
 import dcp_safetensors
 
 
-def tiny_llama(seed: int):
+def tiny_llama(seed: int, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -21,14 +21,14 @@ def tiny_llama(seed: int):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
 
-def save_fsdp_llama(path: str) -> None:
-    model = tiny_llama(seed=0)
+def save_fsdp_llama(path: str, tied: bool = False) -> None:
+    model = tiny_llama(seed=0, tied=tied)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -36,11 +36,11 @@ def save_fsdp_llama(path: str) -> None:
     dcp_safetensors.save(get_model_state_dict(model), path, hf_config=model.config, max_shard_size="100KB")
 
 
-def load_pretrained_into_fsdp(path: str) -> torch.Tensor:
+def load_pretrained_into_fsdp(path: str, tied: bool = False) -> torch.Tensor:
     """Load a save_pretrained directory into a differently initialised FSDP2 Llama; return its logits."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    model = tiny_llama(seed=1)
+    model = tiny_llama(seed=1, tied=tied)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)

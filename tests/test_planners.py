@@ -17,6 +17,7 @@ from planner_cases import (
 )
 from safetensors import safe_open
 
+import dcp_safetensors
 from dcp_safetensors import KeyMapping, SafetensorsSavePlanner, SafetensorsWriter
 from dcp_safetensors.mapping import MappingError
 
@@ -106,3 +107,16 @@ def test_submodule_export_without_gather_loads_into_another_sharding(ranks, tmp_
 def test_missing_submodule_is_the_same_error_on_every_rank(ranks, tmp_path):
     for result in ranks(2).run(export_missing, str(tmp_path)):
         assert result == ("ConfigurationError", "model has no submodule 'drafts'")
+
+
+def test_tied_tensors_are_written_once_and_restored_into_untied_targets(tmp_path):
+    shared = torch.arange(6.0)
+    state = {"embed.weight": shared, "mid": torch.ones(2), "lm_head.weight": shared}
+    dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), planner=SafetensorsSavePlanner(), no_dist=True)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == ["embed.weight", "mid"]
+    assert index["metadata"]["dcp_safetensors"]["aliases"] == {"lm_head.weight": "embed.weight"}
+    # DCP's default planner, untied target: the reader serves the alias from the kept tensor.
+    target = {"embed.weight": torch.zeros(6), "mid": torch.zeros(2), "lm_head.weight": torch.zeros(6)}
+    dcp.load(target, storage_reader=dcp_safetensors.SafetensorsReader(str(tmp_path)), no_dist=True)
+    assert target["lm_head.weight"].tolist() == shared.tolist() == target["embed.weight"].tolist()

@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hf_cases import load_pretrained_into_fsdp, save_fsdp_llama, tiny_llama
 
 
-def test_fsdp2_llama_loads_with_from_pretrained_to_identical_logits(ranks, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp2_llama_loads_with_from_pretrained_to_identical_logits(ranks, tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
-    ranks(2).run(save_fsdp_llama, str(tmp_path))
+    ranks(2).run(save_fsdp_llama, str(tmp_path), tied)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # a sharded HF checkpoint
+    # Tied weights are written once, as save_pretrained does.
+    assert ("lm_head.weight" in index["weight_map"]) is not tied
+    if tied:
+        assert index["metadata"]["dcp_safetensors"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    reference = tiny_llama(seed=0)
+    reference = tiny_llama(seed=0, tied=tied)
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(idx).logits, reference(idx).logits)
 
 
-def test_save_pretrained_output_loads_into_fsdp2(ranks, tmp_path):
-    reference = tiny_llama(seed=0)
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_output_loads_into_fsdp2(ranks, tmp_path, tied):
+    reference = tiny_llama(seed=0, tied=tied)
     reference.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    if tied:
+        assert "lm_head.weight" not in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference(idx).logits
-    for logits in ranks(2).run(load_pretrained_into_fsdp, str(tmp_path)):
+    for logits in ranks(2).run(load_pretrained_into_fsdp, str(tmp_path), tied):
         assert torch.equal(logits, expected)
