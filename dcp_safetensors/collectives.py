@@ -24,7 +24,10 @@ import torch.distributed as dist
 from dcp_safetensors.errors import LayoutError, RankFailedError
 from dcp_safetensors.layout import TransferRound
 
-__all__ = ["ByteSource", "agree_on_errors", "exchange"]
+__all__ = ["ByteSource", "agree_on_errors", "exchange", "broadcast_bytes"]
+
+BROADCAST_CHUNK = 256 << 20
+"""Bytes per broadcast call: bounds the staging copies a backend makes."""
 
 
 class ByteSource:
@@ -103,3 +106,14 @@ def exchange(
     for t in sorted(rnd.recvs, key=lambda t: t.src):
         source.add(t.file, t.offset, memoryview(received[pos : pos + t.length]))  # type: ignore[arg-type]
         pos += t.length
+
+
+def broadcast_bytes(buffer: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Broadcast a uint8 CPU buffer from group rank 0 in fixed chunks (the same calls on every rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    for start in range(0, buffer.numel(), BROADCAST_CHUNK):
+        piece = buffer[start : start + BROADCAST_CHUNK]
+        staged = piece.to(device) if device is not None else piece
+        dist.broadcast(staged, group=group, group_src=0)
+        if device is not None:
+            piece.copy_(staged)

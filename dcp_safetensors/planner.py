@@ -20,17 +20,29 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+import torch.distributed as dist
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_local_load_plan,
+)
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem
 from torch.distributed.tensor import DTensor
 
 from dcp_safetensors.errors import ConfigurationError
 from dcp_safetensors.mapping import KeyMapping
+
+
+def _distributed(group: dist.ProcessGroup | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 __all__ = ["SafetensorsSavePlanner", "SafetensorsLoadPlanner", "MetaResolver"]
 
@@ -181,23 +193,45 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
             does: ``"error"`` (default) raises naming every such key;
             ``"cast"`` converts into the target's dtype. A target's dtype never
             changes silently.
+        broadcast_from_rank0: plain (non-DTensor) tensors are read by rank 0
+            only and broadcast; each rank gets a tensor of the checkpoint's
+            dtype and shape (a ``meta`` placeholder, or one of another dtype,
+            is replaced in the caller's state dict; a matching tensor is
+            loaded in place). Every rank must list the same plain tensors.
+        process_group: the group ``dcp.load`` runs on (for the broadcast).
         **kwargs: ``DefaultLoadPlanner``'s arguments (``allow_partial_load``, ...).
     """
 
     def __init__(
-        self, *, mapping: KeyMapping | None = None, dtype_policy: Literal["error", "cast"] = "error", **kwargs: Any
+        self,
+        *,
+        mapping: KeyMapping | None = None,
+        dtype_policy: Literal["error", "cast"] = "error",
+        broadcast_from_rank0: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if dtype_policy not in ("error", "cast"):
             raise ConfigurationError(f"dtype_policy must be 'error' or 'cast', got {dtype_policy!r}")
         self.mapping = mapping or KeyMapping()
         self.dtype_policy = dtype_policy
+        self.broadcast_from_rank0 = broadcast_from_rank0
+        self.process_group = process_group
+        self.broadcast_keys: list[str] = []
+        self._replace: set[str] = set()
 
     def set_up_planner(
         self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False
     ) -> None:
+        # DCP allocates meta placeholders with the placeholder's dtype; note them first so a
+        # broadcast buffer is allocated with the checkpoint's dtype instead.
+        flat, _ = flatten_state_dict(state_dict)
+        was_meta = {self.mapping.name_of(k) for k, v in flat.items() if _is_meta(v) and not isinstance(v, DTensor)}
         super().set_up_planner(state_dict, metadata, is_coordinator)
         _rename(self, self.mapping)
+        if self.broadcast_from_rank0 and metadata is not None and _distributed(self.process_group):
+            self._plan_broadcast(metadata, was_meta)
         if metadata is not None:
             # A tied target key the checkpoint lacks (save_pretrained drops lm_head.weight when
             # tie_word_embeddings=True) is filled through the memory it shares with its twin.
@@ -219,3 +253,85 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
                     f"dtype differs for {len(clashes)} tensors: {'; '.join(clashes[:10])}"
                     f"{' ...' if len(clashes) > 10 else ''}; pass dtype_policy='cast' to convert"
                 )
+
+    def create_local_plan(self) -> LoadPlan:
+        # DefaultLoadPlanner re-flattens the caller's whole state dict when checkpoint keys
+        # are missing from the target (a fallback for torch <= 2.3 .distcp key names),
+        # which would undo the key rules and the broadcast split: plan what is kept.
+        assert self.metadata is not None
+        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+
+    # -- rank-0 read + broadcast of plain tensors ----------------------------------------
+
+    def _plan_broadcast(self, metadata: Metadata, was_meta: set[str | None]) -> None:
+        """Agree on the plain tensors to broadcast; only rank 0 keeps them in its read plan."""
+        group = self.process_group
+        md = metadata.state_dict_metadata
+        local = sorted(
+            k for k, v in self.state_dict.items()
+            if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and isinstance(md.get(k), TensorStorageMetadata)
+        )
+        everyone: list[list[str] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, local, group=group)
+        if any(keys != everyone[0] for keys in everyone):
+            differing = [r for r, keys in enumerate(everyone) if keys != everyone[0]]
+            sets = [set(keys or ()) for keys in everyone]
+            common: set[str] = set(sets[0]).intersection(*sets[1:])
+            extra = sorted(set().union(*sets) - common)
+            raise ConfigurationError(
+                f"broadcast_from_rank0: ranks {differing} hold other plain tensors than rank 0 "
+                f"(keys not on every rank: {', '.join(extra[:10])}); every rank must list the same ones"
+            )
+        self.broadcast_keys = local
+        for key in local:
+            ckpt_md = md[key]
+            assert isinstance(ckpt_md, TensorStorageMetadata)
+            target = self.state_dict[key]
+            if key in was_meta or target.dtype != ckpt_md.properties.dtype or tuple(target.shape) != tuple(ckpt_md.size):
+                self._replace.add(key)
+                if dist.get_rank(group) == 0:  # read straight into the checkpoint's dtype, no cast
+                    self.state_dict[key] = torch.empty(ckpt_md.size, dtype=ckpt_md.properties.dtype)
+        if dist.get_rank(group) != 0:
+            for key in local:
+                del self.state_dict[key]
+
+    def broadcast_after_read(self, error: BaseException | None) -> None:
+        """Called by :class:`SafetensorsReader` on every rank after its reads: rank 0 sends, all receive.
+
+        Every rank reaches every collective: a failed read on any rank is agreed
+        on first, and the buffer is cut into the same chunks on every rank.
+        """
+        from dcp_safetensors.collectives import agree_on_errors, broadcast_bytes
+
+        group = self.process_group
+        agree_on_errors(error, group, "the rank-0 broadcast")
+        md = self.metadata.state_dict_metadata  # type: ignore[union-attr]
+        layout = []
+        total = 0
+        for key in self.broadcast_keys:
+            tmd = md[key]
+            assert isinstance(tmd, TensorStorageMetadata)
+            nbytes = math.prod(tmd.size) * tmd.properties.dtype.itemsize
+            layout.append((key, tmd, total, nbytes))
+            total += -(-nbytes // 16) * 16  # each tensor aligned, so its bytes view as its dtype
+        is_source = dist.get_rank(group) == 0
+        buffer = torch.empty(total, dtype=torch.uint8)
+        if is_source:
+            for key, _, pos, n in layout:
+                if n:
+                    buffer[pos : pos + n] = self.state_dict[key].contiguous().reshape(-1).view(torch.uint8)
+        broadcast_bytes(buffer, group)
+        for key, tmd, pos, n in layout:
+            value = buffer[pos : pos + n].view(tmd.properties.dtype).reshape(tmd.size).clone()
+            path = self.mappings[key] if self.flatten_state_dict else (key,)
+            if key in self._replace:
+                set_element(self.original_state_dict, path, value)
+            elif not is_source:
+                self.state_dict_target(path).copy_(value)
+
+    def state_dict_target(self, path: Any) -> torch.Tensor:
+        """The caller's tensor at ``path`` (loaded in place when its dtype and shape already match)."""
+        node: Any = self.original_state_dict
+        for part in path:
+            node = node[part]
+        return node

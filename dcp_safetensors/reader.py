@@ -176,12 +176,22 @@ class SafetensorsReader(StorageReader):
         def read_one(item: ReadItem) -> None:
             _read_tensor(storage, ckpt.tensors[item.storage_index.fqn], item, planner)
 
-        if self.read_threads > 1 and len(tensor_items) > 1:
-            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
-                list(pool.map(read_one, tensor_items))
-        else:
-            for item in tensor_items:
-                read_one(item)
+        error: BaseException | None = None
+        try:
+            if self.read_threads > 1 and len(tensor_items) > 1:
+                with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
+                    list(pool.map(read_one, tensor_items))
+            else:
+                for item in tensor_items:
+                    read_one(item)
+        except Exception as e:
+            error = e
+        # A planner that reads plain tensors on rank 0 only broadcasts them now; every rank
+        # takes part, failed or not, so none waits alone in the collective.
+        if getattr(planner, "broadcast_keys", None):
+            planner.broadcast_after_read(error)  # type: ignore[attr-defined]
+        elif error is not None:
+            raise error
         if self._is_coordinator:
             elapsed = time.perf_counter() - started
             nbytes = sum(math.prod(i.lengths) * DTYPE_ITEMSIZE[ckpt.tensors[i.storage_index.fqn].dtype] for i in tensor_items)

@@ -104,3 +104,49 @@ def load_draft_into_other_sharding(path: str) -> bool:
     torch.manual_seed(0)
     reference = WithDraft().state_dict()
     return all(torch.equal(v.full_tensor(), reference["draft." + k]) for k, v in target.items())
+
+
+BUFFER_DTYPES = [torch.bool, torch.int8, torch.int64, torch.float64, torch.float8_e4m3fn, torch.bfloat16]
+
+
+def buffers_state() -> dict[str, torch.Tensor]:
+    from cases import random_tensor
+
+    return {f"buf.{str(dt).split('.')[-1]}": random_tensor((3, 5), dt, 40 + i) for i, dt in enumerate(BUFFER_DTYPES)}
+
+
+def load_buffers_broadcast(path: str, order: str) -> dict:
+    """Targets: meta float32 placeholders for the buffers (wrong dtype on purpose) + a real DTensor weight."""
+    from cases import as_bytes
+
+    from dcp_safetensors.storage import local as local_storage
+
+    reads: list[int] = []
+    original = local_storage.LocalStorage.readinto
+
+    def counting(self, name, offset, buffer):
+        reads.append(memoryview(buffer).nbytes)
+        return original(self, name, offset, buffer)
+
+    local_storage.LocalStorage.readinto = counting
+    try:
+        keys = sorted(buffers_state(), reverse=(order == "reversed" and dist.get_rank() == 1))
+        if order == "different" and dist.get_rank() == 1:
+            keys = keys[:-1]
+        target = {k: torch.empty(3, 5, device="meta") for k in keys}
+        failures = error_summary(
+            dcp.load,
+            target,
+            storage_reader=SafetensorsReader(path, read_threads=1),
+            planner=SafetensorsLoadPlanner(broadcast_from_rank0=True),
+        )
+    finally:
+        local_storage.LocalStorage.readinto = original
+    if failures:
+        return {"failures": failures}
+    expected = buffers_state()
+    return {
+        "dtypes_ok": all(target[k].dtype == expected[k].dtype for k in keys),
+        "values_ok": all(torch.equal(as_bytes(target[k]), as_bytes(expected[k])) for k in keys),
+        "bytes_read": sum(reads),
+    }

@@ -120,3 +120,24 @@ def test_tied_tensors_are_written_once_and_restored_into_untied_targets(tmp_path
     target = {"embed.weight": torch.zeros(6), "mid": torch.zeros(2), "lm_head.weight": torch.zeros(6)}
     dcp.load(target, storage_reader=dcp_safetensors.SafetensorsReader(str(tmp_path)), no_dist=True)
     assert target["lm_head.weight"].tolist() == shared.tolist() == target["embed.weight"].tolist()
+
+
+@pytest.mark.parametrize("order", ["same", "reversed"])
+def test_plain_buffers_read_by_rank0_and_broadcast_with_checkpoint_dtypes(ranks, tmp_path, order):
+    from planner_cases import buffers_state, load_buffers_broadcast
+
+    dcp.save(buffers_state(), storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
+    results = ranks(2).run(load_buffers_broadcast, str(tmp_path), order)
+    for rank, r in enumerate(results):
+        assert r.get("dtypes_ok") and r.get("values_ok"), f"rank {rank}: {r}"
+    assert results[0]["bytes_read"] > 0 and results[1]["bytes_read"] == 0  # only rank 0 touches storage
+
+
+def test_broadcast_with_different_plain_tensors_is_the_same_error_everywhere(ranks, tmp_path):
+    from planner_cases import buffers_state, load_buffers_broadcast
+
+    dcp.save(buffers_state(), storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
+    for r in ranks(2).run(load_buffers_broadcast, str(tmp_path), "different"):
+        messages = {name for name, _ in r["failures"].values()}
+        assert messages == {"ConfigurationError"}
+        assert all("ranks [1] hold other plain tensors" in m for _, m in r["failures"].values())
