@@ -38,3 +38,26 @@ def test_save_pretrained_output_loads_into_fsdp2(ranks, tmp_path, tied):
         expected = reference(idx).logits
     for logits in ranks(2).run(load_pretrained_into_fsdp, str(tmp_path), tied):
         assert torch.equal(logits, expected)
+
+
+def test_cpu_offloaded_model_saves_its_real_weights(tmp_path):
+    """accelerate's cpu_offload leaves parameters on meta; the resolver reads its hooks' weights_map."""
+    import torch.distributed.checkpoint as dcp
+    from accelerate import cpu_offload
+    from transformers import AutoModelForCausalLM
+
+    from dcp_safetensors import SafetensorsSavePlanner, SafetensorsWriter
+    from dcp_safetensors.offload import accelerate_resolver
+
+    model = tiny_llama(seed=0)
+    cpu_offload(model, execution_device="cpu")
+    state = model.state_dict()
+    assert any(t.is_meta for t in state.values())
+    with pytest.raises(dcp.api.CheckpointException, match="meta device"):
+        dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), planner=SafetensorsSavePlanner(), no_dist=True)
+    planner = SafetensorsSavePlanner(meta_resolver=accelerate_resolver(model))
+    dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path), hf_config=model.config), planner=planner, no_dist=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, tiny_llama(seed=0)(idx).logits)
