@@ -571,10 +571,14 @@ def plan_parts(
         elif pos + min_part >= size:
             end = size
         else:
+            # The part must reach into later holders' bytes: end it either exactly at
+            # min_part or at the next holder boundary, whichever moves fewer bytes.
             j = i
             while spans[j][1] < pos + min_part:
                 j += 1
-            end = spans[j][1] if spans[j][1] - pos <= limit else pos + min_part
+            end = pos + min_part
+            if spans[j][1] - pos <= limit and _foreign(spans, i, pos, spans[j][1]) <= _foreign(spans, i, pos, end):
+                end = spans[j][1]
         cuts.append((pos, end))
         pos = end
     parts = []
@@ -590,6 +594,15 @@ def plan_parts(
         rank = max(sorted(held), key=lambda r: held[r])
         parts.append(PartPlan(file, number, start, end, rank))
     return parts
+
+
+def _foreign(spans: Sequence[Sequence[int]], i: int, start: int, end: int) -> int:
+    """Bytes of ``[start, end)`` not held by its main holder (``spans[i]`` contains ``start``)."""
+    held: dict[int, int] = defaultdict(int)
+    while i < len(spans) and spans[i][0] < end:
+        held[spans[i][2]] += min(end, spans[i][1]) - max(start, spans[i][0])
+        i += 1
+    return (end - start) - max(held.values())
 
 
 def _foreign_bytes(part: PartPlan, owned: Sequence[tuple[int, int, int]]) -> list[Transfer]:
