@@ -104,6 +104,8 @@ class Checkpoint:
     checksums: dict[str, str] = field(default_factory=dict)
     model_prefix: str | None = None
     format_version: int | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Tied keys saved once: ``{alias DCP key: DCP key of the stored tensor}`` (both are in ``tensors``)."""
 
 
 def build_index(
@@ -306,11 +308,20 @@ def _read_checkpoint(
     aliases = block.get("aliases") or {}
     if not isinstance(aliases, dict):
         raise InvalidIndexError(f"{storage.path(INDEX_NAME)}: 'aliases' is not an object")
+    alias_keys: dict[str, str] = {}
     for alias, kept in aliases.items():
         key = f"{model_prefix}.{kept}" if model_prefix else kept
         if key not in tensors:
-            raise MissingKeyError(f"{storage.path(INDEX_NAME)}: tied key {alias!r} points at {kept!r}, which is not saved")
-        tensors[f"{model_prefix}.{alias}" if model_prefix else alias] = tensors[key]
+            if key in keyed and problems is not None:  # its file or entry is already reported
+                continue
+            error = MissingKeyError(f"{storage.path(INDEX_NAME)}: tied key {alias!r} points at {kept!r}, which is not saved")
+            if problems is None:
+                raise error
+            problems.append(error)
+            continue
+        alias_key = f"{model_prefix}.{alias}" if model_prefix else alias
+        tensors[alias_key] = tensors[key]
+        alias_keys[alias_key] = key
 
     objects: dict[str, Any] = {}
     objects_file = block.get("objects")
@@ -333,7 +344,7 @@ def _read_checkpoint(
                     raise
                 problems.append(e)
     version = block.get("format_version") if ours else None
-    return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix, version)
+    return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix, version, alias_keys)
 
 
 ProgressCallback = Callable[[int, int], object]
@@ -473,7 +484,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     """A JSON-serialisable description of ``ckpt`` (what ``dcp-safetensors inspect --json`` prints).
 
     ``tensors`` are the weights of the HF files; ``training_state`` the tensors
-    kept out of the weight map (``training_state/``); ``objects`` the
+    kept out of the weight map (``training_state/``); ``aliases`` the tied keys
+    saved once (each with the key whose bytes it shares); ``objects`` the
     non-tensor values, each with its type and its ``value`` when JSON holds it
     exactly, else its ``repr``.
 
@@ -488,7 +500,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     files = []
     count: dict[str, int] = {}
     tensor_bytes: dict[str, int] = {}
-    for loc in ckpt.tensors.values():
+    stored = {k: loc for k, loc in ckpt.tensors.items() if k not in ckpt.aliases}
+    for loc in stored.values():
         count[loc.file] = count.get(loc.file, 0) + 1
         tensor_bytes[loc.file] = tensor_bytes.get(loc.file, 0) + loc.nbytes
     for name in sorted(ckpt.headers, key=natural_key):
@@ -504,8 +517,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         files.append(entry)
     model: list[dict[str, Any]] = []
     state: list[dict[str, Any]] = []
-    for key in sorted(ckpt.tensors, key=natural_key):
-        loc = ckpt.tensors[key]
+    for key in sorted(stored, key=natural_key):
+        loc = stored[key]
         row = {"key": key, "dtype": loc.dtype, "shape": list(loc.shape), "bytes": loc.nbytes, "file": loc.file}
         (state if loc.file.startswith(TRAINING_STATE_DIR + "/") else model).append(row)
     objects = []
@@ -523,6 +536,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tensors": model,
         "training_state": state,
         "objects": objects,
+        "aliases": [{"key": a, "same_as": ckpt.aliases[a]} for a in sorted(ckpt.aliases, key=natural_key)],
         "totals": {
             "tensors": len(model),
             "training_state_tensors": len(state),

@@ -1,46 +1,327 @@
 """The ``dcp-safetensors`` command line.
 
 Example:
-    $ dcp-safetensors demo            # a 2-rank FSDP2 save + resharding load
-    $ dcp-safetensors verify PATH     # every check and checksum; exit 0 only if intact
+    $ dcp-safetensors demo                      # a 2-rank FSDP2 save + resharding load
+    $ dcp-safetensors inspect PATH [--json]     # files, tensors, snapshot, training state
+    $ dcp-safetensors verify PATH               # every check and checksum; exit 0 only if intact
+    $ dcp-safetensors convert SRC DST --max-shard-size 5GB --dtype bf16
+
+``PATH``, ``SRC`` and ``DST`` are local directories or ``s3://`` URLs
+(``--storage-option key=value``, repeated, for the fsspec filesystem). Exit
+codes: 0 success, 1 a failed check or an error (message on stderr), 2 bad
+usage, 130 interrupted. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from dcp_safetensors.errors import DcpSafetensorsError
+from dcp_safetensors.errors import ConfigurationError, DcpSafetensorsError
+
+__all__ = ["main", "parse_storage_options"]
+
+logger = logging.getLogger("dcp_safetensors")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dcp-safetensors`` console script."""
-    parser = argparse.ArgumentParser(prog="dcp-safetensors", description=__doc__.splitlines()[0])
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option key=value`` arguments as the nested dict fsspec takes.
+
+    A value is parsed as JSON when it is valid JSON (``true``, ``3``,
+    ``{"max_attempts": 2}``), else kept as a string; dots in a key nest it.
+
+    Example:
+        >>> parse_storage_options(["key=AK", "anon=false", "client_kwargs.endpoint_url=http://127.0.0.1:9000"])
+        {'key': 'AK', 'anon': False, 'client_kwargs': {'endpoint_url': 'http://127.0.0.1:9000'}}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        path = name.split(".")
+        if not sep or not all(path):
+            raise ConfigurationError(f"--storage-option {item!r}: expected key=value (nested keys with dots: a.b=value)")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigurationError(f"--storage-option {item!r}: {'.'.join(path[: i + 1])} is already set to a value")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+class _ProgressBar:
+    """A ``progress(done, total)`` callback drawing a tqdm bar of bytes (MB/s) on stderr."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        self.desc = desc
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=self.desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                file=sys.stderr,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{n} B"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
+    """Rows as aligned text columns; columns in ``right`` right-aligned."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def _inspect_text(s: dict[str, Any]) -> str:
+    totals = s["totals"]
+    who = f"dcp_safetensors (format {s['format_version']})" if s["written_by"] == "dcp_safetensors" else "another tool"
+    lines = [
+        f"path          {s['path']}",
+        f"written by    {who}",
+        f"snapshot      {s['snapshot'] or '-'}",
+        f"model prefix  {s['model_prefix'] or '-'}",
+        f"files         {totals['files']}, {_size(totals['file_bytes'])} on storage",
+        f"tensors       {totals['tensors']} weights, {totals['training_state_tensors']} training-state tensors, "
+        f"{_size(totals['tensor_bytes'])}; {totals['objects']} non-tensor values",
+        "",
+    ]
+    lines += _table(
+        ["FILE", "SIZE", "TENSORS", "CHECKSUM"],
+        [[f["name"], _size(f["size"]), f["tensors"], f.get("checksum", "-")] for f in s["files"]],
+        right=(1, 2),
+    )
+
+    def tensor_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+        return [[r["key"], r["dtype"], "[" + ", ".join(map(str, r["shape"])) + "]", _size(r["bytes"]), r["file"]] for r in rows]
+
+    if s["tensors"]:
+        lines += ["", *_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "FILE"], tensor_rows(s["tensors"]), right=(3,))]
+    if s["training_state"]:
+        lines += [
+            "",
+            *_table(["TRAINING-STATE TENSOR", "DTYPE", "SHAPE", "SIZE", "FILE"], tensor_rows(s["training_state"]), right=(3,)),
+        ]
+    if s["aliases"]:
+        lines += ["", *_table(["TIED KEY", "SAME AS"], [[a["key"], a["same_as"]] for a in s["aliases"]])]
+    if s["objects"]:
+        rows = []
+        for o in s["objects"]:
+            value = json.dumps(o["value"]) if "value" in o else o["repr"]
+            rows.append([o["key"], o["type"], value if len(value) <= 80 else value[:77] + "..."])
+        lines += ["", *_table(["VALUE", "TYPE", "CONTENT"], rows)]
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dcp_safetensors.checkpoint import read_checkpoint, summarize
+
+    summary = summarize(read_checkpoint(args.path, storage_options=args.storage_options))
+    print(json.dumps(summary, indent=2) if args.json else _inspect_text(summary))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from dcp_safetensors.checkpoint import verify_all
+
+    bar = _ProgressBar("verify", not args.no_progress)
+    try:
+        report = verify_all(args.path, storage_options=args.storage_options, progress=bar)
+    finally:
+        bar.close()
+    if not report.ok:
+        for problem in report.problems:
+            print(f"FAILED: {type(problem).__name__}: {problem}", file=sys.stderr)
+        n = len(report.problems)
+        print(f"{n} problem{'s' if n != 1 else ''} found in {args.path}", file=sys.stderr)
+        return 1
+    ckpt = report.checkpoint
+    assert ckpt is not None
+    if ckpt.written_by_us:
+        checked = f"{report.files_checked} checksums match ({_size(report.bytes_checked)} read)"
+    else:
+        checked = "written by another tool: no checksums recorded, structure checked"
+    print(f"OK: {len(ckpt.tensors)} tensors in {len(ckpt.headers)} files, snapshot {ckpt.snapshot}; {checked}")
+    return 0
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system (a fixed mmap threshold).
+
+    By default glibc raises its mmap threshold to the largest block freed so
+    far, so after the first tensor every tensor-sized block comes from the
+    heap, which fragments and keeps a few tensors' worth of memory resident.
+    A streaming conversion allocates and frees one tensor after another.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from dcp_safetensors.convert import convert
+
+    _return_freed_memory()
+    bar = _ProgressBar("convert", not args.no_progress)
+    try:
+        result = convert(
+            args.src,
+            args.dst,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            model_prefix=args.model_prefix,
+            storage_options=args.storage_options,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    rate = result.bytes_written / 1e6 / max(result.seconds, 1e-9)
+    cast = f", {len(result.casts)} cast to {args.dtype}" if result.casts else ""
+    print(
+        f"converted {result.tensors} tensors{cast} and {result.objects} non-tensor values into "
+        f"{len(result.files)} files at {result.path} ({_size(result.bytes_written)} in {result.seconds:.2f} s, "
+        f"{rate:.0f} MB/s), snapshot {result.snapshot}"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcp-safetensors",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 success, 1 failed check or error, 2 bad usage, 130 interrupted",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (logger dcp_safetensors)")
+    # The same flags after the subcommand; SUPPRESS keeps a subcommand from resetting -v given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="storage_option",
+        help="fsspec option for s3:// paths (repeat; JSON values; nested keys with dots, "
+        "e.g. client_kwargs.endpoint_url=http://host:9000)",
+    )
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="2-rank FSDP2 save and resharding load on the local filesystem")
     demo.add_argument("path", nargs="?", help="checkpoint directory (default: a new temporary one)")
     demo.add_argument("--hidden", type=int, default=1024, help="model width (default 1024: ~150 MB of fp32)")
-    verify = sub.add_parser("verify", help="check a checkpoint's structure and every checksum")
-    verify.add_argument("path")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+    inspect = sub.add_parser(
+        "inspect", parents=[common, storage], help="list a checkpoint's files, tensors, snapshot and training state"
+    )
+    inspect.add_argument("path", help="checkpoint directory or s3:// URL")
+    inspect.add_argument("--json", action="store_true", help="print one JSON document")
+
+    verify = sub.add_parser(
+        "verify", parents=[common, storage, quiet], help="check a checkpoint's structure and every checksum"
+    )
+    verify.add_argument("path", help="checkpoint directory or s3:// URL")
+
+    convert = sub.add_parser(
+        "convert",
+        parents=[common, storage, quiet],
+        help="write a .distcp or safetensors checkpoint as HF safetensors (re-shard, cast), streaming",
+    )
+    convert.add_argument("src", help="a torch .distcp directory or a safetensors checkpoint (directory or s3:// URL)")
+    convert.add_argument("dst", help="destination directory or s3:// URL")
+    convert.add_argument("--max-shard-size", default="5GB", help="most tensor bytes per file (default 5GB)")
+    convert.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors (F64/F32/F16/BF16); others keep theirs"
+    )
+    convert.add_argument(
+        "--model-prefix",
+        metavar="P",
+        help='keys under "P." go to the HF files without the prefix, other tensors to training_state/',
+    )
+    return parser
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": _cmd_inspect,
+    "verify": _cmd_verify,
+    "convert": _cmd_convert,
+}
+
+
+def _error_of(e: BaseException) -> BaseException:
+    """The error inside DCP's ``CheckpointException`` (the first failing rank's), or ``e`` itself."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dcp-safetensors`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.verbose:
+        logger.setLevel(logging.INFO)
 
     if args.command == "demo":
         from dcp_safetensors.demo import run_demo
 
         run_demo(args.path, hidden=args.hidden)
         return 0
-    from dcp_safetensors.checkpoint import verify as verify_checkpoint
-
     try:
-        ckpt = verify_checkpoint(args.path)
-    except (DcpSafetensorsError, OSError) as e:
-        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        args.storage_options = parse_storage_options(args.storage_option)
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:
+        error = _error_of(e)
+        if not isinstance(error, (DcpSafetensorsError, OSError, EOFError)):
+            raise
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    print(f"OK: {len(ckpt.tensors)} tensors in {len(ckpt.headers)} files, snapshot {ckpt.snapshot}")
-    return 0
 
 
 if __name__ == "__main__":

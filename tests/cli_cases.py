@@ -1,0 +1,95 @@
+"""Helpers of the CLI tests: the console script as a subprocess, S3 options as CLI flags, and
+per-rank cases run by ``rank_pool.RankPool`` on every rank of a gloo group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "dcp-safetensors")
+CLI = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "dcp_safetensors.cli"]
+
+
+def run_cli(*args: object, rc: int = 0) -> subprocess.CompletedProcess:
+    """Run the ``dcp-safetensors`` console script; check its exit code and that no traceback was printed."""
+    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=180)
+    assert p.returncode == rc, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def no_dist(fn, *args, **kwargs):
+    """``dcp.save``/``dcp.load`` in this one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, no_dist=True, **kwargs)
+
+
+def s3_cli_args(s3) -> list[str]:
+    """The ``s3`` fixture's storage options as ``--storage-option`` flags."""
+    opts = s3.storage_options
+    pairs = [
+        f"key={opts['key']}",
+        f"secret={opts['secret']}",
+        f"client_kwargs.endpoint_url={opts['client_kwargs']['endpoint_url']}",
+        "client_kwargs.region_name=us-east-1",
+        "skip_instance_cache=true",
+    ]
+    return [arg for pair in pairs for arg in ("--storage-option", pair)]
+
+
+NON_TENSORS = {
+    "step": 7,
+    "cfg": {"lr": 0.01, "warmup": 0, "decay": 0.0, "on": False, "name": "toy"},
+    "betas": (0.9, 0.999),
+}
+
+
+class ConvertToy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(37, 16)
+        self.layers = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 5)])
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 11, bias=False).to(torch.bfloat16)
+        self.register_buffer("positions", torch.arange(7, dtype=torch.int64))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(self.norm(h).to(torch.bfloat16))
+
+
+def save_fsdp2_distcp(path: str) -> dict[str, torch.Tensor] | None:
+    """A 2-rank FSDP2 model and its AdamW state after one step, saved by torch's FileSystemWriter as
+    ``{"model": ..., "optim": ..., **NON_TENSORS}``. Rank 0 returns every tensor, full, by DCP key."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = ConvertToy()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in [*model.layers, model.head]:  # the bf16 head in its own group: FSDP2 groups need one dtype
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    model(torch.randint(0, 37, (4, 6), generator=g)).float().square().mean().backward()
+    optim.step()
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd, **NON_TENSORS}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+    flat, _ = flatten_state_dict(state)
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    return full if dist.get_rank() == 0 else None
