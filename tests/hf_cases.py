@@ -51,3 +51,15 @@ def load_pretrained_into_fsdp(path: str, tied: bool = False) -> torch.Tensor:
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         return model(idx).logits
+
+
+def save_fsdp_llama_distcp(path: str) -> None:
+    """An FSDP2 Llama saved in torch's own .distcp format (FileSystemWriter)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = tiny_llama(seed=0)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(path))

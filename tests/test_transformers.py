@@ -61,3 +61,22 @@ def test_cpu_offloaded_model_saves_its_real_weights(tmp_path):
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(idx).logits, tiny_llama(seed=0)(idx).logits)
+
+
+def test_distcp_from_fsdp2_converts_to_a_checkpoint_from_pretrained_loads(ranks, tmp_path):
+    import subprocess
+    import sys
+
+    from hf_cases import save_fsdp_llama_distcp
+    from transformers import AutoModelForCausalLM
+
+    src, dst = tmp_path / "distcp", tmp_path / "hf"
+    ranks(2).run(save_fsdp_llama_distcp, str(src))
+    cli = [sys.executable, "-m", "dcp_safetensors.cli", "convert", str(src), str(dst), "--max-shard-size", "100KB"]
+    proc = subprocess.run([*cli, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    tiny_llama(seed=0).config.save_pretrained(str(dst))
+    loaded = AutoModelForCausalLM.from_pretrained(str(dst)).eval()
+    idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, tiny_llama(seed=0)(idx).logits)
