@@ -43,7 +43,12 @@ from dcp_safetensors.errors import (
     SnapshotMismatchError,
     UnsafePathError,
 )
-from dcp_safetensors.format import DTYPE_ITEMSIZE, Header, header_length, parse_header
+from dcp_safetensors.format import (
+    Header,
+    header_length,
+    parse_header,
+    tensor_nbytes,
+)
 from dcp_safetensors.layout import natural_key
 from dcp_safetensors.objects import decode_object, is_json_exact
 from dcp_safetensors.storage import Storage, open_storage
@@ -85,10 +90,7 @@ class TensorLocation:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_ITEMSIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass

@@ -90,7 +90,7 @@ from dcp_safetensors.errors import (
     DcpSafetensorsError,
     LayoutError,
 )
-from dcp_safetensors.format import DTYPE_ITEMSIZE
+from dcp_safetensors.format import tensor_nbytes
 from dcp_safetensors.layout import (
     MODEL_GROUP,
     ChunkSpec,
@@ -163,10 +163,7 @@ class _SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_ITEMSIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 class _Source(Protocol):

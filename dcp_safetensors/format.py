@@ -50,6 +50,7 @@ __all__ = [
     "TensorEntry",
     "Header",
     "dtype_sort_key",
+    "tensor_nbytes",
     "encode_header",
     "parse_header",
     "header_length",
@@ -84,6 +85,19 @@ _DTYPE_ORDER: tuple[tuple[str, int], ...] = (
 )
 DTYPE_ITEMSIZE: dict[str, int] = dict(_DTYPE_ORDER)
 _DTYPE_RANK: dict[str, int] = {name: i for i, (name, _) in enumerate(_DTYPE_ORDER)}
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor of safetensors ``dtype`` and ``shape``.
+
+    Example:
+        >>> tensor_nbytes("BF16", (3, 4))
+        24
+    """
+    n = DTYPE_ITEMSIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
 
 
 def dtype_sort_key(dtype: str, name: str) -> tuple[int, str]:

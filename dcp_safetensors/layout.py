@@ -38,7 +38,13 @@ from fractions import Fraction
 import numpy as np
 
 from dcp_safetensors.errors import ConfigurationError, LayoutError
-from dcp_safetensors.format import DTYPE_ITEMSIZE, TensorEntry, dtype_sort_key, encode_header
+from dcp_safetensors.format import (
+    DTYPE_ITEMSIZE,
+    TensorEntry,
+    dtype_sort_key,
+    encode_header,
+    tensor_nbytes,
+)
 
 __all__ = [
     "TensorSpec",
@@ -82,7 +88,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
