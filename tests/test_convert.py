@@ -251,6 +251,7 @@ def test_conversion_memory_stays_bounded(tmp_path):
     p = subprocess.run([sys.executable, "-c", MEASURE, *runs], capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     growth = int(p.stdout.split()[-1])
+    print(f"convert peak RSS growth: {growth / MB:.0f} MB for a {size / MB:.0f} MB checkpoint")
     assert growth < 0.4 * size, f"peak RSS grew {growth / MB:.0f} MB converting {size / MB:.0f} MB"
     verify(str(tmp_path / "bf16"))
     assert len([n for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")]) == 2
