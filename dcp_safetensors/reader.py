@@ -71,6 +71,8 @@ logger = logging.getLogger("dcp_safetensors")
 
 COALESCE_GAP = 1 << 20
 """Runs of one chunk closer than this are read as one span (fewer, larger reads)."""
+SPAN_LIMIT = 64 << 20
+"""Most bytes of one coalesced span read at once: bounds the temporary buffer of a column shard."""
 
 
 class SafetensorsReader(StorageReader):
@@ -228,10 +230,19 @@ def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None
     if runs.count == 1:
         storage.readinto(file, runs.start, out)
         return
+    span = sum((c - 1) * s for c, s in zip(runs.counts, runs.strides)) + runs.length
+    if span > SPAN_LIMIT and runs.counts[0] > 1:
+        # Read the span in slabs along the outermost run dim, each slab's span at most SPAN_LIMIT.
+        step = max(1, SPAN_LIMIT // runs.strides[0])
+        per_outer = runs.nbytes // runs.counts[0]
+        for first in range(0, runs.counts[0], step):
+            count = min(step, runs.counts[0] - first)
+            slab = Runs(runs.start + first * runs.strides[0], runs.length, (count, *runs.counts[1:]), runs.strides)
+            _read_runs(storage, file, slab, out[first * per_outer : (first + count) * per_outer])
+        return
     offsets = runs.offsets()
     if runs.strides[-1] - runs.length <= COALESCE_GAP:
         # Runs on a regular grid with small gaps: one sequential read of the span, then a strided copy.
-        span = int(offsets[-1]) + runs.length - int(offsets[0])
         block = np.empty(span, dtype=np.uint8)
         storage.readinto(file, int(offsets[0]), block)
         picked = np.lib.stride_tricks.as_strided(
