@@ -194,7 +194,7 @@ def _return_freed_memory() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
     except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+        return
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

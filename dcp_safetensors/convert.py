@@ -180,7 +180,6 @@ class _Source(Protocol):
 
         A view is valid until the next one is requested.
         """
-        ...
 
 
 class _SafetensorsSource:

@@ -369,7 +369,6 @@ def check_chunks_tile(spec: TensorSpec, chunks: Sequence[ChunkSpec]) -> None:
         >>> check_chunks_tile(s, [ChunkSpec(0, "w", (0,), (2,)), ChunkSpec(1, "w", (2,), (2,))])
         >>> check_chunks_tile(s, [ChunkSpec(0, "w", (0,), (3,)), ChunkSpec(1, "w", (2,), (2,))])
         Traceback (most recent call last):
-        ...
         dcp_safetensors.errors.LayoutError: tensor 'w': rank 0 chunk offsets=[0] sizes=[3] overlaps rank 1 chunk offsets=[2] sizes=[2]
     """
     ndim = len(spec.shape)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -199,10 +200,8 @@ class LocalStorage:
         os.replace(self.path(src), self.path(dst))
 
     def remove(self, name: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.path(name))
-        except FileNotFoundError:
-            pass
 
     def remove_tree(self, name: str) -> None:
         shutil.rmtree(self.path(name), ignore_errors=True)
