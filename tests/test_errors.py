@@ -169,3 +169,17 @@ def test_finish_refuses_runs_that_do_not_tile_the_files(tmp_path):
     (exc, _), = info.value.failures.values()
     assert type(exc).__name__ == "LayoutError" and "refusing to commit" in str(exc)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_pathlib_paths_and_missing_parent_directories(tmp_path):
+    target = tmp_path / "runs" / "exp" / "step-1"  # parents do not exist yet
+    dcp.save({"w": torch.ones(3)}, storage_writer=SafetensorsWriter(target), no_dist=True)
+    out = {"w": torch.zeros(3)}
+    dcp.load(out, storage_reader=SafetensorsReader(target), no_dist=True)
+    assert out["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_pickled_weights_directory_gets_a_conversion_hint(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointNotFoundError, match=r"pytorch_model\.bin.*safe_serialization=True"):
+        read_checkpoint(str(tmp_path))
