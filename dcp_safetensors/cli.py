@@ -97,6 +97,11 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _n(count: int, noun: str) -> str:
+    """``"1 file"``, ``"2 files"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
     """Rows as aligned text columns; columns in ``right`` right-aligned."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
@@ -117,8 +122,8 @@ def _inspect_text(s: dict[str, Any]) -> str:
         f"snapshot      {s['snapshot'] or '-'}",
         f"model prefix  {s['model_prefix'] or '-'}",
         f"files         {totals['files']}, {_size(totals['file_bytes'])} on storage",
-        f"tensors       {totals['tensors']} weights, {totals['training_state_tensors']} training-state tensors, "
-        f"{_size(totals['tensor_bytes'])}; {totals['objects']} non-tensor values",
+        f"tensors       {_n(totals['tensors'], 'weight')}, {_n(totals['training_state_tensors'], 'training-state tensor')}, "
+        f"{_size(totals['tensor_bytes'])}; {_n(totals['objects'], 'non-tensor value')}",
         "",
     ]
     lines += _table(
@@ -173,10 +178,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     ckpt = report.checkpoint
     assert ckpt is not None
     if ckpt.written_by_us:
-        checked = f"{report.files_checked} checksums match ({_size(report.bytes_checked)} read)"
+        checked = f"{_n(report.files_checked, 'checksum')} match ({_size(report.bytes_checked)} read)"
     else:
         checked = "written by another tool: no checksums recorded, structure checked"
-    print(f"OK: {len(ckpt.tensors)} tensors in {len(ckpt.headers)} files, snapshot {ckpt.snapshot}; {checked}")
+    print(f"OK: {_n(len(ckpt.tensors), 'tensor')} in {_n(len(ckpt.headers), 'file')}, snapshot {ckpt.snapshot}; {checked}")
     return 0
 
 
@@ -217,8 +222,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     rate = result.bytes_written / 1e6 / max(result.seconds, 1e-9)
     cast = f", {len(result.casts)} cast to {args.dtype}" if result.casts else ""
     print(
-        f"converted {result.tensors} tensors{cast} and {result.objects} non-tensor values into "
-        f"{len(result.files)} files at {result.path} ({_size(result.bytes_written)} in {result.seconds:.2f} s, "
+        f"converted {_n(result.tensors, 'tensor')}{cast} and {_n(result.objects, 'non-tensor value')} into "
+        f"{_n(len(result.files), 'file')} at {result.path} ({_size(result.bytes_written)} in {result.seconds:.2f} s, "
         f"{rate:.0f} MB/s), snapshot {result.snapshot}"
     )
     return 0
