@@ -108,12 +108,19 @@ def exchange(
         pos += t.length
 
 
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a collective's buffers must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_bytes(buffer: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     """Broadcast a uint8 CPU buffer from group rank 0 in fixed chunks (the same calls on every rank)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    device = collective_device(group)
     for start in range(0, buffer.numel(), BROADCAST_CHUNK):
         piece = buffer[start : start + BROADCAST_CHUNK]
-        staged = piece.to(device) if device is not None else piece
+        staged = piece.to(device)  # a no-op on CPU
         dist.broadcast(staged, group=group, group_src=0)
-        if device is not None:
+        if staged is not piece:
             piece.copy_(staged)

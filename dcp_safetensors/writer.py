@@ -58,7 +58,7 @@ from torch.futures import Future
 
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
 from dcp_safetensors.checksum import combine_runs, format_crc32
-from dcp_safetensors.collectives import ByteSource, agree_on_errors, exchange
+from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
@@ -267,8 +267,7 @@ class SafetensorsWriter(StorageWriter):
                 error = e
             if data.writes.rounds:
                 transfer_started = time.perf_counter()
-                backend = dist.get_backend(group)
-                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+                device = collective_device(group)
                 for number, rnd in enumerate(data.writes.rounds):
                     agree_on_errors(error, group, f"transfer round {number + 1}")
                     exchange(rnd, source, group, device)

@@ -108,7 +108,7 @@ class LocalStorage:
     # -- reading ------------------------------------------------------------------------
 
     def path(self, name: str) -> str:
-        return os.path.join(self.root, name)
+        return os.path.join(self.root, name) if name else self.root
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self.path(name))
