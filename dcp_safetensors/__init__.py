@@ -22,6 +22,7 @@ from dcp_safetensors.errors import (
     DcpSafetensorsError,
     LayoutError,
 )
+from dcp_safetensors.experts import ExpertSplit, FusedExperts
 from dcp_safetensors.mapping import KeyMapping
 from dcp_safetensors.planner import SafetensorsLoadPlanner, SafetensorsSavePlanner
 from dcp_safetensors.reader import SafetensorsReader
@@ -35,6 +36,8 @@ __all__ = [
     "SafetensorsSavePlanner",
     "SafetensorsLoadPlanner",
     "KeyMapping",
+    "FusedExperts",
+    "ExpertSplit",
     "SafetensorsWriter",
     "SafetensorsReader",
     "read_checkpoint",

@@ -41,6 +41,10 @@ class CheckpointNotFoundError(DcpSafetensorsError, FileNotFoundError):
     """No safetensors checkpoint at the path; the message says what was found instead."""
 
 
+class CheckpointMismatchError(DcpSafetensorsError):
+    """A valid checkpoint that lacks what the target needs: a missing key, or a tensor of another shape."""
+
+
 class CheckpointCorruptError(DcpSafetensorsError):
     """A checkpoint on storage breaks a rule of the safetensors format or of our index."""
 

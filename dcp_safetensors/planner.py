@@ -1,4 +1,4 @@
-"""Save and load planners: key mapping, dtype on save and on load, meta tensors.
+"""Save and load planners: key mapping, dtype on save and on load, meta tensors, fused experts.
 
 ``SafetensorsSavePlanner`` and ``SafetensorsLoadPlanner`` subclass DCP's
 default planners and change only what the key and tensor semantics need; pass
@@ -20,8 +20,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,12 +34,38 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     create_default_local_load_plan,
 )
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import (
+    _create_chunk_list,
+    create_read_items_for_chunk_list,
+)
 from torch.distributed.tensor import DTensor
 
-from dcp_safetensors.errors import ConfigurationError
+from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
+from dcp_safetensors.experts import (
+    ExpertPiece,
+    FusedExperts,
+    expert_pieces,
+    expert_shape,
+    resolve_rules,
+)
 from dcp_safetensors.mapping import KeyMapping
+
+logger = logging.getLogger(__name__)
 
 
 def _distributed(group: dist.ProcessGroup | None) -> bool:
@@ -104,6 +131,76 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
+# -- fused MoE experts -------------------------------------------------------------------
+
+PieceKey = tuple[str, tuple[int, ...]]
+
+
+def _match_fused(rules: tuple[FusedExperts, ...], state_dict: dict[str, Any]) -> dict[str, tuple[FusedExperts, str]]:
+    """``{key: (rule, prefix)}`` for every tensor a fused-expert rule matches."""
+    found = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for rule in rules:
+            prefix = rule.match(key)
+            if prefix is not None:
+                found[key] = (rule, prefix)
+                break
+    if rules and not found:
+        logger.warning("hf_experts: no key matches a fused-expert rule (%s)", ", ".join(r.fused for r in rules))
+    return found
+
+
+def _local_pieces(key: str, rule: FusedExperts, prefix: str, tensor: torch.Tensor) -> list[tuple[ExpertPiece, torch.Tensor]]:
+    """The per-expert pieces of ``tensor`` this rank holds, each with a view of its local data."""
+    if isinstance(tensor, DTensor):
+        if tensor.device_mesh.get_coordinate() is None:  # not on this rank's (pipeline stage's) mesh
+            return []
+        local = tensor.to_local()
+    else:
+        local = tensor
+    chunks = _create_chunk_list(tensor)
+    if len(chunks) != 1:
+        raise ConfigurationError(f"fused expert tensor {key!r}: {len(chunks)} local chunks; expected one (a DTensor or a tensor)")
+    (chunk,) = chunks
+    out = []
+    for piece in expert_pieces(rule, prefix, tuple(tensor.shape), tuple(chunk.offsets), tuple(chunk.sizes)):
+        if math.prod(piece.sizes) == 0:  # an empty per-expert tensor: declared, no bytes
+            out.append((piece, local.new_empty(piece.sizes)))
+            continue
+        view = local[piece.index]
+        out.append((piece, view.transpose(-2, -1) if piece.transpose else view))
+    return out
+
+
+class _FusedSource:
+    """A fused expert tensor presented to DCP as the per-expert pieces this rank holds.
+
+    DCP asks each state-dict value for its write items (``__create_write_items__``,
+    the protocol DTensor implements), so the pieces enter the local plan, DCP's
+    dedup and its validation like any other chunk.
+    """
+
+    def __init__(self, pieces: list[tuple[ExpertPiece, torch.Tensor]], properties: TensorProperties) -> None:
+        self.pieces = pieces
+        self.properties = properties
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [
+            WriteItem(
+                index=MetadataIndex(p.name, torch.Size(p.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(p.offsets), sizes=torch.Size(p.sizes)),
+                    properties=self.properties,
+                    size=torch.Size(p.shape),
+                ),
+            )
+            for p, _ in self.pieces
+        ]
+
+
 class SafetensorsSavePlanner(DefaultSavePlanner):
     """DCP's default save planner plus key rules, a dtype cast and meta-tensor handling.
 
@@ -115,6 +212,12 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         meta_resolver: ``resolver(key, meta_tensor) -> tensor`` supplying the
             data of tensors on the ``meta`` device (e.g. from an offload map).
             Without it a meta tensor is an error listing every such key.
+        hf_experts: write fused MoE expert parameters as per-expert keys:
+            ``True`` for transformers' layout (``experts.gate_up_proj`` ->
+            ``experts.{e}.gate_proj.weight`` / ``up_proj``, ``experts.down_proj``
+            -> ``experts.{e}.down_proj.weight``, as ``save_pretrained`` writes
+            them), or a sequence of :class:`~dcp_safetensors.experts.FusedExperts`
+            rules. Each rank writes the experts (or expert slices) it holds.
         **kwargs: ``DefaultSavePlanner``'s arguments.
     """
 
@@ -124,6 +227,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         mapping: KeyMapping | None = None,
         dtype: torch.dtype | None = None,
         meta_resolver: MetaResolver | None = None,
+        hf_experts: bool | Sequence[FusedExperts] = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -132,6 +236,8 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self.mapping = mapping or KeyMapping()
         self.dtype = dtype
         self.meta_resolver = meta_resolver
+        self.expert_rules = resolve_rules(hf_experts)
+        self._pieces: dict[PieceKey, torch.Tensor] = {}
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -158,6 +264,13 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self.aliases = tied_keys(self.state_dict)
         for alias in self.aliases:
             del self.state_dict[alias]
+        self._pieces = {}
+        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict).items():
+            tensor = self.state_dict[key]
+            pieces = _local_pieces(key, rule, prefix, tensor)
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            self.state_dict[key] = _FusedSource(pieces, TensorProperties.create_from_tensor(local))
+            self._pieces.update(((p.name, p.offsets), view) for p, view in pieces)
 
     def _cast(self, item: WriteItem) -> WriteItem:
         td = item.tensor_data
@@ -175,6 +288,10 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             plan = dataclasses.replace(plan, planner_data={**(plan.planner_data or {}), ALIASES_KEY: self.aliases})
         self.plan = plan
         return plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        piece = self._pieces.get((index.fqn, tuple(index.offset or ())))
+        return piece if piece is not None else super().lookup_object(index)
 
     def resolve_data(self, write_item: WriteItem) -> Any:
         data = super().resolve_data(write_item)
@@ -199,6 +316,10 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
             is replaced in the caller's state dict; a matching tensor is
             loaded in place). Every rank must list the same plain tensors.
         process_group: the group ``dcp.load`` runs on (for the broadcast).
+        hf_experts: fill fused MoE expert parameters from per-expert keys (the
+            rules as on save). Each rank reads only the pieces of its own
+            shard, one expert at a time, straight into the parameter; a
+            checkpoint that holds the fused key itself is read as it is.
         **kwargs: ``DefaultLoadPlanner``'s arguments (``allow_partial_load``, ...).
     """
 
@@ -209,6 +330,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         dtype_policy: Literal["error", "cast"] = "error",
         broadcast_from_rank0: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        hf_experts: bool | Sequence[FusedExperts] = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -220,6 +342,9 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         self.process_group = process_group
         self.broadcast_keys: list[str] = []
         self._replace: set[str] = set()
+        self.expert_rules = resolve_rules(hf_experts)
+        self._fused: dict[str, tuple[FusedExperts, str, torch.Tensor]] = {}
+        self._pieces: dict[PieceKey, torch.Tensor] = {}
 
     def set_up_planner(
         self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False
@@ -241,13 +366,17 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
                     del self.state_dict[alias]
                 elif kept not in present and alias in present:
                     del self.state_dict[kept]
+            self._take_fused(metadata)
         if self.dtype_policy == "error" and metadata is not None:
             clashes = []
-            for key, value in self.state_dict.items():
-                md = metadata.state_dict_metadata.get(key)
+            targets = [(k, k, v) for k, v in self.state_dict.items()]
+            targets += [(name, key, v) for key, (rule, prefix, v) in self._fused.items() for name in rule.names(prefix, 1)]
+            for name, key, value in targets:
+                md = metadata.state_dict_metadata.get(name)
                 if isinstance(md, TensorStorageMetadata) and isinstance(value, torch.Tensor):
                     if md.properties.dtype != value.dtype:
-                        clashes.append(f"{key} ({md.properties.dtype} in the checkpoint, {value.dtype} in the target)")
+                        fused = f" {key}" if key != name else ""
+                        clashes.append(f"{name} ({md.properties.dtype} in the checkpoint, {value.dtype} in the target{fused})")
             if clashes:
                 raise ConfigurationError(
                     f"dtype differs for {len(clashes)} tensors: {'; '.join(clashes[:10])}"
@@ -259,7 +388,53 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         # are missing from the target (a fallback for torch <= 2.3 .distcp key names),
         # which would undo the key rules and the broadcast split: plan what is kept.
         assert self.metadata is not None
-        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+        plan = create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+        return dataclasses.replace(plan, items=plan.items + self._fused_read_items())
+
+    # -- fused MoE experts from per-expert keys ------------------------------------------
+
+    def _take_fused(self, metadata: Metadata) -> None:
+        """Move fused targets stored as per-expert keys out of the plain plan, checking every key is there."""
+        present = metadata.state_dict_metadata
+        where = metadata.storage_meta.checkpoint_id if metadata.storage_meta else "the checkpoint"
+        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict).items():
+            if key in present:
+                continue  # the checkpoint holds the fused tensor itself
+            tensor = self.state_dict[key]
+            for split in rule.splits:
+                shape = expert_shape(split, tuple(tensor.shape), key)
+                for e in range(tensor.shape[0]):
+                    name = split.name.format(prefix=prefix, e=e)
+                    md = present.get(name)
+                    if not isinstance(md, TensorStorageMetadata):
+                        raise CheckpointMismatchError(
+                            f"{where}: no tensor {name!r}, expert {e} of {key!r} ({list(tensor.shape)}); "
+                            f"the checkpoint has {sum(1 for k in present if k.startswith(prefix))} keys under {prefix!r}"
+                        )
+                    if tuple(md.size) != shape:
+                        raise CheckpointMismatchError(
+                            f"{where}: {name!r} is {list(md.size)} in the checkpoint; expert {e} of {key!r} "
+                            f"({list(tensor.shape)}) needs {list(shape)}"
+                        )
+            self._fused[key] = (rule, prefix, tensor)
+            del self.state_dict[key]
+
+    def _fused_read_items(self) -> list[Any]:
+        assert self.metadata is not None
+        items = []
+        self._pieces = {}
+        for key, (rule, prefix, tensor) in self._fused.items():
+            for piece, view in _local_pieces(key, rule, prefix, tensor):
+                chunk = ChunkStorageMetadata(offsets=torch.Size(piece.offsets), sizes=torch.Size(piece.sizes))
+                md = self.metadata.state_dict_metadata[piece.name]
+                assert isinstance(md, TensorStorageMetadata)
+                items += create_read_items_for_chunk_list(piece.name, md, [chunk])
+                self._pieces[(piece.name, piece.offsets)] = view
+        return items
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        piece = self._pieces.get((index.fqn, tuple(index.offset or ())))
+        return piece if piece is not None else super().lookup_tensor(index)
 
     # -- rank-0 read + broadcast of plain tensors ----------------------------------------
 

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -222,7 +223,8 @@ def _to_metadata(ckpt: Checkpoint) -> Metadata:
         )
     for key in ckpt.objects:
         sd[key] = BytesStorageMetadata()
-    return Metadata(state_dict_metadata=sd)
+    # storage_meta names the checkpoint in planners' messages (e.g. a missing expert key).
+    return Metadata(state_dict_metadata=sd, storage_meta=StorageMeta(checkpoint_id=ckpt.root))
 
 
 def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None:

@@ -1,0 +1,122 @@
+"""Per-rank cases for fused MoE experts: transformers' Qwen3-MoE under FSDP2, and EP-sharded DTensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import dcp_safetensors
+from dcp_safetensors import SafetensorsLoadPlanner, SafetensorsSavePlanner
+from dcp_safetensors.experts import ExpertSplit, FusedExperts
+
+# gpt-oss's layout: gate_up_proj [E, H, 2I] with gate/up interleaved in the last dim,
+# down_proj [E, I, H]; per-expert keys stored as nn.Linear weights (transposed).
+TRANSPOSED_INTERLEAVED = (
+    FusedExperts(
+        "{prefix}.experts.gate_up_proj",
+        (
+            ExpertSplit("{prefix}.experts.{e}.gate_proj.weight", dim=1, parts=2, part=0, interleaved=True, transpose=True),
+            ExpertSplit("{prefix}.experts.{e}.up_proj.weight", dim=1, parts=2, part=1, interleaved=True, transpose=True),
+        ),
+    ),
+    FusedExperts("{prefix}.experts.down_proj", (ExpertSplit("{prefix}.experts.{e}.down_proj.weight", transpose=True),)),
+)
+
+
+def tiny_qwen3_moe(seed: int, experts: int = 6):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def moe_logits(model) -> torch.Tensor:
+    idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def _fsdp(model):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def save_fsdp_moe(path: str) -> None:
+    model = _fsdp(tiny_qwen3_moe(seed=0))
+    dcp_safetensors.save(
+        get_model_state_dict(model),
+        path,
+        planner=SafetensorsSavePlanner(hf_experts=True),
+        hf_config=model.config,
+        max_shard_size="40KB",
+    )
+
+
+def load_into_fsdp_moe(path: str) -> dict[str, bool]:
+    """Load per-expert keys into a differently initialised FSDP2 Qwen3-MoE (fused experts).
+
+    Returns, per parameter, whether it now equals the seed-0 model's exactly.
+    """
+    model = _fsdp(tiny_qwen3_moe(seed=1))
+    sd = get_model_state_dict(model)
+    dcp_safetensors.load(sd, path, planner=SafetensorsLoadPlanner(hf_experts=True))
+    set_model_state_dict(model, sd)
+    expected = tiny_qwen3_moe(seed=0).state_dict()
+    return {k: torch.equal(v.full_tensor(), expected[k]) for k, v in get_model_state_dict(model).items()}
+
+
+def fused_reference(experts: int = 6, hidden: int = 8, inter: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "layers.0.mlp.experts.gate_up_proj": torch.randn(experts, 2 * inter, hidden, generator=g),
+        "layers.0.mlp.experts.down_proj": torch.randn(experts, hidden, inter, generator=g),
+        "layers.0.mlp.gate.weight": torch.randn(experts, hidden, generator=g),
+    }
+
+
+def _placed(full: dict[str, torch.Tensor], mesh, placements) -> dict[str, DTensor]:
+    return {k: distribute_tensor(v, mesh, placements) for k, v in full.items()}
+
+
+def save_ep_sharded(path: str, transposed: bool = False) -> None:
+    """Experts over a 2 (EP) x 2 (FSDP) mesh: Shard(0) on the expert dim, Shard(1) within."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "fsdp"))
+    full = fused_reference()
+    if transposed:
+        full = {k: v.transpose(1, 2).contiguous() if "experts" in k else v for k, v in full.items()}
+    rules = TRANSPOSED_INTERLEAVED if transposed else True
+    planner = SafetensorsSavePlanner(hf_experts=rules)
+    dcp_safetensors.save(_placed(full, mesh, [Shard(0), Shard(1)]), path, planner=planner)
+
+
+def load_ep_uneven(path: str, transposed: bool = False) -> dict[str, bool]:
+    """Load into 6 experts over 4 ranks, Shard(0): 2, 2, 2 and 0 experts; compare with the reference."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = fused_reference()
+    if transposed:
+        full = {k: v.transpose(1, 2).contiguous() if "experts" in k else v for k, v in full.items()}
+    target = _placed({k: torch.zeros_like(v) for k, v in full.items()}, mesh, [Shard(0)])
+    rules = TRANSPOSED_INTERLEAVED if transposed else True
+    planner = SafetensorsLoadPlanner(hf_experts=rules)
+    dcp_safetensors.load(target, path, planner=planner)
+    return {k: torch.equal(target[k].full_tensor(), full[k]) for k in full}
