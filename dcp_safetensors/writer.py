@@ -127,7 +127,8 @@ class SafetensorsWriter(StorageWriter):
             filesystem takes (``key``, ``secret``, ``client_kwargs``, ...).
         process_group: the group ``dcp.save`` runs on (default: world); byte
             transfers between ranks (object stores) run on it.
-        max_part: largest part one rank uploads to an object store.
+        max_part: largest part one rank writes (a file) or uploads (an object
+            store) at once; parts are checksummed and written concurrently.
         transfer_budget: most bytes a rank sends or receives per transfer round.
         write_threads: concurrent part writes/uploads per rank.
         hf_config: a transformers config (anything with ``to_dict()``) or a

@@ -86,3 +86,22 @@ def test_rounds_stay_within_the_budget_and_keep_every_byte(raw, budget):
             received[t.dst] += t.length
         assert max(sent.values()) <= budget and max(received.values()) <= budget
     assert sum(t.length for rnd in rounds for t in rnd) == sum(t.length for t in transfers)
+
+
+def test_posix_saves_cut_a_ranks_range_into_max_part_writes(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from dcp_safetensors import SafetensorsWriter
+    from dcp_safetensors.checkpoint import verify_all
+    from dcp_safetensors.storage.local import LocalStorage
+
+    # The same planner serves POSIX: a 40 KB file becomes eleven 4 KiB writes, checksummed per part.
+    assert LocalStorage(str(tmp_path)).max_part == 64 << 20
+    state = {"w": torch.arange(10240, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int8)}
+    writer = SafetensorsWriter(tmp_path, max_part=4096)
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    assert len(writer._layout.rank_plans[0].parts) == 11  # ceil(40968 / 4096): header + data
+    assert verify_all(str(tmp_path)).ok
+    assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "model.safetensors")).items())

@@ -38,4 +38,4 @@ def open_storage(path: str | os.PathLike[str], storage_options: dict[str, Any] |
     p = os.fspath(path)
     if is_url(p):
         return ObjectStorage(p, storage_options, **kwargs)
-    return LocalStorage(p.removeprefix("file://"))
+    return LocalStorage(p.removeprefix("file://"), **kwargs)
