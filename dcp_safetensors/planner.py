@@ -131,6 +131,17 @@ def _is_meta(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_meta
 
 
+def _refuse_partial(state_dict: dict[str, Any], what: str) -> None:
+    """A Partial DTensor holds one addend per rank: writing or filling any one rank's would be wrong."""
+    partial = sorted(k for k, v in state_dict.items() if isinstance(v, DTensor) and any(p.is_partial() for p in v.placements))
+    if partial:
+        raise ConfigurationError(
+            f"cannot {what} {len(partial)} DTensors with a Partial placement (a pending reduction): "
+            f"{', '.join(repr(k) for k in partial[:10])}{' ...' if len(partial) > 10 else ''}; "
+            "reduce them first, e.g. t.redistribute(t.device_mesh, [Replicate()])"
+        )
+
+
 # -- fused MoE experts -------------------------------------------------------------------
 
 PieceKey = tuple[str, tuple[int, ...]]
@@ -243,6 +254,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
     ) -> None:
         super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        _refuse_partial(self.state_dict, "save")
         meta = sorted(k for k, v in self.state_dict.items() if _is_meta(v))
         if meta and self.meta_resolver is None:
             raise ConfigurationError(
@@ -354,6 +366,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         flat, _ = flatten_state_dict(state_dict)
         was_meta = {self.mapping.name_of(k) for k, v in flat.items() if _is_meta(v) and not isinstance(v, DTensor)}
         super().set_up_planner(state_dict, metadata, is_coordinator)
+        _refuse_partial(self.state_dict, "load into")
         _rename(self, self.mapping)
         if self.broadcast_from_rank0 and metadata is not None and _distributed(self.process_group):
             self._plan_broadcast(metadata, was_meta)

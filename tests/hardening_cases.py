@@ -1,0 +1,147 @@
+"""Per-rank cases for hardening: pipeline stages, re-saves, untouched callers, Partial placements."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+import dcp_safetensors
+
+
+class Pipeline(nn.Module):
+    """The whole model; stage 0 holds embed + layers 0-1, stage 1 layers 2-3, norm, lm_head, mtp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.embed.register_buffer("positions", torch.arange(9))
+        self.layers = nn.ModuleDict({str(i): nn.Linear(16, 16) for i in range(4)})
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 64, bias=False).to(torch.bfloat16)
+        self.lm_head.register_buffer("scale", torch.full((3,), 0.5))
+        self.mtp = nn.ModuleDict({"0": nn.Linear(32, 16)})
+
+
+STAGES = (("embed", "layers.0", "layers.1"), ("layers.2", "layers.3", "norm", "lm_head", "mtp.0"))
+
+
+def pipeline_reference(seed: int = 0) -> Pipeline:
+    torch.manual_seed(seed)
+    return Pipeline()
+
+
+def _stage(model: Pipeline, stage: int) -> nn.Module:
+    """Drop the other stage's submodules, as a pipeline split does; keys keep their global names."""
+    keep = STAGES[stage]
+    for name in ("embed", "norm", "lm_head"):
+        if name not in keep:
+            delattr(model, name)
+    for group in ("layers", "mtp"):
+        modules = getattr(model, group)
+        for key in list(modules):
+            if f"{group}.{key}" not in keep:
+                del modules[key]
+    return model
+
+
+def _pp_model(seed: int) -> tuple[nn.Module, int]:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage = mesh["pp"].get_local_rank()
+    model = _stage(pipeline_reference(seed), stage)
+    for child in model.modules():
+        if isinstance(child, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            fully_shard(child, mesh=mesh["dp"])
+    return model, stage
+
+
+def save_pipeline(path: str) -> list[str]:
+    model, _ = _pp_model(seed=0)
+    sd = get_model_state_dict(model)
+    dcp_safetensors.save(sd, path, max_shard_size="2KB")
+    return sorted(sd)
+
+
+def load_pipeline(path: str) -> dict[str, bool]:
+    """Load each stage's keys into a freshly initialised stage; compare with the seed-0 model."""
+    model, _ = _pp_model(seed=1)
+    sd = get_model_state_dict(model)
+    dcp_safetensors.load(sd, path)
+    expected = pipeline_reference(0).state_dict()
+    return {k: torch.equal(v.full_tensor() if isinstance(v, DTensor) else v, expected[k]) for k, v in sd.items()}
+
+
+def save_partial(path: str, reduce: bool) -> tuple[str, str] | None:
+    """Save a Partial DTensor (each rank holds an addend); None if it saved, else (error type, message)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    local = torch.full((4,), float(dist.get_rank() + 1))
+    value = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+    if reduce:
+        value = value.redistribute(mesh, [Replicate()])
+    try:
+        dcp_safetensors.save({"w": value, "b": torch.ones(2)}, path)
+    except Exception as e:  # noqa: BLE001 - the test compares what every rank raised
+        return type(e).__name__, str(e)
+    return None
+
+
+def _snapshot(state: dict) -> list:
+    """Everything a save must leave as it was: keys in order, the objects, dtypes, devices, bytes."""
+    out = []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            placements = tuple(value.placements) if isinstance(value, DTensor) else None
+            out.append((key, id(value), value.dtype, value.device, placements, local.data_ptr(), local.clone()))
+        else:
+            out.append((key, id(value), repr(value)))
+    return out
+
+
+def _same(before: list, after: list) -> bool:
+    if len(before) != len(after):
+        return False
+    for b, a in zip(before, after, strict=True):
+        if b[:-1] != a[:-1]:
+            return False
+        if isinstance(b[-1], torch.Tensor) and not torch.equal(b[-1], a[-1]):
+            return False
+    return True
+
+
+class WithExperts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 6, 8))
+        self.experts.down_proj = nn.Parameter(torch.randn(4, 8, 3))
+        self.draft = nn.Linear(8, 8)
+
+
+def save_leaves_state_untouched(path: str) -> dict[str, bool]:
+    """Save with every planner option that rewrites keys or tensors; the caller's state must not change."""
+    from dcp_safetensors import KeyMapping, SafetensorsSavePlanner
+
+    torch.manual_seed(0)
+    model = WithExperts()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(model, mesh=mesh)
+    state = get_model_state_dict(model)
+    state["step"] = 7
+    state["nested"] = {"lr": 0.5, "ids": torch.arange(3)}
+    params = lambda: dict(model.named_parameters(remove_duplicate=False))  # noqa: E731 - the same objects each call
+    before, nested_before, model_before = _snapshot(state), _snapshot(state["nested"]), _snapshot(params())
+    planner = SafetensorsSavePlanner(mapping=KeyMapping(exclude=["draft.*"]), dtype=torch.bfloat16, hf_experts=True)
+    dcp_safetensors.save(state, path, planner=planner)
+    checks = {"save": _same(before, _snapshot(state)) and _same(nested_before, _snapshot(state["nested"]))}
+    dcp_safetensors.save_submodule(model, "draft", path + "-draft")
+    checks["save_submodule"] = _same(model_before, _snapshot(params()))
+    checks["dtype"] = all(v.dtype == torch.float32 for v in model.parameters())
+    return checks

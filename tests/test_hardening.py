@@ -1,0 +1,78 @@
+"""Hardening: pipeline stages, re-saves, callers' state left untouched, Partial placements."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from hardening_cases import (
+    STAGES,
+    load_pipeline,
+    pipeline_reference,
+    save_leaves_state_untouched,
+    save_partial,
+    save_pipeline,
+)
+from safetensors import safe_open
+
+import dcp_safetensors
+
+
+def test_pipeline_stages_with_disjoint_keys_make_one_consistent_index(ranks, tmp_path):
+    saved = ranks(4).run(save_pipeline, str(tmp_path))
+    assert saved[0] == saved[1] and saved[2] == saved[3] and not set(saved[0]) & set(saved[2])
+    reference = pipeline_reference(0).state_dict()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(reference)  # every key of both stages, once
+    total = 0
+    for key, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / file), "pt") as f:
+            assert key in f.keys()
+            tensor = f.get_tensor(key)
+        assert tensor.dtype == reference[key].dtype and torch.equal(tensor, reference[key]), key
+        total += tensor.numel() * tensor.element_size()
+    assert index["metadata"]["total_size"] == total
+    assert {reference["lm_head.weight"].dtype, reference["mtp.0.weight"].dtype} == {torch.bfloat16, torch.float32}
+
+    for rank, same in enumerate(ranks(4).run(load_pipeline, str(tmp_path))):
+        stage = STAGES[rank // 2]
+        assert same and all(any(k.startswith(p + ".") for p in stage) for k in same), rank
+        assert all(same.values()), f"rank {rank}: {[k for k, v in same.items() if not v]}"
+    # Everything on one rank.
+    whole = {k: torch.zeros_like(v) for k, v in reference.items()}
+    dcp_safetensors.load(whole, tmp_path)
+    assert all(torch.equal(whole[k], reference[k]) for k in reference)
+
+
+def test_partial_dtensors_are_refused_on_every_rank_and_reduced_ones_save(ranks, tmp_path):
+    outcomes = ranks(2).run(save_partial, str(tmp_path / "partial"), False)
+    for name, message in outcomes:
+        assert name == "ConfigurationError", message
+        assert "'w'" in message and "Partial" in message and "redistribute" in message
+    assert not (tmp_path / "partial" / "model.safetensors").exists()
+    assert ranks(2).run(save_partial, str(tmp_path / "reduced"), True) == [None, None]
+    with safe_open(str(tmp_path / "reduced" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("w").tolist() == [3.0] * 4  # 1 + 2, the reduced value
+
+
+def test_a_save_leaves_the_callers_state_model_and_options_untouched(ranks, tmp_path):
+    for rank, checks in enumerate(ranks(2).run(save_leaves_state_untouched, str(tmp_path / "ckpt"))):
+        assert all(checks.values()), f"rank {rank}: {checks}"
+
+
+def _model_files(path):
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("model") and p.name.endswith(".safetensors"))
+
+
+def test_resaving_fewer_keys_or_files_leaves_nothing_of_the_old_snapshot(tmp_path):
+    state = {f"layers.{i}.weight": torch.full((64, 16), float(i)) for i in range(4)}
+    state.update({f"mtp.{i}.weight": torch.full((64, 16), -1.0) for i in range(2)})
+    dcp_safetensors.save(state, tmp_path, max_shard_size="8KiB")
+    assert len(_model_files(tmp_path)) == 3
+    for smaller, files in (({k: v for k, v in state.items() if not k.startswith("mtp.")}, 1), (state, 6)):
+        dcp_safetensors.save(smaller, tmp_path, max_shard_size="4KiB" if files > 1 else "5GB")
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert sorted(index["weight_map"]) == sorted(smaller)
+        assert _model_files(tmp_path) == sorted(set(index["weight_map"].values()))
+        assert len(_model_files(tmp_path)) == files
+        assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
