@@ -145,3 +145,33 @@ def save_leaves_state_untouched(path: str) -> dict[str, bool]:
     checks["save_submodule"] = _same(model_before, _snapshot(params()))
     checks["dtype"] = all(v.dtype == torch.float32 for v in model.parameters())
     return checks
+
+
+def save_load_cycles(path: str, cycles: int) -> dict[str, list]:
+    """Save + load ``cycles`` times; open fds, threads and RSS after the 10th and after the last."""
+    import contextlib
+    import os
+    import threading
+
+    import psutil
+    from cases import sharded_mixed_state
+
+    proc = psutil.Process()
+    state = sharded_mixed_state()
+    target = sharded_mixed_state("transpose")
+    seen: dict[str, list] = {"fds": [], "threads": [], "rss_kib": [], "new_fds": []}
+    opened: dict[str, str] = {}
+    for cycle in range(1, cycles + 1):
+        dcp_safetensors.save(state, path)
+        dcp_safetensors.load(target, path)
+        if cycle in (10, cycles):
+            now = {}
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    now[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            seen["new_fds"] = sorted(set(now.values()) - set(opened.values())) if opened else []
+            opened = now
+            seen["fds"].append(len(now))
+            seen["threads"].append(max(threading.active_count(), proc.num_threads()))
+            seen["rss_kib"].append(proc.memory_info().rss >> 10)
+    return seen

@@ -10,6 +10,7 @@ from hardening_cases import (
     load_pipeline,
     pipeline_reference,
     save_leaves_state_untouched,
+    save_load_cycles,
     save_partial,
     save_pipeline,
 )
@@ -76,3 +77,12 @@ def test_resaving_fewer_keys_or_files_leaves_nothing_of_the_old_snapshot(tmp_pat
         assert _model_files(tmp_path) == sorted(set(index["weight_map"].values()))
         assert len(_model_files(tmp_path)) == files
         assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_no_growth_of_fds_threads_or_memory_over_100_save_load_cycles(ranks, tmp_path):
+    for rank, seen in enumerate(ranks(2).run(save_load_cycles, str(tmp_path / "ckpt"), 100)):
+        print(f"rank {rank} after cycle 10 / 100: {seen}")
+        assert seen["fds"][0] == seen["fds"][1], f"rank {rank}: open file descriptors grew: {seen['fds']}"
+        assert seen["threads"][0] == seen["threads"][1], f"rank {rank}: threads grew: {seen['threads']}"
+        grown = seen["rss_kib"][1] - seen["rss_kib"][0]
+        assert grown < 16 << 10, f"rank {rank}: RSS grew {grown} KiB over 90 cycles"

@@ -29,6 +29,7 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -114,11 +115,13 @@ class _LocalPartWriter:
         self._storage = storage
         self._staging = staging
         self._files: dict[str, WritableFile] = {}
+        self._opening = threading.Lock()  # parts of one file are written from several threads
 
     def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
-        f = self._files.get(part.file)
-        if f is None:
-            f = self._files[part.file] = self._storage.open_for_write(posixpath.join(self._staging, part.file))
+        with self._opening:
+            f = self._files.get(part.file)
+            if f is None:
+                f = self._files[part.file] = self._storage.open_for_write(posixpath.join(self._staging, part.file))
         f.pwritev(views, part.start)
         f.start_writeback(part.start, part.end - part.start)
         return None
