@@ -147,8 +147,14 @@ def _refuse_partial(state_dict: dict[str, Any], what: str) -> None:
 PieceKey = tuple[str, tuple[int, ...]]
 
 
-def _match_fused(rules: tuple[FusedExperts, ...], state_dict: dict[str, Any]) -> dict[str, tuple[FusedExperts, str]]:
-    """``{key: (rule, prefix)}`` for every tensor a fused-expert rule matches."""
+def _match_fused(
+    rules: tuple[FusedExperts, ...], state_dict: dict[str, Any], strict: bool
+) -> dict[str, tuple[FusedExperts, str]]:
+    """``{key: (rule, prefix)}`` for every tensor a fused-expert rule matches.
+
+    A rule that matches no key is likely a typo or the wrong model family: a
+    warning, or with ``strict`` an error.
+    """
     found = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -158,8 +164,12 @@ def _match_fused(rules: tuple[FusedExperts, ...], state_dict: dict[str, Any]) ->
             if prefix is not None:
                 found[key] = (rule, prefix)
                 break
-    if rules and not found:
-        logger.warning("hf_experts: no key matches a fused-expert rule (%s)", ", ".join(r.fused for r in rules))
+    unused = [r.fused for r in rules if all(rule is not r for rule, _ in found.values())]
+    if unused:
+        message = f"hf_experts: no key matches {', '.join(repr(u) for u in unused)}"
+        if strict:
+            raise ConfigurationError(f"{message}; the state dict has {len(state_dict)} keys, e.g. {next(iter(state_dict), None)!r}")
+        logger.warning("%s", message)
     return found
 
 
@@ -229,6 +239,8 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             -> ``experts.{e}.down_proj.weight``, as ``save_pretrained`` writes
             them), or a sequence of :class:`~dcp_safetensors.experts.FusedExperts`
             rules. Each rank writes the experts (or expert slices) it holds.
+        strict: a ``hf_experts`` rule that matches no key is an error (by
+            default a warning).
         **kwargs: ``DefaultSavePlanner``'s arguments.
     """
 
@@ -239,6 +251,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         dtype: torch.dtype | None = None,
         meta_resolver: MetaResolver | None = None,
         hf_experts: bool | Sequence[FusedExperts] = False,
+        strict: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -248,6 +261,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self.dtype = dtype
         self.meta_resolver = meta_resolver
         self.expert_rules = resolve_rules(hf_experts)
+        self.strict = strict
         self._pieces: dict[PieceKey, torch.Tensor] = {}
 
     def set_up_planner(
@@ -277,7 +291,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         for alias in self.aliases:
             del self.state_dict[alias]
         self._pieces = {}
-        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict).items():
+        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict, self.strict).items():
             tensor = self.state_dict[key]
             pieces = _local_pieces(key, rule, prefix, tensor)
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -332,6 +346,8 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
             rules as on save). Each rank reads only the pieces of its own
             shard, one expert at a time, straight into the parameter; a
             checkpoint that holds the fused key itself is read as it is.
+        strict: a ``hf_experts`` rule that matches no key is an error (by
+            default a warning).
         **kwargs: ``DefaultLoadPlanner``'s arguments (``allow_partial_load``, ...).
     """
 
@@ -343,6 +359,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         broadcast_from_rank0: bool = False,
         process_group: dist.ProcessGroup | None = None,
         hf_experts: bool | Sequence[FusedExperts] = False,
+        strict: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -355,6 +372,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         self.broadcast_keys: list[str] = []
         self._replace: set[str] = set()
         self.expert_rules = resolve_rules(hf_experts)
+        self.strict = strict
         self._fused: dict[str, tuple[FusedExperts, str, torch.Tensor]] = {}
         self._pieces: dict[PieceKey, torch.Tensor] = {}
 
@@ -410,7 +428,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         """Move fused targets stored as per-expert keys out of the plain plan, checking every key is there."""
         present = metadata.state_dict_metadata
         where = metadata.storage_meta.checkpoint_id if metadata.storage_meta else "the checkpoint"
-        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict).items():
+        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict, self.strict).items():
             if key in present:
                 continue  # the checkpoint holds the fused tensor itself
             tensor = self.state_dict[key]

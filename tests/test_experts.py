@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 import dcp_safetensors
 from dcp_safetensors import SafetensorsLoadPlanner, SafetensorsSavePlanner
-from dcp_safetensors.errors import CheckpointMismatchError
+from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.experts import (
     MIXTRAL_EXPERTS,
     TRANSFORMERS_EXPERTS,
@@ -221,3 +221,32 @@ def test_missing_expert_key_names_it_and_the_checkpoint(tmp_path):
     out = {k: torch.zeros_like(v) for k, v in sd.items()}
     dcp_safetensors.load(out, tmp_path / "fused", planner=SafetensorsLoadPlanner(hf_experts=True))
     assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_a_checkpoint_mixing_fused_and_per_expert_layers_loads(tmp_path):
+    full = {f"layers.{i}.mlp.experts.gate_up_proj": torch.randn(3, 4, 2) for i in range(2)}
+    only_layer_1 = (
+        FusedExperts(
+            "{prefix}.1.mlp.experts.gate_up_proj",
+            (
+                ExpertSplit("{prefix}.1.mlp.experts.{e}.gate_proj.weight", parts=2, part=0),
+                ExpertSplit("{prefix}.1.mlp.experts.{e}.up_proj.weight", parts=2, part=1),
+            ),
+        ),
+    )
+    dcp_safetensors.save(full, tmp_path, planner=SafetensorsSavePlanner(hf_experts=only_layer_1))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "layers.0.mlp.experts.gate_up_proj" in f.keys() and "layers.1.mlp.experts.2.up_proj.weight" in f.keys()
+    out = {k: torch.zeros_like(v) for k, v in full.items()}
+    dcp_safetensors.load(out, tmp_path, planner=SafetensorsLoadPlanner(hf_experts=True))
+    assert all(torch.equal(out[k], full[k]) for k in full)
+
+
+def test_a_rule_that_matches_nothing_warns_or_with_strict_fails(tmp_path, caplog):
+    state = {"layers.0.mlp.experts.gate_up_proj": torch.ones(2, 4, 2)}  # no down_proj
+    dcp_safetensors.save(state, tmp_path, planner=SafetensorsSavePlanner(hf_experts=True))
+    assert "no key matches '{prefix}.experts.down_proj'" in caplog.text
+    with pytest.raises(ConfigurationError, match=r"no key matches '\{prefix\}.experts.down_proj'"):
+        dcp_safetensors.save(state, tmp_path, planner=SafetensorsSavePlanner(hf_experts=True, strict=True))
+    with pytest.raises(ConfigurationError, match=r"no key matches '\{prefix\}.experts.down_proj'"):
+        dcp_safetensors.load(state, tmp_path, planner=SafetensorsLoadPlanner(hf_experts=True, strict=True))
