@@ -26,7 +26,8 @@ pytest: $(VENV)/.installed
 test: lint typecheck pytest
 
 fuzz: $(VENV)/.installed
-	DCP_SAFETENSORS_FUZZ_N=100000 $(PY) -m pytest -q -p no:cacheprovider tests/test_format.py -k fuzz
+	DCP_SAFETENSORS_FUZZ_N=100000 DCP_SAFETENSORS_BITFLIPS_N=10000 $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_format.py tests/test_hardening.py -k "fuzz or bit_flip"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import random
 
 import torch
 from hardening_cases import (
@@ -17,6 +20,7 @@ from hardening_cases import (
 from safetensors import safe_open
 
 import dcp_safetensors
+from dcp_safetensors import DcpSafetensorsError
 
 
 def test_pipeline_stages_with_disjoint_keys_make_one_consistent_index(ranks, tmp_path):
@@ -86,3 +90,42 @@ def test_no_growth_of_fds_threads_or_memory_over_100_save_load_cycles(ranks, tmp
         assert seen["threads"][0] == seen["threads"][1], f"rank {rank}: threads grew: {seen['threads']}"
         grown = seen["rss_kib"][1] - seen["rss_kib"][0]
         assert grown < 16 << 10, f"rank {rank}: RSS grew {grown} KiB over 90 cycles"
+
+
+BITFLIPS_N = int(os.environ.get("DCP_SAFETENSORS_BITFLIPS_N", "2000"))
+
+
+def test_every_single_bit_flip_in_a_data_file_is_caught_by_verify(tmp_path):
+    """``DCP_SAFETENSORS_BITFLIPS_N`` random flips (default 2,000; ``make fuzz`` runs 10,000)."""
+    state = {f"w{i}": torch.randn(16, 24).to(dtype) for i, dtype in enumerate([torch.float32, torch.bfloat16] * 3)}
+    state["ids"] = torch.arange(40)
+    state["mask"] = torch.rand(33) > 0.5
+    dcp_safetensors.save(state, tmp_path, max_shard_size="2KB")
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 2
+    dcp_safetensors.verify(str(tmp_path))
+    sizes = {f: f.stat().st_size for f in files}
+    rng = random.Random(20261123)
+    missed = []
+    caught: collections.Counter[str] = collections.Counter()
+
+    def flip(f, pos: int, bit: int) -> None:
+        with open(f, "r+b") as fh:
+            fh.seek(pos)
+            byte = fh.read(1)[0]
+            fh.seek(pos)
+            fh.write(bytes([byte ^ (1 << bit)]))
+
+    for trial in range(BITFLIPS_N):
+        f = rng.choice(files)
+        pos, bit = rng.randrange(sizes[f]), rng.randrange(8)
+        flip(f, pos, bit)
+        try:
+            dcp_safetensors.verify(str(tmp_path))
+            missed.append((trial, f.name, pos, bit))
+        except DcpSafetensorsError as e:
+            caught[type(e).__name__] += 1
+        flip(f, pos, bit)
+    print(f"{BITFLIPS_N} single-bit flips: caught {sum(caught.values())} ({dict(caught)}), missed {len(missed)}")
+    assert not missed, missed[:5]
+    dcp_safetensors.verify(str(tmp_path))
