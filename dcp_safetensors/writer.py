@@ -253,16 +253,18 @@ class SafetensorsWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         write_started = time.perf_counter()
         data: _RankStorageData = plan.storage_data
-        storage = self._storage()
         results: list[WriteResult] = []
         source = ByteSource()
         group = self.process_group
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        storage: Storage | None = None
         try:
-            # Every rank reaches every collective below, failed or not; a local error is
-            # carried to the next status exchange so all ranks raise together.
+            # Every rank reaches every collective below, failed or not: any local error
+            # (opening the storage included) is carried to the next status exchange, so
+            # all ranks raise together instead of waiting for a rank that left.
             error: Exception | None = None
             try:
+                storage = self._storage()
                 self._resolve(plan, planner, data.writes, source, results)
             except Exception as e:
                 error = e
@@ -274,6 +276,7 @@ class SafetensorsWriter(StorageWriter):
                     exchange(rnd, source, group, device)
                 self._phases["transfer"] = time.perf_counter() - transfer_started
             if error is None:
+                assert storage is not None
                 try:
                     results.extend(self._write_parts(storage, data, source))
                 except Exception as e:
@@ -285,7 +288,8 @@ class SafetensorsWriter(StorageWriter):
             elif error is not None:
                 raise error
         except BaseException:
-            storage.abort_save(data.session)
+            if storage is not None:
+                storage.abort_save(data.session)
             raise
         self._phases["write"] = time.perf_counter() - write_started - self._phases.get("transfer", 0.0)
         fut: Future[list[WriteResult]] = Future()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -175,3 +176,58 @@ def save_load_cycles(path: str, cycles: int) -> dict[str, list]:
             seen["threads"].append(max(threading.active_count(), proc.num_threads()))
             seen["rss_kib"].append(proc.memory_info().rss >> 10)
     return seen
+
+
+# --- failure matrix: an exception injected into one phase of the writer on one rank --------
+
+PHASES = {
+    "set-up": "set_up_storage_writer",
+    "local plan": "prepare_local_plan",
+    "global plan": "prepare_global_plan",  # the coordinator only
+    "write": "_write_parts",  # the rank's part writes (pwrite / UploadPart), e.g. a full disk
+    "commit": "commit_save",  # the storage's commit (the coordinator only), e.g. a failed rename
+}
+
+
+def _failing_writer(phase: str, fail_rank: int, path: str, **kwargs):
+    """A real SafetensorsWriter whose step ``phase`` raises on ``fail_rank`` before doing its work."""
+    from dcp_safetensors import SafetensorsWriter
+
+    method = PHASES[phase]
+    error = RuntimeError(f"injected failure in {phase} on rank {fail_rank}")
+
+    def failing(self, *args, **kw):
+        if dist.get_rank() == fail_rank:
+            raise error
+        return getattr(SafetensorsWriter, method)(self, *args, **kw)
+
+    def storage_failing_to_commit(self):
+        storage = SafetensorsWriter._storage(self)
+        if dist.get_rank() == fail_rank:
+
+            def commit_save(*args, **kw):
+                raise error
+
+            storage.commit_save = commit_save
+        return storage
+
+    override = {"_storage": storage_failing_to_commit} if method == "commit_save" else {method: failing}
+    return type("FailingWriter", (SafetensorsWriter,), override)(path, **kwargs)
+
+
+def save_with_injected_failure(path: str, phase: str, fail_rank: int, storage_options: dict | None = None):
+    """(seconds until this rank raised, {failing rank: (type, message)} as DCP reports them)."""
+    import time
+
+    from cases import error_summary, sharded_mixed_state
+
+    from dcp_safetensors import SafetensorsSavePlanner
+
+    state = sharded_mixed_state()
+    for v in state.values():
+        if v.dtype != torch.bool:
+            (v.to_local() if isinstance(v, DTensor) else v).fill_(9)
+    writer = _failing_writer(phase, fail_rank, path, storage_options=storage_options)
+    started = time.perf_counter()
+    failures = error_summary(dcp.save, state, storage_writer=writer, planner=SafetensorsSavePlanner())
+    return time.perf_counter() - started, failures

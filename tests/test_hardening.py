@@ -7,8 +7,11 @@ import json
 import os
 import random
 
+import pytest
 import torch
+from cases import load_mixed, save_mixed
 from hardening_cases import (
+    PHASES,
     STAGES,
     load_pipeline,
     pipeline_reference,
@@ -16,6 +19,7 @@ from hardening_cases import (
     save_load_cycles,
     save_partial,
     save_pipeline,
+    save_with_injected_failure,
 )
 from safetensors import safe_open
 
@@ -129,3 +133,38 @@ def test_every_single_bit_flip_in_a_data_file_is_caught_by_verify(tmp_path):
     print(f"{BITFLIPS_N} single-bit flips: caught {sum(caught.values())} ({dict(caught)}), missed {len(missed)}")
     assert not missed, missed[:5]
     dcp_safetensors.verify(str(tmp_path))
+
+
+FAILURE_CASES = [(phase, 0) for phase in PHASES] + [(phase, 1) for phase in ("set-up", "local plan", "write")]
+
+
+def _files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(("phase", "fail_rank"), FAILURE_CASES, ids=[f"{p}-rank{r}" for p, r in FAILURE_CASES])
+def test_an_exception_in_any_phase_reaches_every_rank_and_keeps_the_previous_checkpoint(ranks, tmp_path, phase, fail_rank):
+    ranks(2).run(save_mixed, str(tmp_path))
+    before = _files(tmp_path)
+    cause = f"injected failure in {phase} on rank {fail_rank}"
+    for rank, (seconds, failures) in enumerate(ranks(2).run(save_with_injected_failure, str(tmp_path), phase, fail_rank)):
+        assert failures, f"rank {rank}: the save should have failed"
+        assert any(cause in message for _, message in failures.values()), f"rank {rank}: {failures}"
+        assert seconds < 60, f"rank {rank} took {seconds:.0f} s to raise"
+    assert _files(tmp_path) == before
+    for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path))):
+        assert all(ok.values()), f"rank {rank}"
+
+
+@pytest.mark.parametrize(("phase", "fail_rank"), [("write", 1), ("commit", 0)])
+def test_an_exception_while_uploading_or_committing_to_s3_aborts_every_upload(ranks, s3, phase, fail_rank):
+    url = s3.url(s3.prefix)
+    opts = s3.storage_options
+    ranks(2).run(save_mixed, url, "5GB", {"storage_options": opts})
+    before = {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)}
+    cause = f"injected failure in {phase} on rank {fail_rank}"
+    for rank, (seconds, failures) in enumerate(ranks(2).run(save_with_injected_failure, url, phase, fail_rank, opts)):
+        assert any(cause in message for _, message in failures.values()), f"rank {rank}: {failures}"
+        assert seconds < 60
+    assert not s3.open_uploads(s3.prefix)
+    assert {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)} == before
