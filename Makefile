@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest bench fuzz clean
+.PHONY: demo test lint typecheck pytest bench fuzz crash-matrix clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: lint typecheck pytest
 fuzz: $(VENV)/.installed
 	DCP_SAFETENSORS_FUZZ_N=100000 DCP_SAFETENSORS_BITFLIPS_N=10000 $(PY) -m pytest -q -s -p no:cacheprovider \
 		tests/test_format.py tests/test_hardening.py -k "fuzz or bit_flip"
+
+crash-matrix: $(VENV)/.installed
+	DCP_SAFETENSORS_CRASH_MATRIX=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_crash.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

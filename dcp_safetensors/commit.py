@@ -1,5 +1,8 @@
 """The commit protocol on POSIX storage: staging directory, commit record, roll-forward.
 
+(Object stores follow the same protocol with their own primitives: see
+:mod:`dcp_safetensors.storage.fsspec`.)
+
 Renaming N files is not atomic, so the commit does not depend on it:
 
 1. every rank writes into ``<root>/.dcp_safetensors-staging-<snapshot>/`` and
@@ -36,14 +39,14 @@ import logging
 import posixpath
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dcp_safetensors.errors import CheckpointCorruptError
 
 if TYPE_CHECKING:
     from dcp_safetensors.storage.local import LocalStorage
 
-__all__ = ["INDEX_NAME", "STAGING_PREFIX", "staging_name", "commit", "roll_forward", "recover"]
+__all__ = ["INDEX_NAME", "STAGING_PREFIX", "staging_name", "stale_files", "commit", "roll_forward", "recover"]
 
 logger = logging.getLogger("dcp_safetensors")
 
@@ -63,6 +66,13 @@ def is_owned_file(name: str) -> bool:
         (True, False)
     """
     return bool(_OWNED_TOP_LEVEL.match(name)) or name == INDEX_NAME
+
+
+def stale_files(storage: Any, published: Sequence[str]) -> list[str]:
+    """Files of older snapshots that a save publishing ``published`` removes (model shards, training state)."""
+    keep = set(published)
+    stale = [f for f in storage.listdir() if _OWNED_TOP_LEVEL.match(f) and f not in keep]
+    return stale + [f for f in storage.walk_files(TRAINING_STATE_DIR) if f not in keep]
 
 
 def staging_name(snapshot: str) -> str:
@@ -111,9 +121,7 @@ def roll_forward(storage: LocalStorage, staging: str) -> None:
     if storage.exists(staged_index):
         storage.replace(staged_index, INDEX_NAME)
     storage.fsync_dir()
-    keep = set(files)
-    stale = [f for f in storage.listdir() if _OWNED_TOP_LEVEL.match(f) and f not in keep]
-    stale += [f for f in storage.walk_files(TRAINING_STATE_DIR) if f not in keep]
+    stale = stale_files(storage, files)
     for f in stale:
         storage.remove(f)
     storage.remove(posixpath.join(staging, COMMIT_RECORD))

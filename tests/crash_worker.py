@@ -1,7 +1,10 @@
-"""Run a 2-rank save that SIGKILLs one rank at a chosen point; used by test_crash.py.
+"""Run a save on WORLD ranks that SIGKILLs one rank at a chosen point; used by test_crash.py.
 
-Usage: python crash_worker.py PATH VALUE PHASE RANK [STORAGE_OPTIONS_JSON]
-PHASE: none | mid-write | before-commit | mid-publish | after-commit | mid-upload (object stores)
+Usage: python crash_worker.py PATH VALUE PHASE RANK [STORAGE_OPTIONS_JSON [WORLD]]
+PHASE: none | planning | mid-write | before-commit | mid-publish | after-commit
+(mid-write is a pwrite on POSIX, an UploadPart on object stores; the commit
+phases hook the POSIX protocol in dcp_safetensors.commit or the object store's
+commit record and roll-forward.)
 The kill points are test hooks installed here by wrapping library functions;
 the library itself has no test code.
 """
@@ -37,53 +40,49 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_kill(phase: str) -> None:
-    if phase == "mid-write":
-        original = local_mod.WritableFile.pwritev
-        calls = {"n": 0}
+def _die_on_call(owner, name: str, when, after: bool = False) -> None:
+    """Wrap ``owner.name`` so the process SIGKILLs itself on the call for which ``when(n)`` is true."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
 
-        def pwritev(self, views, offset):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                die()
-            return original(self, views, offset)
-
-        local_mod.WritableFile.pwritev = pwritev
-    elif phase == "mid-upload":
-        from dcp_safetensors.storage import fsspec as fsspec_mod
-
-        original_write = fsspec_mod._ObjectPartWriter.write
-        uploads = {"n": 0}
-
-        def write(self, part, views):
-            uploads["n"] += 1
-            if uploads["n"] == 2:
-                die()
-            return original_write(self, part, views)
-
-        fsspec_mod._ObjectPartWriter.write = write
-    elif phase == "before-commit":
-        commit_mod.commit = lambda *a, **k: die()
-    elif phase == "mid-publish":
-        original_replace = local_mod.LocalStorage.replace
-        calls = {"n": 0}
-
-        def replace(self, src, dst):
-            if commit_mod.STAGING_PREFIX in src and not src.endswith(".tmp"):
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    die()
-            return original_replace(self, src, dst)
-
-        local_mod.LocalStorage.replace = replace
-    elif phase == "after-commit":
-        original_commit = commit_mod.commit
-
-        def commit_then_die(*a, **k):
-            original_commit(*a, **k)
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if when(calls["n"], *args) and not after:
             die()
+        result = original(*args, **kwargs)
+        if when(calls["n"], *args) and after:
+            die()
+        return result
 
-        commit_mod.commit = commit_then_die
+    setattr(owner, name, wrapper)
+
+
+def install_kill(phase: str, object_store: bool) -> None:
+    from dcp_safetensors.storage import fsspec as fsspec_mod
+
+    store = fsspec_mod.ObjectStorage
+    if phase == "planning":
+        _die_on_call(SafetensorsWriter, "prepare_global_plan", lambda n, *a: True)
+    elif phase == "mid-write" and object_store:
+        _die_on_call(fsspec_mod._ObjectPartWriter, "write", lambda n, *a: n == 1)
+    elif phase == "mid-write":
+        _die_on_call(local_mod.WritableFile, "pwritev", lambda n, *a: n == 3)
+    elif phase == "before-commit" and object_store:
+        _die_on_call(store, "commit_save", lambda n, *a: True)
+    elif phase == "before-commit":
+        _die_on_call(commit_mod, "commit", lambda n, *a: True)
+    elif phase == "mid-publish" and object_store:
+        # After the commit record and the first completed upload, before the index.
+        _die_on_call(store, "retry", lambda n, self, what, *a: what.startswith("CompleteMultipartUpload"), after=True)
+    elif phase == "mid-publish":
+        _die_on_call(
+            local_mod.LocalStorage,
+            "replace",
+            lambda n, self, src, dst: commit_mod.STAGING_PREFIX in src and not src.endswith(".tmp") and dst != commit_mod.INDEX_NAME,
+            after=True,
+        )
+    elif phase == "after-commit":
+        _die_on_call(store if object_store else commit_mod, "commit_save" if object_store else "commit", lambda n, *a: True, after=True)
 
 
 def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int, options: dict) -> None:
@@ -91,7 +90,7 @@ def main(rank: int, world: int, port: int, path: str, value: float, phase: str, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     if rank == kill_rank:
-        install_kill(phase)
+        install_kill(phase, object_store="://" in path)
     dcp.save(state(value, rank, world), storage_writer=SafetensorsWriter(path, max_shard_size="3MB", storage_options=options or None))
     dist.destroy_process_group()
 
@@ -99,7 +98,8 @@ def main(rank: int, world: int, port: int, path: str, value: float, phase: str, 
 if __name__ == "__main__":
     path, value, phase, kill_rank = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    world = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(main, args=(2, port, path, value, phase, kill_rank, options), nprocs=2, join=True)
+    mp.spawn(main, args=(world, port, path, value, phase, kill_rank, options), nprocs=world, join=True)

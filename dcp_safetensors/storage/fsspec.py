@@ -3,11 +3,19 @@
 On S3 (``s3://``, via ``s3fs``) a save is one multipart upload per file,
 created by the coordinator; each rank uploads the parts the layout gave it
 (``UploadPart``, every part but the last >= 5 MiB), and the coordinator
-completes the uploads from the part ETags and then PUTs the index: the index
-is the commit point, and an object appears only when its upload completes. On
-any failure every open upload is aborted and no index is written. Any other
-fsspec URL takes the generic path: one writer per file (``min_part`` = the
-whole file), written with one ``pipe_file``.
+commits with the protocol of :mod:`dcp_safetensors.commit`, built from an
+object store's primitives: a data file is a multipart upload to its final
+key, invisible until completed, so nothing of the previous checkpoint changes
+while ranks upload. The coordinator PUTs a commit record
+(``.dcp_safetensors-staging-<snapshot>/COMMIT.json``: upload ids and part
+ETags, the small files, the index): **that PUT is the commit point**. Rolling
+forward then deletes the old index (so no tool sees it over new files),
+completes the uploads, PUTs the small files and the index, and deletes files
+of older snapshots; every step is idempotent, and the next writer or reader
+finishes a roll-forward a crash interrupted. Before the commit point any
+failure aborts every upload. Any other fsspec URL takes the generic path: one
+writer per file (``min_part`` = the whole file), written in place with one
+``pipe_file`` (no crash safety: such stores cannot stage a file).
 
 Transient failures (throttling, 5xx, dropped connections) are retried with
 exponential backoff, on top of the client's own retries; a request that
@@ -20,13 +28,27 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import posixpath
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from dcp_safetensors.errors import ConfigurationError, MissingFileError, StorageError
+from dcp_safetensors.commit import (
+    COMMIT_RECORD,
+    INDEX_NAME,
+    STAGING_PREFIX,
+    staging_name,
+    stale_files,
+)
+from dcp_safetensors.errors import (
+    CheckpointCorruptError,
+    ConfigurationError,
+    MissingFileError,
+    StorageError,
+)
 from dcp_safetensors.layout import PartPlan
 
 __all__ = ["ObjectStorage", "S3_MIN_PART"]
@@ -160,6 +182,15 @@ class ObjectStorage:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def walk_files(self, name: str) -> list[str]:
+        """Names (relative to the checkpoint) of every object under ``name``."""
+        try:
+            found = self.retry(f"LIST {self.path(name)}", self.fs.find, self.path(name))
+        except FileNotFoundError:
+            return []
+        root = self.fs._strip_protocol(self.url)
+        return sorted(posixpath.relpath(self.fs._strip_protocol(f), root) for f in found)
+
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
@@ -182,8 +213,12 @@ class ObjectStorage:
         view[:] = self.read_range(name, offset, view.nbytes)
 
     def recover(self, *, discard_uncommitted: bool) -> None:
-        """Forget cached listings; writers also abort uploads an interrupted save left open here."""
+        """Finish commits a crash interrupted; writers also abort uploads an uncommitted save left open."""
         self.fs.invalidate_cache()
+        for entry in self.listdir():
+            if entry.startswith(STAGING_PREFIX) and self.exists(posixpath.join(entry, COMMIT_RECORD)):
+                logger.warning("completing the commit of %s left by an interrupted save", entry)
+                self._roll_forward(entry)
         if not (discard_uncommitted and self.multipart):
             return
         bucket, prefix = self.bucket_key("")
@@ -205,7 +240,7 @@ class ObjectStorage:
 
     def begin_save(self, snapshot: str, files: Sequence[str]) -> dict[str, Any]:
         self.recover(discard_uncommitted=True)
-        session: dict[str, Any] = {"snapshot": snapshot, "uploads": {}}
+        session: dict[str, Any] = {"snapshot": snapshot, "uploads": {}, "small": {}}
         if not self.multipart:
             return session
         try:
@@ -228,38 +263,79 @@ class ObjectStorage:
         return _ObjectPartWriter(self, session)
 
     def write_small(self, session: dict[str, Any], name: str, data: bytes) -> None:
-        self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
+        if self.multipart:
+            session["small"][name] = data  # published from the commit record, never before it
+        else:
+            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
 
     def commit_save(
         self, session: dict[str, Any], files: Sequence[str], tokens: dict[str, list[tuple[int, str]]], index: bytes
     ) -> None:
-        """Complete every upload, then PUT the index (the commit point), then drop stale files."""
-        from dcp_safetensors.commit import INDEX_NAME, is_owned_file
-
+        """PUT the commit record (the commit point), then roll forward; before it, any failure aborts."""
+        if not self.multipart:
+            self._publish_index(index, files)
+            return
+        staging = staging_name(session["snapshot"])
+        record = {
+            "snapshot": session["snapshot"],
+            "files": list(files),
+            "uploads": {f: {"upload_id": u, "parts": sorted(tokens.get(f, []))} for f, u in session["uploads"].items()},
+            "small": {name: base64.b64encode(data).decode() for name, data in session["small"].items()},
+            "index": base64.b64encode(index).decode(),
+        }
         try:
-            old = [f for f in self.listdir() if is_owned_file(f)]
-            # Without an index no tool mixes old and new files while uploads complete.
-            if INDEX_NAME in old:
-                self.retry(f"DELETE {self.path(INDEX_NAME)}", self.fs.rm_file, self.path(INDEX_NAME))
-            for f, upload_id in session["uploads"].items():
-                bucket, key = self.bucket_key(f)
-                parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(tokens[f])]
+            name = posixpath.join(staging, COMMIT_RECORD)
+            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), json.dumps(record).encode())
+        except BaseException:
+            self.abort_save(session)
+            raise
+        self._roll_forward(staging)
+
+    def _read_record(self, staging: str) -> dict[str, Any]:
+        name = posixpath.join(staging, COMMIT_RECORD)
+        try:
+            record = json.loads(self.read_range(name, 0, self.size(name)))
+            record["index_bytes"] = base64.b64decode(record["index"])
+            record["small_bytes"] = {k: base64.b64decode(v) for k, v in record["small"].items()}
+            return record
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointCorruptError(f"{self.path(name)}: unreadable commit record ({e})") from None
+
+    def _roll_forward(self, staging: str) -> None:
+        """Publish a committed save from its record (idempotent; safe to repeat after a crash)."""
+        record = self._read_record(staging)
+        index = record["index_bytes"]
+        # Without an index no tool mixes old and new files while uploads complete.
+        if self.exists(INDEX_NAME) and self.read_range(INDEX_NAME, 0, self.size(INDEX_NAME)) != index:
+            self.retry(f"DELETE {self.path(INDEX_NAME)}", self.fs.rm_file, self.path(INDEX_NAME))
+        for f, upload in record["uploads"].items():
+            bucket, key = self.bucket_key(f)
+            parts = [{"PartNumber": n, "ETag": etag} for n, etag in upload["parts"]]
+            try:
                 self.retry(
                     f"CompleteMultipartUpload {self.path(f)}",
                     self.fs.call_s3,
                     "complete_multipart_upload",
                     Bucket=bucket,
                     Key=key,
-                    UploadId=upload_id,
+                    UploadId=upload["upload_id"],
                     MultipartUpload={"Parts": parts},
                 )
-        except BaseException:
-            self.abort_save(session)
-            raise
+            except (FileNotFoundError, StorageError):
+                if not self.exists(f):  # not completed by an earlier roll-forward either
+                    raise
+        for name, data in record["small_bytes"].items():
+            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
+        self._publish_index(index, record["files"])
+        self.retry(f"DELETE {self.path(staging)}", self.fs.rm, self.path(staging), recursive=True)
+        self.fs.invalidate_cache(self.url)
+
+    def _publish_index(self, index: bytes, files: Sequence[str]) -> None:
+        """PUT the index, then delete files of older snapshots the new one does not list."""
         self.retry(f"PUT {self.path(INDEX_NAME)}", self.fs.pipe_file, self.path(INDEX_NAME), index)
-        for f in old:
-            if f not in files and f != INDEX_NAME:
-                self.retry(f"DELETE {self.path(f)}", self.fs.rm_file, self.path(f))
+        self.fs.invalidate_cache(self.url)
+        for f in stale_files(self, files):
+            self.retry(f"DELETE {self.path(f)}", self.fs.rm_file, self.path(f))
         self.fs.invalidate_cache(self.url)
 
     def abort_save(self, session: dict[str, Any]) -> None:
