@@ -52,7 +52,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch.distributed.checkpoint  # noqa: E402,F401  (imported once here; forked ranks inherit it)
+import torch.distributed.fsdp  # noqa: E402,F401
 from common import PeakRSS, evict, free_port, io_bytes, tree_bytes  # noqa: E402
+
+import dcp_safetensors  # noqa: E402,F401
 
 METHODS = ["ours", "torch_hf", "torch_distcp", "rank0", "limit"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -330,14 +334,21 @@ def summarize(method: str, cfg: dict, per_rank: dict) -> dict:
 
 
 def run_method(method: str, cfg: dict, root: str) -> dict:
+    """``method`` in new processes (one per rank); its summary, or its error."""
     path = tempfile.mkdtemp(dir=root, prefix=f"{method}-")
     out = mp.Manager().dict()
+    # CPU: fork from this process, which has imported torch, DCP and ours but started no thread
+    # pool, so a rank starts in well under a second instead of re-importing everything (2 cores).
+    # CUDA cannot be forked: spawn.
+    start = "spawn" if cfg["device"] == "cuda" else "fork"
     started = time.perf_counter()
     try:
         if method == "limit":
-            mp.spawn(limit_main, args=(state_bytes_of(cfg), cfg["repeats"], path, out), nprocs=1, join=True)
+            mp.start_processes(limit_main, args=(state_bytes_of(cfg), cfg["repeats"], path, out), nprocs=1,
+                               start_method=start)
         else:
-            mp.spawn(rank_main, args=(cfg["world"], free_port(), method, cfg, path, out), nprocs=cfg["world"], join=True)
+            mp.start_processes(rank_main, args=(cfg["world"], free_port(), method, cfg, path, out),
+                               nprocs=cfg["world"], start_method=start)
         result = summarize(method, cfg, dict(out))
     except Exception as exc:  # one failing method must not lose the rest of a long matrix
         traceback.print_exc()
