@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -130,7 +131,7 @@ def header(results: dict) -> str:
     m = meta["machine"]
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     label = f" **{meta['label']}**." if meta.get("label") else ""
-    argv = " ".join(meta.get("argv") or [])
+    argv = shlex.join(meta.get("argv") or [])
     return (
         f"Run of {meta['date']} on {m['host']}: {m['cores']} cores ({m['cpu']}), {m['memory_GiB']} GiB RAM{gpu}; "
         f"torch {m['torch']}, Python {m['python']}; suite wall time {meta['wall_s'] / 60:.1f} min.{label}\n\n"
@@ -225,7 +226,7 @@ def plot(results: dict, path: str) -> None:
     panels = [
         ("save throughput (MB/s)", lambda r: r["save_MBps"], False),
         ("load throughput (MB/s, cold cache)", lambda r: r["load_MBps"], False),
-        ("peak extra RSS, any rank, save or load (MiB)",
+        ("peak extra RSS, any rank, save or load (MiB; < 1 drawn at 1)",
          lambda r: max(1.0, max(r["save_extra_rss_per_rank"] + r["load_extra_rss_per_rank"]) / MiB), True),
     ]
     for ax, (title, value, log) in zip(axes, panels):
@@ -240,16 +241,17 @@ def plot(results: dict, path: str) -> None:
         if log:
             ax.set_yscale("log")
             ax.axhline(256, color="black", linestyle="--", linewidth=0.8)
-            ax.text(len(configs) - 0.5, 256, "256 MiB target", ha="right", va="bottom", fontsize=8)
+            ax.text(-0.45, 256, "256 MiB target", ha="left", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels([config_label(c) for c in configs], rotation=20, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
     meta = results["meta"]
     label = f" - {meta['label']}" if meta.get("label") else ""
     fig.suptitle(f"dcp-safetensors vs peers, {meta['date']}, {meta['machine']['cores']} cores{label}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

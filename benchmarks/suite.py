@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, nargs="+", default=[0.25, 1.0], help="state sizes in GiB")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--world", type=int, nargs="+", default=[2], help="world sizes (ranks)")
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="world sizes (ranks)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up (median reported)")
     parser.add_argument("--width", type=int, default=4096, help="Linear layers are width x width")
