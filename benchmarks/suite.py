@@ -336,7 +336,8 @@ def summarize(method: str, cfg: dict, per_rank: dict) -> dict:
 def run_method(method: str, cfg: dict, root: str) -> dict:
     """``method`` in new processes (one per rank); its summary, or its error."""
     path = tempfile.mkdtemp(dir=root, prefix=f"{method}-")
-    out = mp.Manager().dict()
+    manager = mp.Manager()
+    out = manager.dict()
     # CPU: fork from this process, which has imported torch, DCP and ours but started no thread
     # pool, so a rank starts in well under a second instead of re-importing everything (2 cores).
     # CUDA cannot be forked: spawn.
@@ -354,6 +355,7 @@ def run_method(method: str, cfg: dict, root: str) -> dict:
         traceback.print_exc()
         result = {"config": cfg, "method": method, "error": f"{type(exc).__name__}: {exc}".strip()[:2000]}
     finally:
+        manager.shutdown()
         shutil.rmtree(path, ignore_errors=True)
     result["process_wall_s"] = time.perf_counter() - started
     return result
