@@ -16,7 +16,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,bench]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	$(PY) -c "import matplotlib, psutil" && touch $@
 
-# Default matrix (0.25 and 1 GiB, fp32 and bf16, 2 and 4 ranks, every method, S3): ~15 min on 2 cores.
+# Default matrix (0.25 and 1 GiB, fp32 and bf16, 2 and 4 ranks, every method, S3): ~15-17 min on 2 shared cores.
 # Rewrites docs/benchmarks.md's results, README's table and docs/img/bench.png.
 # More: make bench BENCH_ARGS="--gib 0.25 1 4 --dtype fp32 bf16 --world 2 4 --repeats 3"
 BENCH_ARGS ?=
