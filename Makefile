@@ -11,6 +11,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	$(PY) -c "import torch, dcp_safetensors, pytest, safetensors" && touch $@
 
+# The benchmark's extra (matplotlib, psutil) on top of the test venv.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,bench]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import matplotlib, psutil" && touch $@
+
+# Default matrix (0.25 and 1 GiB, fp32 and bf16, 2 and 4 ranks, every method, S3): ~15-17 min on 2 shared cores.
+# Rewrites docs/benchmarks.md's results, README's table and docs/img/bench.png.
+# More: make bench BENCH_ARGS="--gib 0.25 1 4 --dtype fp32 bf16 --world 2 4 --repeats 3"
+BENCH_ARGS ?=
+bench: $(VENV)/.bench-installed
+	$(PY) benchmarks/suite.py --update-docs $(BENCH_ARGS)
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/dcp-safetensors demo
 

@@ -28,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from save_load import PeakRSS, evict
+from common import PeakRSS, evict
 from torch import nn
 
 import dcp_safetensors

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -26,15 +25,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from common import free_port  # noqa: E402
+
 from dcp_safetensors import SafetensorsReader, SafetensorsWriter  # noqa: E402
 
 METHODS = ["dcp_safetensors", "torch_fsspec_distcp"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank, world, port, method, url, options, mib, rows_per_tensor, threads, out):
@@ -79,26 +74,21 @@ def rank_main(rank, world, port, method, url, options, mib, rows_per_tensor, thr
     dist.destroy_process_group()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=2048, help="rows per 1024-column fp32 tensor")
-    parser.add_argument("--threads", type=int, default=8, help="our concurrent uploads / ranged GETs per rank")
-    parser.add_argument("--out", default="bench_out/s3.json")
-    args = parser.parse_args()
+def run(mib: int, rows: int, threads: int, methods: list[str] = METHODS) -> list[dict]:
+    """Each method in fresh processes against one moto server; one result dict per method."""
     from conftest import S3Server
 
     server = S3Server()
     results = []
     try:
-        for method in METHODS:
+        for method in methods:
             server.proxy.stats.reset()
             prefix = f"bench-{method}"
             manager = mp.Manager()
             out = manager.dict()
             mp.spawn(
                 rank_main,
-                args=(2, free_port(), method, server.url(prefix), server.storage_options, args.mib, args.rows, args.threads, out),
+                args=(2, free_port(), method, server.url(prefix), server.storage_options, mib, rows, threads, out),
                 nprocs=2,
                 join=True,
             )
@@ -112,6 +102,17 @@ def main() -> None:
             results.append(r)
     finally:
         server.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=2048, help="rows per 1024-column fp32 tensor")
+    parser.add_argument("--threads", type=int, default=8, help="our concurrent uploads / ranged GETs per rank")
+    parser.add_argument("--out", default="bench_out/s3.json")
+    args = parser.parse_args()
+    results = run(args.mib, args.rows, args.threads)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

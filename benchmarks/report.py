@@ -1,0 +1,291 @@
+"""Tables, targets and plot from a benchmark suite JSON (``benchmarks/suite.py``).
+
+    python benchmarks/report.py bench_out/suite.json                 # print the markdown
+    python benchmarks/report.py bench_out/suite.json --update-docs   # rewrite docs + plot
+
+``--update-docs`` replaces the text between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` in docs/benchmarks.md (full tables, S3, targets) and in
+README.md (one short table), and writes docs/img/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+MiB = 2**20
+
+LABELS = {
+    "ours": "**ours** (`SafetensorsWriter`/`Reader`)",
+    "torch_hf": "torch `HuggingFaceStorageWriter` + consolidation / `HuggingFaceStorageReader`",
+    "torch_distcp": "torch `FileSystemWriter`/`Reader` (.distcp, not HF)",
+    "rank0": "gather to rank 0 + `save_file` / rank-0 `load_file` + broadcast",
+    "limit": "limit: 1 process, sequential write + fsync / cold read",
+}
+SHORT = {"ours": "ours", "torch_hf": "torch HF+consol.", "torch_distcp": "torch .distcp",
+         "rank0": "gather rank 0", "limit": "disk limit"}
+COLORS = {"ours": "#d62728", "torch_hf": "#1f77b4", "torch_distcp": "#2ca02c", "rank0": "#9467bd", "limit": "#7f7f7f"}
+
+# Issue 6's targets: (phase, peer method, minimum ours-speedup, only at this size or None).
+RATIO_TARGETS = [
+    ("save", "torch_hf", 2.0, None),
+    ("save", "torch_distcp", 0.9, None),
+    ("save", "limit", 0.8, 4.0),
+    ("load", "torch_hf", 1.0, None),
+    ("load", "torch_distcp", 0.9, None),
+]
+MEMORY_LIMIT = 256 * MiB
+
+
+def config_label(cfg: dict) -> str:
+    gpu = " cuda" if cfg.get("device") == "cuda" else ""
+    return f"{cfg['gib']:g} GiB {cfg['dtype']} x{cfg['world']}{gpu}"
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "error" not in r]
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / MiB:.0f}"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 6's targets evaluated on one run: the worst configuration decides."""
+    runs = _ok(results["runs"])
+    rows = []
+    for phase, peer, threshold, only_gib in RATIO_TARGETS:
+        name = f"{phase}: ours >= {threshold}x {SHORT[peer]}" + (f" at {only_gib:g} GiB" if only_gib else "")
+        pool = [r for r in runs if r["method"] == peer and r.get(f"{phase}_ours_speedup") is not None]
+        note = ""
+        if only_gib is not None:
+            sized = [r for r in pool if r["config"]["gib"] == only_gib]
+            if not sized and pool:
+                largest = max(r["config"]["gib"] for r in pool)
+                sized = [r for r in pool if r["config"]["gib"] == largest]
+                note = f"{only_gib:g} GiB not run; shown at {largest:g} GiB"
+            pool = sized
+        if not pool:
+            rows.append({"target": name, "threshold": threshold, "measured": None, "where": "", "status": "not run"})
+            continue
+        worst = min(pool, key=lambda r: r[f"{phase}_ours_speedup"])
+        ratio = worst[f"{phase}_ours_speedup"]
+        status = ("met" if ratio >= threshold else "missed") if not note else "not run (" + note + ")"
+        spread = sorted(r[f"{phase}_ours_speedup"] for r in pool)
+        rows.append({
+            "target": name, "threshold": threshold, "measured": ratio,
+            "where": f"worst of {len(pool)}: {config_label(worst['config'])}; range {spread[0]:.2f}-{spread[-1]:.2f}x",
+            "status": status,
+        })
+    ours = [r for r in runs if r["method"] == "ours"]
+    if ours:
+        peaks = [(max(r[f"{p}_extra_rss_per_rank"]), p, r) for r in ours for p in ("save", "load")]
+        peak, phase, where = max(peaks, key=lambda t: t[0])
+        low = min(t[0] for t in peaks)
+        rows.append({
+            "target": "memory: ours' extra peak RSS on any rank <= 256 MiB", "threshold": MEMORY_LIMIT,
+            "measured": peak,
+            "where": f"max {peak / MiB:.0f} MiB ({phase}, {config_label(where['config'])}); "
+                     f"range over {len(ours)} configurations {low / MiB:.0f}-{peak / MiB:.0f} MiB",
+            "status": "met" if peak <= MEMORY_LIMIT else "missed",
+        })
+    s3 = {r["method"]: r for r in results.get("s3") or [] if "error" not in r}
+    if "dcp_safetensors" in s3:
+        ours_s3 = s3["dcp_safetensors"]
+        once = ours_s3["uploaded_bytes"] == ours_s3["stored_bytes"]
+        rows.append({
+            "target": "S3: every checkpoint byte uploaded once", "threshold": 1.0,
+            "measured": ours_s3["uploaded_bytes"] / ours_s3["stored_bytes"],
+            "where": f"uploaded {ours_s3['uploaded_bytes'] / 1e6:.1f} MB, stored {ours_s3['stored_bytes'] / 1e6:.1f} MB",
+            "status": "met" if once else "missed",
+        })
+        if "torch_fsspec_distcp" in s3:
+            ratio = s3["torch_fsspec_distcp"]["save_s"] / ours_s3["save_s"]
+            rows.append({
+                "target": "S3: save >= 1.0x torch FsspecWriter", "threshold": 1.0, "measured": ratio,
+                "where": f"{ours_s3['state_bytes'] / MiB:.0f} MiB, moto on 127.0.0.1",
+                "status": "met" if ratio >= 1.0 else "missed",
+            })
+    return rows
+
+
+def _configs(runs: list[dict]) -> list[dict]:
+    seen: list[dict] = []
+    for r in runs:
+        if r["config"] not in seen:
+            seen.append(r["config"])
+    return seen
+
+
+def header(results: dict) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
+    label = f" **{meta['label']}**." if meta.get("label") else ""
+    argv = shlex.join(meta.get("argv") or [])
+    return (
+        f"Run of {meta['date']} on {m['host']}: {m['cores']} cores ({m['cpu']}), {m['memory_GiB']} GiB RAM{gpu}; "
+        f"torch {m['torch']}, Python {m['python']}; suite wall time {meta['wall_s'] / 60:.1f} min.{label}\n\n"
+        f"Command: `python benchmarks/suite.py {argv}`".rstrip() + "\n"
+    )
+
+
+def markdown(results: dict) -> str:
+    out = [header(results)]
+    runs = results["runs"]
+    for cfg in _configs(runs):
+        rows = [r for r in runs if r["config"] == cfg]
+        ok = _ok(rows)
+        size = f"{ok[0]['state_bytes'] / 1e6:.0f} MB" if ok else "?"
+        out.append(f"\n### {config_label(cfg)} ({size}, {cfg['device']}, median of {cfg['repeats']} after 1 warm-up)\n")
+        out.append("| method | save s | save MB/s | ours ÷ method, save | load s | load MB/s | ours ÷ method, load "
+                   "| extra RSS save: rank 0 / max other (MiB) | extra RSS load: rank 0 / max other (MiB) "
+                   "| on disk MB | block I/O written / read MB | correct |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                out.append(f"| {LABELS[r['method']]} | error: {r['error'].splitlines()[0][:120]} |" + " |" * 10)
+                continue
+            out.append(
+                f"| {LABELS[r['method']]} | {r['save_s']:.2f} | {r['save_MBps']:.0f} | {_x(r['save_ours_speedup'])} "
+                f"| {r['load_s']:.2f} | {r['load_MBps']:.0f} | {_x(r['load_ours_speedup'])} "
+                f"| {_mib(r['save_extra_rss_rank0'])} / {_mib(r['save_extra_rss_others_max'])} "
+                f"| {_mib(r['load_extra_rss_rank0'])} / {_mib(r['load_extra_rss_others_max'])} "
+                f"| {r['bytes_on_disk'] / 1e6:.0f} | {r['save_io_write_bytes'] / 1e6:.0f} / {r['load_io_read_bytes'] / 1e6:.0f} "
+                f"| {'yes' if r['correct'] else '**NO**'} |"
+            )
+    if results.get("s3"):
+        out.append("\n### S3 (moto on 127.0.0.1, 2 ranks, one run, no warm-up)\n")
+        out.append("| method | save MB/s | load MB/s | requests (save + load) by operation | uploaded MB | stored MB | correct |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in results["s3"]:
+            mb = r["state_bytes"] / 1e6
+            ops = ", ".join(f"{k} {v}" for k, v in sorted(r["requests"].items()))
+            out.append(f"| {r['method']} | {mb / r['save_s']:.0f} | {mb / r['load_s']:.0f} | {sum(r['requests'].values())} "
+                       f"({ops}) | {r['uploaded_bytes'] / 1e6:.1f} | {r['stored_bytes'] / 1e6:.1f} | {r['correct']} |")
+    out.append("\n### Targets (issue 6)\n")
+    out.append("\"ours ÷ method\" is ours' throughput over the method's (time of the method / time of ours), "
+               "so every target reads \"at least\".\n")
+    out.append("| target | measured | where | status |")
+    out.append("|---|---|---|---|")
+    for t in results.get("targets") or targets(results):
+        measured = t["measured"]
+        if measured is None:
+            shown = "-"
+        elif t["target"].startswith("memory"):
+            shown = f"{measured / MiB:.0f} MiB"
+        else:
+            shown = f"{measured:.2f}x"
+        out.append(f"| {t['target']} | {shown} | {t['where']} | {t['status']} |")
+    return "\n".join(out) + "\n"
+
+
+def readme_table(results: dict) -> str:
+    """One configuration (the largest fp32 one on the fewest ranks) in five columns, plus the plot."""
+    runs = _ok(results["runs"])
+    if not runs:
+        return "No results.\n"
+    cfg = max(_configs(runs), key=lambda c: (c["dtype"] == "fp32", -c["world"], c["gib"]))
+    meta = results["meta"]
+    label = f", {meta['label']}" if meta.get("label") else ""
+    out = [f"{config_label(cfg)} FSDP2 state, local disk, {meta['machine']['cores']}-core machine, "
+           f"{meta['date']}{label} (`docs/benchmarks.md` has every size, the targets and S3):\n",
+           "| method | save MB/s | load MB/s | peak extra RSS, any rank (save / load) | on disk |",
+           "|---|---|---|---|---|"]
+    for r in runs:
+        if r["config"] != cfg:
+            continue
+        save = max(r["save_extra_rss_per_rank"])
+        load = max(r["load_extra_rss_per_rank"])
+        out.append(f"| {SHORT[r['method']] if r['method'] != 'ours' else '**dcp-safetensors**'} | {r['save_MBps']:.0f} "
+                   f"| {r['load_MBps']:.0f} | +{_mib(save)} / +{_mib(load)} MiB | {r['bytes_on_disk'] / 1e9:.2f} GB |")
+    out.append("\n![save/load throughput and peak memory per method](docs/img/bench.png)\n")
+    return "\n".join(out)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _ok(results["runs"])
+    configs = _configs(runs)
+    methods = [m for m in LABELS if any(r["method"] == m for r in runs)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    width = 0.8 / max(1, len(methods))
+    panels = [
+        ("save throughput (MB/s)", lambda r: r["save_MBps"], False),
+        ("load throughput (MB/s, cold cache)", lambda r: r["load_MBps"], False),
+        ("peak extra RSS, any rank, save or load (MiB; < 1 drawn at 1)",
+         lambda r: max(1.0, max(r["save_extra_rss_per_rank"] + r["load_extra_rss_per_rank"]) / MiB), True),
+    ]
+    for ax, (title, value, log) in zip(axes, panels):
+        for i, m in enumerate(methods):
+            xs, ys = [], []
+            for j, cfg in enumerate(configs):
+                r = next((r for r in runs if r["method"] == m and r["config"] == cfg), None)
+                if r is not None:
+                    xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                    ys.append(value(r))
+            ax.bar(xs, ys, width, label=SHORT[m], color=COLORS[m])
+        if log:
+            ax.set_yscale("log")
+            ax.axhline(256, color="black", linestyle="--", linewidth=0.8)
+            ax.text(-0.45, 256, "256 MiB target", ha="left", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels([config_label(c) for c in configs], rotation=20, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
+    meta = results["meta"]
+    label = f" - {meta['label']}" if meta.get("label") else ""
+    fig.suptitle(f"dcp-safetensors vs peers, {meta['date']}, {meta['machine']['cores']} cores{label}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def replace_marked(path: str, text: str) -> None:
+    with open(path) as f:
+        doc = f.read()
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {START} ... {END} section to rewrite")
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", doc, flags=re.S)
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def update_docs(results: dict, root: str = ROOT) -> None:
+    replace_marked(os.path.join(root, "docs", "benchmarks.md"),
+                   markdown(results) + "\n![save/load throughput and peak memory per method](img/bench.png)\n")
+    replace_marked(os.path.join(root, "README.md"), readme_table(results))
+    plot(results, os.path.join(root, "docs", "img", "bench.png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("json", help="output of benchmarks/suite.py")
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    with open(args.json) as f:
+        results = json.load(f)
+    results["targets"] = targets(results)
+    print(markdown(results))
+    if args.update_docs:
+        update_docs(results)
+
+
+if __name__ == "__main__":
+    main()

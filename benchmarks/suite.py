@@ -1,0 +1,469 @@
+"""Benchmark suite (issue 6): save/load of FSDP2 states with ours, torch's writers, rank-0 gather, and the disk's limit.
+
+For every configuration (state size, dtype, world size) each method runs in
+fresh processes, so its peak RSS is its own. In those processes: build an
+FSDP2 (``fully_shard``) state, do ONE untimed warm-up save + load to a scratch
+directory (the first save of a fresh process pays one-off costs), then
+``--repeats`` timed rounds of: save, evict the page cache of the written files
+(fsync + ``POSIX_FADV_DONTNEED``), load into a zeroed sharded state, compare
+every byte with the source. The median of the rounds is reported.
+
+Methods (``--methods``):
+
+* ``ours``: ``SafetensorsWriter`` / ``SafetensorsReader``.
+* ``torch_hf``: ``HuggingFaceStorageWriter(save_distributed=True, enable_consolidation=True)``
+  / ``HuggingFaceStorageReader`` on the consolidated output.
+* ``torch_distcp``: ``FileSystemWriter`` / ``FileSystemReader`` (.distcp).
+* ``rank0``: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` +
+  ``safetensors.torch.save_file`` (+ fsync) on rank 0 / ``load_file`` on rank 0 +
+  ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``.
+* ``limit``: one process writes the same number of bytes sequentially from a
+  64 MiB buffer and fsyncs once, then reads them back after ``POSIX_FADV_DONTNEED``.
+
+Then (unless ``--no-s3``) ours vs torch's ``FsspecWriter``/``FsspecReader``
+through moto's S3 server on 127.0.0.1 (``benchmarks/s3.py``).
+
+    python benchmarks/suite.py                      # default matrix (make bench)
+    python benchmarks/suite.py --quick              # ~2 min smoke run
+    python benchmarks/suite.py --gib 0.25 1 4 --dtype fp32 bf16 --world 2 4 --repeats 3
+    python benchmarks/suite.py --device cuda --world 8   # NCCL, states on GPUs
+
+Writes ``--out`` (JSON) and prints the tables; ``--update-docs`` also rewrites
+the results section of docs/benchmarks.md, the README's table and
+docs/img/bench.png (``benchmarks/report.py`` does the same from a saved JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timedelta, timezone
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch.distributed.checkpoint  # noqa: E402,F401  (imported once here; forked ranks inherit it)
+import torch.distributed.fsdp  # noqa: E402,F401
+from common import PeakRSS, evict, free_port, io_bytes, tree_bytes  # noqa: E402
+
+import dcp_safetensors  # noqa: E402,F401
+
+METHODS = ["ours", "torch_hf", "torch_distcp", "rank0", "limit"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHUNK = 64 << 20  # the limit's write/read unit
+
+
+def build(gib: float, width: int, dtype: torch.dtype, device: torch.device, mesh, seed: int | None):
+    """An FSDP2 stack of ``width x width`` Linear layers totalling ``gib`` GiB; local shards random (seeded) or zero.
+
+    Built on the meta device and materialised shard by shard, so no rank ever
+    holds more than its own shard (and filling costs 1/world of the state).
+    """
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    layer_bytes = width * width * torch.empty((), dtype=dtype).element_size()
+    layers = max(1, round(gib * 2**30 / layer_bytes))
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(width, width, bias=False, dtype=dtype) for _ in range(layers)])
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed * 1_000_003 + mesh.get_rank())
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local()
+            if seed is None:
+                local.zero_()
+            else:
+                local.normal_(generator=gen)
+    return model
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_once(method: str, path: str, model, sd: dict) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if method == "ours":
+        from dcp_safetensors import SafetensorsWriter
+
+        dcp.save(sd, storage_writer=SafetensorsWriter(path))
+    elif method == "torch_hf":
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        dcp.save(sd, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=True))
+    elif method == "torch_distcp":
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(path))
+    elif method == "rank0":
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            os.makedirs(path, exist_ok=True)
+            file = os.path.join(path, "model.safetensors")
+            save_file(full, file)
+            _sync(file)  # durable like the others (DCP's writers and ours fsync)
+        del full
+    else:
+        raise ValueError(method)
+
+
+def load_once(method: str, path: str, model, sd: dict) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if method == "ours":
+        from dcp_safetensors import SafetensorsReader
+
+        dcp.load(sd, storage_reader=SafetensorsReader(path))
+    elif method == "torch_hf":
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        dcp.load(sd, storage_reader=HuggingFaceStorageReader(path))
+    elif method == "torch_distcp":
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(path))
+    elif method == "rank0":
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = load_file(os.path.join(path, "model.safetensors")) if dist.get_rank() == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    else:
+        raise ValueError(method)
+
+
+def rank_main(rank: int, world: int, port: int, method: str, cfg: dict, root: str, out: dict) -> None:
+    """One rank of one method: warm-up, then ``repeats`` timed save/evict/load/compare rounds."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cuda = cfg["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=cfg["timeout_s"]),
+        **({"device_id": device} if cuda else {}),
+    )
+    mesh = init_device_mesh(device.type, (world,))
+    dtype = DTYPES[cfg["dtype"]]
+    src = build(cfg["gib"], cfg["width"], dtype, device, mesh, seed=0)
+    dst = build(cfg["gib"], cfg["width"], dtype, device, mesh, seed=None)
+    src_sd = get_model_state_dict(src)
+    dst_sd = get_model_state_dict(dst)
+    state_bytes = torch.tensor(sum(v.to_local().numel() * v.element_size() for v in src_sd.values()), device=device)
+    dist.all_reduce(state_bytes)
+
+    def zero_dst() -> None:
+        with torch.no_grad():
+            for p in dst.parameters():
+                p.to_local().zero_()
+            for v in dst_sd.values():
+                v.to_local().zero_()
+
+    def all_equal() -> bool:
+        loaded = get_model_state_dict(dst) if method == "rank0" else dst_sd
+        ok = all(torch.equal(src_sd[k].to_local(), loaded[k].to_local()) for k in src_sd)
+        flag = torch.tensor(int(ok), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def clear(path: str) -> None:
+        if rank == 0 and os.path.exists(path):
+            shutil.rmtree(path)
+        dist.barrier()
+
+    def timed(fn) -> dict:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated() if cuda else 0
+        dist.barrier()
+        read0, write0 = io_bytes()
+        with PeakRSS() as mem:
+            started = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            seconds = time.perf_counter() - started
+        read1, write1 = io_bytes()
+        return {
+            "s": seconds,
+            "extra_rss": mem.extra,
+            "gpu_extra": (torch.cuda.max_memory_allocated() - gpu_base) if cuda else 0,
+            "io_read": read1 - read0,
+            "io_write": write1 - write0,
+        }
+
+    # Warm-up: one untimed save + load to a scratch directory.
+    warm = os.path.join(root, "warmup")
+    clear(warm)
+    save_once(method, warm, src, src_sd)
+    zero_dst()
+    load_once(method, warm, dst, dst_sd)
+    warm_ok = all_equal()
+    clear(warm)
+
+    rounds = []
+    path = os.path.join(root, "ckpt")
+    for _ in range(cfg["repeats"]):
+        clear(path)
+        save = timed(lambda: save_once(method, path, src, src_sd))
+        on_disk = tree_bytes(path) if rank == 0 else 0
+        if rank == 0:
+            evict(path)
+        zero_dst()
+        dist.barrier()
+        load = timed(lambda: load_once(method, path, dst, dst_sd))
+        rounds.append({"save": save, "load": load, "bytes_on_disk": on_disk, "correct": all_equal() and warm_ok})
+    clear(path)
+    out[rank] = {"state_bytes": int(state_bytes.item()), "rounds": rounds}
+    dist.destroy_process_group()
+
+
+def limit_main(_: int, state_bytes: int, repeats: int, root: str, out: dict) -> None:
+    """The disk's limit: ``state_bytes`` written sequentially by one process with one fsync, read back cold."""
+    buf = bytearray(os.urandom(1 << 20) * (CHUNK >> 20))
+    view = memoryview(buf)
+    back = bytearray(CHUNK)
+    path = os.path.join(root, "limit.bin")
+
+    def write() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = state_bytes
+            while left:
+                left -= os.write(fd, view[: min(CHUNK, left)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read() -> int:
+        fd = os.open(path, os.O_RDONLY)
+        total = 0
+        try:
+            while n := os.readv(fd, [back]):
+                total += n
+        finally:
+            os.close(fd)
+        return total
+
+    def timed(fn) -> tuple[dict, object]:
+        read0, write0 = io_bytes()
+        with PeakRSS() as mem:
+            started = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - started
+        read1, write1 = io_bytes()
+        return {"s": seconds, "extra_rss": mem.extra, "gpu_extra": 0,
+                "io_read": read1 - read0, "io_write": write1 - write0}, result
+
+    write()  # warm-up, like the other methods
+    evict(root)
+    read()
+    rounds = []
+    for _ in range(repeats):
+        os.unlink(path)
+        save, _ = timed(write)
+        evict(root)
+        load, total = timed(read)
+        # The bytes are a repeated 1 MiB random pattern: check the count and the last chunk read.
+        tail = state_bytes % CHUNK or min(CHUNK, state_bytes)
+        ok = total == state_bytes and back[:tail] == buf[:tail]
+        rounds.append({"save": save, "load": load, "bytes_on_disk": os.path.getsize(path), "correct": ok})
+    os.unlink(path)
+    out[0] = {"state_bytes": state_bytes, "rounds": rounds}
+
+
+def state_bytes_of(cfg: dict) -> int:
+    """What ``build`` allocates, without building it (the limit writes this many bytes)."""
+    elsize = torch.empty((), dtype=DTYPES[cfg["dtype"]]).element_size()
+    layer_bytes = cfg["width"] * cfg["width"] * elsize
+    return max(1, round(cfg["gib"] * 2**30 / layer_bytes)) * layer_bytes
+
+
+def summarize(method: str, cfg: dict, per_rank: dict) -> dict:
+    """Medians over the rounds; peak RSS maxima over the rounds, rank 0 apart from the others."""
+    ranks = sorted(per_rank)
+    nbytes = per_rank[0]["state_bytes"]
+    rounds = [[per_rank[r]["rounds"][i] for r in ranks] for i in range(len(per_rank[0]["rounds"]))]
+    result: dict = {"config": cfg, "method": method, "state_bytes": nbytes, "repeats": len(rounds)}
+    for phase in ("save", "load"):
+        seconds = [rd[0][phase]["s"] for rd in rounds]
+        median = statistics.median(seconds)
+        result[f"{phase}_s"] = median
+        result[f"{phase}_s_all"] = seconds
+        result[f"{phase}_MBps"] = nbytes / 1e6 / median
+        extra = [max(rd[r][phase]["extra_rss"] for rd in rounds) for r in range(len(ranks))]
+        result[f"{phase}_extra_rss_per_rank"] = extra
+        result[f"{phase}_extra_rss_rank0"] = extra[0]
+        result[f"{phase}_extra_rss_others_max"] = max(extra[1:], default=None)
+        result[f"{phase}_gpu_extra_max"] = max(rd[r][phase]["gpu_extra"] for rd in rounds for r in range(len(ranks)))
+        key = "io_write" if phase == "save" else "io_read"
+        result[f"{phase}_{key}_bytes"] = statistics.median(sum(x[phase][key] for x in rd) for rd in rounds)
+    result["bytes_on_disk"] = rounds[-1][0]["bytes_on_disk"]
+    result["correct"] = all(x["correct"] for rd in rounds for x in rd)
+    return result
+
+
+def run_method(method: str, cfg: dict, root: str) -> dict:
+    """``method`` in new processes (one per rank); its summary, or its error."""
+    path = tempfile.mkdtemp(dir=root, prefix=f"{method}-")
+    manager = mp.Manager()
+    out = manager.dict()
+    # CPU: fork from this process, which has imported torch, DCP and ours but started no thread
+    # pool, so a rank starts in well under a second instead of re-importing everything (2 cores).
+    # CUDA cannot be forked: spawn.
+    start = "spawn" if cfg["device"] == "cuda" else "fork"
+    started = time.perf_counter()
+    try:
+        if method == "limit":
+            mp.start_processes(limit_main, args=(state_bytes_of(cfg), cfg["repeats"], path, out), nprocs=1,
+                               start_method=start)
+        else:
+            mp.start_processes(rank_main, args=(cfg["world"], free_port(), method, cfg, path, out),
+                               nprocs=cfg["world"], start_method=start)
+        result = summarize(method, cfg, dict(out))
+    except Exception as exc:  # one failing method must not lose the rest of a long matrix
+        traceback.print_exc()
+        result = {"config": cfg, "method": method, "error": f"{type(exc).__name__}: {exc}".strip()[:2000]}
+    finally:
+        manager.shutdown()
+        shutil.rmtree(path, ignore_errors=True)
+    result["process_wall_s"] = time.perf_counter() - started
+    return result
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """``ours_speedup``: ours' throughput / this method's, per phase, within one configuration."""
+    for r in runs:
+        ours = next((o for o in runs if o["method"] == "ours" and o["config"] == r["config"] and "error" not in o), None)
+        for phase in ("save", "load"):
+            ok = ours is not None and "error" not in r
+            r[f"{phase}_ours_speedup"] = r[f"{phase}_s"] / ours[f"{phase}_s"] if ok else None
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import psutil
+
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, nargs="+", default=[0.25, 1.0], help="state sizes in GiB")
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="world sizes (ranks)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up (median reported)")
+    parser.add_argument("--width", type=int, default=4096, help="Linear layers are width x width")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: states on GPUs, NCCL")
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--s3-mib", type=int, default=256, help="state size of the S3 comparison")
+    parser.add_argument("--s3-threads", type=int, default=8, help="our concurrent uploads / ranged GETs per rank")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 comparison")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB fp32, 2 ranks, 1 repeat, 16 MiB S3")
+    parser.add_argument("--timeout-s", type=int, default=1800, help="process-group timeout per collective")
+    parser.add_argument("--label", default="", help="a note stored with the results and shown in the docs")
+    parser.add_argument("--out", default="bench_out/suite.json")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite docs/benchmarks.md's results, the README table and docs/img/bench.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.gib, args.dtype, args.world, args.repeats, args.s3_mib = [0.0625], ["fp32"], [2], 1, 16
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    root = args.dir or tempfile.mkdtemp(prefix="dcp-bench-")
+    os.makedirs(root, exist_ok=True)
+    started = time.perf_counter()
+    runs = []
+    try:
+        for world in args.world:
+            for dtype in args.dtype:
+                for gib in args.gib:
+                    cfg = {"gib": gib, "dtype": dtype, "world": world, "device": args.device, "width": args.width,
+                           "repeats": args.repeats, "timeout_s": args.timeout_s}
+                    for method in args.methods:
+                        print(f"[suite] {gib} GiB {dtype} world={world} {args.device}: {method}", flush=True)
+                        runs.append(run_method(method, cfg, root))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    add_ratios(runs)
+    s3 = None
+    if not args.no_s3:
+        import s3 as s3_bench
+
+        print(f"[suite] S3 (moto): {args.s3_mib} MiB", flush=True)
+        s3 = s3_bench.run(args.s3_mib, 2048, args.s3_threads)
+    results = {
+        "meta": {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "label": args.label,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "wall_s": round(time.perf_counter() - started, 1),
+        },
+        "runs": runs,
+        "s3": s3,
+    }
+    import report
+
+    results["targets"] = report.targets(results)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(report.markdown(results))
+    if args.update_docs:
+        report.update_docs(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
