@@ -195,3 +195,57 @@ def test_a_failed_s3_save_changes_none_of_the_previous_checkpoints_objects(s3, m
     state = {"w": torch.zeros(4), "step": 0}
     dcp_safetensors.load(state, url, storage_options=opts)
     assert state["step"] == 1 and state["w"].tolist() == [1.0] * 4
+
+
+def test_non_tensor_values_keep_their_python_types_and_values_without_pickle(tmp_path):
+    values = {
+        "zero": 0, "zero_f": 0.0, "no": False, "none": None, "text": "cosine", "big": 2**62 + 1, "tiny": -3.5e-9,
+        "nested": {"lr": [1e-3, 2], "sched": {"kind": "warmup", "steps": [0, 10, 100], "on": True}},
+    }
+    dcp_safetensors.save({"w": torch.ones(2), **values}, tmp_path)
+    stored = json.loads((tmp_path / "training_state" / "objects.json").read_text())
+    assert not any("torch_save" in json.dumps(v) for v in stored.values())  # JSON, no pickle
+    target = {"w": torch.zeros(2), **{k: object() for k in values}}
+    target["nested"] = {"lr": object(), "sched": {"kind": object(), "steps": object(), "on": object()}}
+    dcp_safetensors.load(target, tmp_path)
+    for key, value in values.items():
+        assert target[key] == value and type(target[key]) is type(value), (key, target[key])
+    assert type(target["nested"]["sched"]["steps"][2]) is int and type(target["nested"]["lr"][0]) is float
+
+
+def test_data_files_and_directories_are_durable_before_the_commit_and_nothing_published_earlier(tmp_path, monkeypatch):
+    state = {f"w{i}": torch.full((256, 64), float(i)) for i in range(4)}
+    dcp_safetensors.save(state, tmp_path, max_shard_size="64KiB")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", f"{src} -> {dst}"))
+        return real_replace(src, dst, *a, **k)
+
+    def open_(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            events.append(("open-write", str(path)))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "open", open_)
+    dcp_safetensors.save({k: v + 10 for k, v in state.items()}, tmp_path, max_shard_size="64KiB")
+    monkeypatch.undo()
+
+    commit = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith("COMMIT.json"))
+    staging = next(what for kind, what in events if kind == "open-write").rsplit("/", 1)[0]
+    before, after = events[:commit], events[commit + 1 :]
+    written = {what for kind, what in before if kind == "open-write" and what.endswith(".safetensors")}
+    assert len(written) == 4 and all(w.startswith(staging) for w in written)
+    assert written <= {what for kind, what in before if kind == "fsync"}, "a data file was not fsynced before the commit"
+    # Before the commit point nothing outside staging is written or renamed.
+    assert all(what.startswith(staging) for kind, what in before if kind in ("open-write", "replace"))
+    # The commit record's rename is made durable (staging fsynced) before anything is published.
+    first_publish = next(i for i, (kind, what) in enumerate(after) if kind == "replace")
+    assert ("fsync", staging) in after[:first_publish]
