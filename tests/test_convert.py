@@ -228,8 +228,13 @@ import re, sys
 import dcp_safetensors.cli, dcp_safetensors.convert, tqdm, safetensors
 def status(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-base = status("VmRSS")
-for argv in sys.argv[1:]:
+# The first argv is a warm-up on a tiny checkpoint: lazy imports and thread pools are not
+# the conversion's memory. Then the high-water mark is reset (clear_refs 5) and measured.
+for i, argv in enumerate(sys.argv[1:]):
+    if i == 1:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = status("VmRSS")
     rc = dcp_safetensors.cli.main(argv.split("|"))
     assert rc == 0, argv
 print(status("VmHWM") - base)
@@ -238,13 +243,19 @@ print(status("VmHWM") - base)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="measures VmHWM of /proc/self/status")
 def test_conversion_memory_stays_bounded(tmp_path):
-    """~200 MB in 20 tensors: peak RSS growth of the converting process is a fraction of it."""
+    """~400 MB in 40 tensors: peak RSS growth of the converting process is a fraction of it.
+
+    The growth is bounded by the tensors in flight (read threads x a tensor),
+    not by the checkpoint: ~80 MB here, whatever the number of tensors.
+    """
     g = torch.Generator().manual_seed(2)
-    state = {f"layers.{i}.weight": torch.randn(2500, 1000, generator=g) for i in range(20)}
+    state = {f"layers.{i}.weight": torch.randn(2500, 1000, generator=g) for i in range(40)}
     size = sum(t.numel() * t.element_size() for t in state.values())
     no_dist(dcp.save, state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "distcp")))
     del state
+    no_dist(dcp.save, {"w": torch.ones(1000)}, storage_writer=dcp.FileSystemWriter(str(tmp_path / "tiny")))
     runs = [
+        f"convert|{tmp_path / 'tiny'}|{tmp_path / 'tiny_hf'}|--no-progress",
         f"convert|{tmp_path / 'distcp'}|{tmp_path / 'hf'}|--max-shard-size|100MB|--no-progress",
         f"convert|{tmp_path / 'hf'}|{tmp_path / 'bf16'}|--dtype|bf16|--no-progress",
     ]
@@ -252,9 +263,9 @@ def test_conversion_memory_stays_bounded(tmp_path):
     assert p.returncode == 0, p.stderr
     growth = int(p.stdout.split()[-1])
     print(f"convert peak RSS growth: {growth / MB:.0f} MB for a {size / MB:.0f} MB checkpoint")
-    assert growth < 0.4 * size, f"peak RSS grew {growth / MB:.0f} MB converting {size / MB:.0f} MB"
+    assert growth < 0.35 * size, f"peak RSS grew {growth / MB:.0f} MB converting {size / MB:.0f} MB"
     verify(str(tmp_path / "bf16"))
-    assert len([n for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")]) == 2
+    assert len([n for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")]) == 4
 
 
 # --- errors ------------------------------------------------------------------------------------
