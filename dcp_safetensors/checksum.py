@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-__all__ = ["crc32_combine", "combine_runs", "format_crc32"]
+import numpy as np
+
+__all__ = ["crc32_combine", "combine_runs", "combine_run_arrays", "format_crc32"]
 
 _POLY = 0xEDB88320  # zlib's reflected CRC-32 polynomial
 
@@ -88,6 +90,57 @@ def combine_runs(runs: Iterable[tuple[int, int]]) -> int:
     for length, run_crc in runs:
         crc = crc32_combine(crc, run_crc, length)
     return crc
+
+
+@functools.cache
+def _zero_bytes_arrays(k: int) -> np.ndarray:
+    return np.asarray(_zero_bytes_tables(k), dtype=np.uint32)
+
+
+def _shift(crcs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each ``crcs[i]`` with ``lengths[i]`` zero bytes appended (the register's linear map), vectorized."""
+    crcs = crcs.copy()
+    k = 0
+    remaining = lengths.copy()
+    while remaining.any():
+        odd = (remaining & 1).astype(bool)
+        if odd.any():
+            t = _zero_bytes_arrays(k)
+            c = crcs[odd]
+            crcs[odd] = t[0][c & 0xFF] ^ t[1][(c >> 8) & 0xFF] ^ t[2][(c >> 16) & 0xFF] ^ t[3][c >> 24]
+        remaining >>= 1
+        k += 1
+    return crcs
+
+
+def combine_run_arrays(lengths: np.ndarray, crcs: np.ndarray) -> int:
+    """:func:`combine_runs` of ``(lengths[i], crcs[i])``, in O(log n) numpy passes.
+
+    Combining is associative, so neighbours are combined pairwise, level by
+    level: a file of a million parts (1,024 ranks x 723 tensors) takes a
+    fraction of a second where a Python loop takes seconds.
+
+    Example:
+        >>> import zlib
+        >>> parts = [b"ab", b"", b"cde", b"f"]
+        >>> lengths = np.array([len(p) for p in parts])
+        >>> combine_run_arrays(lengths, np.array([zlib.crc32(p) for p in parts])) == zlib.crc32(b"abcdef")
+        True
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    crcs = np.asarray(crcs, dtype=np.uint32)
+    if not len(crcs):
+        return 0
+    while len(crcs) > 1:
+        carry = len(crcs) % 2
+        left, right = crcs[: len(crcs) - carry : 2], crcs[1::2]
+        joined = _shift(left, lengths[1::2]) ^ right
+        total = lengths[: len(lengths) - carry : 2] + lengths[1::2]
+        if carry:
+            joined = np.append(joined, crcs[-1])
+            total = np.append(total, lengths[-1])
+        crcs, lengths = joined, total
+    return int(crcs[0])
 
 
 def format_crc32(crc: int) -> str:

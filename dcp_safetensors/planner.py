@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 from torch.distributed.tensor import DTensor
 
+from dcp_safetensors import global_plan
 from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.experts import (
     ExpertPiece,
@@ -63,6 +64,7 @@ from dcp_safetensors.experts import (
     expert_shape,
     resolve_rules,
 )
+from dcp_safetensors.global_plan import build_metadata, collect_chunks, validate
 from dcp_safetensors.mapping import KeyMapping
 
 logger = logging.getLogger(__name__)
@@ -241,7 +243,14 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             rules. Each rank writes the experts (or expert slices) it holds.
         strict: a ``hf_experts`` rule that matches no key is an error (by
             default a warning).
-        **kwargs: ``DefaultSavePlanner``'s arguments.
+        **kwargs: ``DefaultSavePlanner``'s arguments. ``enable_plan_caching=True``
+            skips re-planning a save whose local plans did not change on any
+            rank (each save still gets a fresh snapshot: the writer sends the
+            new snapshot's session and headers in the otherwise empty plans).
+
+    The coordinator's global step is near-linear in the number of chunks
+    (:mod:`dcp_safetensors.global_plan`): dedup, DCP's metadata and an exact
+    check that every tensor's chunks tile it, without pairwise sweeps.
     """
 
     def __init__(
@@ -263,6 +272,9 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self.expert_rules = resolve_rules(hf_experts)
         self.strict = strict
         self._pieces: dict[PieceKey, torch.Tensor] = {}
+        # DCP caches plans per key; ours names the options that shape a plan, so a planner
+        # with another dtype or mapping never reuses this one's plans.
+        self._cached_plans_key = f"{type(self).__name__}:{(self.mapping, self.dtype, self.expert_rules)!r}"
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -313,6 +325,33 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             # DCP merges every rank's planner_data into the global Metadata handed to finish().
             plan = dataclasses.replace(plan, planner_data={**(plan.planner_data or {}), ALIASES_KEY: self.aliases})
         self.plan = plan
+        return plan
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        plans, table, md = collect_chunks(all_plans, self.dedup_save_to_lowest_rank)
+        validate(table, md)
+        global_plan.remember(plans, plans, table)
+        return plans, build_metadata(plans, md)
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        delta, metadata = super().create_global_plan(all_plans)
+        if self._enable_plan_caching:
+            if any(p.usable for p in delta):
+                # Some rank's plan changed: the layout moves for every rank, so every rank
+                # gets its whole new plan (DCP would send unchanged ranks nothing).
+                delta = self.global_plan  # the list _create_global_plan remembered, with its table
+            else:
+                global_plan.remember(delta, self.global_plan, None)
+        return delta, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        # A cached plan comes back empty (usable=False); the storage layer may have put
+        # what changes with every save (a snapshot's session) into it.
+        refresh = getattr(new_plan.storage_data, "refresh", None) if not new_plan.usable else None
+        plan = super().finish_plan(new_plan)
+        if refresh is not None:
+            plan = dataclasses.replace(plan, storage_data=refresh(plan.storage_data))
+            self.plan = plan
         return plan
 
     def lookup_object(self, index: MetadataIndex) -> Any:

@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
@@ -56,21 +57,25 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from dcp_safetensors import global_plan
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
-from dcp_safetensors.checksum import combine_runs, format_crc32
+from dcp_safetensors.checksum import combine_run_arrays, combine_runs, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
+from dcp_safetensors.global_plan import collect_chunks
 from dcp_safetensors.layout import (
     MODEL_GROUP,
     CheckpointLayout,
-    ChunkSpec,
+    ChunkArrays,
+    HeaderWrite,
     PartPlan,
     RankWritePlan,
     TensorSpec,
     parse_size,
     plan_layout,
+    restamp,
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
@@ -82,6 +87,9 @@ logger = logging.getLogger("dcp_safetensors")
 
 TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 
+_LAYOUT_CACHE: dict[tuple[Any, ...], tuple[list[SavePlan], CheckpointLayout]] = {}
+"""The last layout per writer setting, with the global plans it was made from (plan caching)."""
+
 
 @dataclass(frozen=True)
 class _RankStorageData:
@@ -92,15 +100,34 @@ class _RankStorageData:
 
 
 @dataclass(frozen=True)
-class _WrittenPart:
-    """``WriteResult.storage_data`` of a written part: where, its CRC-32, the storage's token (ETag)."""
+class _Refresh:
+    """An unchanged save's plan (DCP's plan cache): the new snapshot's session and this rank's headers.
 
-    file: str
-    number: int
-    start: int
-    length: int
-    crc: int
-    token: Any
+    The planner's ``finish_plan`` applies it to the cached plan of the last
+    save, whose session and headers belong to that save's snapshot.
+    """
+
+    session: dict[str, Any]
+    headers: tuple[HeaderWrite, ...]
+
+    def refresh(self, cached: _RankStorageData) -> _RankStorageData:
+        if not isinstance(cached, _RankStorageData):
+            raise ConfigurationError("plan caching: the cached plan was not made by SafetensorsWriter; save once without the cache")
+        return _RankStorageData(self.session, dataclasses.replace(cached.writes, headers=self.headers))
+
+
+@dataclass(frozen=True, eq=False)
+class _WrittenParts:
+    """``WriteResult.storage_data`` of one rank's written parts, columnar.
+
+    ``rows`` holds ``(file index, number, start, length, crc32)`` per part;
+    ``tokens`` the storage's token of each part (an ETag on S3, else None).
+    One result per rank keeps what the coordinator gathers small.
+    """
+
+    files: tuple[str, ...]
+    rows: np.ndarray
+    tokens: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -222,33 +249,67 @@ class SafetensorsWriter(StorageWriter):
         started = time.perf_counter()
         storage = self._storage()
         snapshot = uuid.uuid4().hex
-        tensors, chunks = self._collect(plans)
-        layout = plan_layout(
-            tensors,
-            chunks,
-            max_shard_size=self.max_shard_size,
-            metadata={"format": "pt", SNAPSHOT_KEY: snapshot},
-            min_part=storage.min_part,
-            max_part=storage.max_part,
-            transfer_budget=self.transfer_budget,
-            world_size=len(plans),
-        )
+        metadata = {"format": "pt", SNAPSHOT_KEY: snapshot}
+        handoff = global_plan.recall(plans)
+        settings = (type(storage).__name__, storage.min_part, storage.max_part, self.max_shard_size,
+                    self.model_prefix, self.transfer_budget, len(plans))
+        if plans and not any(p.usable for p in plans):
+            # DCP's plan cache: no rank's plan changed. Reuse the layout; only the snapshot
+            # (its id in every header, its session) is new.
+            if handoff is None:
+                raise ConfigurationError(
+                    "enable_plan_caching=True needs SafetensorsSavePlanner (it hands the writer the cached "
+                    "plans and applies the new snapshot to them); pass planner=SafetensorsSavePlanner(enable_plan_caching=True)"
+                )
+            cached_plans, table = handoff
+            cached = _LAYOUT_CACHE.get(settings)
+            if cached is not None and cached[0] is cached_plans:
+                layout = restamp(cached[1], metadata)
+            else:
+                layout = self._plan(cached_plans, table, metadata, storage)
+                _LAYOUT_CACHE[settings] = (cached_plans, layout)
+            session = storage.begin_save(snapshot, [f.name for f in layout.files])
+            self._layout, self._session = layout, session
+            self._phases["plan"] = time.perf_counter() - started
+            logger.debug("plan unchanged: reused the layout of %d files in %.3f s", len(layout.files), self._phases["plan"])
+            return [
+                dataclasses.replace(plan, storage_data=_Refresh(session, layout.rank_plans[rank].headers))
+                for rank, plan in enumerate(plans)
+            ]
+        global_plans, table = handoff if handoff is not None else (plans, None)
+        layout = self._plan(global_plans, table, metadata, storage)
+        _LAYOUT_CACHE[settings] = (global_plans, layout)
         session = storage.begin_save(snapshot, [f.name for f in layout.files])
         self._layout, self._session = layout, session
         self._phases["plan"] = time.perf_counter() - started
-        moved = sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
         logger.debug(
             "planned %d files, %d tensors, %.1f MB; %.1f MB to move between ranks; in %.3f s",
             len(layout.files),
-            len(tensors),
+            len(layout.tensors),
             sum(f.size for f in layout.files) / 1e6,
-            moved / 1e6,
-            time.perf_counter() - started,
+            sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends) / 1e6,
+            self._phases["plan"],
         )
         return [
             dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank]))
             for rank, plan in enumerate(plans)
         ]
+
+    def _plan(
+        self, plans: list[SavePlan], table: dict[str, ChunkArrays] | None, metadata: dict[str, str], storage: Storage
+    ) -> CheckpointLayout:
+        if table is None:
+            _, table, _ = collect_chunks(plans)
+        return plan_layout(
+            self._specs(plans),
+            table,
+            max_shard_size=self.max_shard_size,
+            metadata=metadata,
+            min_part=storage.min_part,
+            max_part=storage.max_part,
+            transfer_budget=self.transfer_budget,
+            world_size=len(plans),
+        )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         write_started = time.perf_counter()
@@ -303,16 +364,25 @@ class SafetensorsWriter(StorageWriter):
             raise LayoutError("finish() called without prepare_global_plan() on this coordinator")
         storage = self._storage()
         try:
-            parts_by_file: dict[str, list[_WrittenPart]] = defaultdict(list)
+            rows_by_file: dict[str, list[np.ndarray]] = defaultdict(list)
+            tokens: dict[str, list[tuple[int, Any]]] = defaultdict(list)
             objects: dict[str, Any] = {}
             for rank_results in results:
                 for r in rank_results:
                     if isinstance(r.storage_data, _WrittenObject):
                         objects[r.index.fqn] = r.storage_data.record
-                    else:
-                        parts_by_file[r.storage_data.file].append(r.storage_data)
+                        continue
+                    written: _WrittenParts = r.storage_data
+                    for i, name in enumerate(written.files):
+                        mine = np.flatnonzero(written.rows[:, 0] == i)
+                        rows_by_file[name].append(written.rows[mine][:, 2:5])
+                        numbers = written.rows[mine, 1].tolist()
+                        tokens[name].extend(zip(numbers, [written.tokens[j] for j in mine.tolist()], strict=True))
             sizes = {f.name: f.size for f in layout.files}
-            checksums = {name: format_crc32(_check_tiled(name, size, parts_by_file[name])) for name, size in sizes.items()}
+            checksums = {
+                name: format_crc32(_check_tiled(name, size, np.concatenate(rows_by_file[name] or [np.zeros((0, 3), np.int64)])))
+                for name, size in sizes.items()
+            }
             published = [f.name for f in layout.files]
             objects_file = None
             if objects:
@@ -333,8 +403,7 @@ class SafetensorsWriter(StorageWriter):
                 model_prefix=self.model_prefix,
                 aliases=self._file_names(aliases, layout),
             )
-            tokens = {name: [(p.number, p.token) for p in parts] for name, parts in parts_by_file.items()}
-            storage.commit_save(session, published, tokens, index)
+            storage.commit_save(session, published, dict(tokens), index)
         except BaseException:
             storage.abort_save(session)
             raise
@@ -368,32 +437,30 @@ class SafetensorsWriter(StorageWriter):
             if kept in names
         }
 
-    def _collect(self, plans: list[SavePlan]) -> tuple[list[TensorSpec], list[ChunkSpec]]:
-        """Every tensor's spec (checked consistent across ranks) and every rank's chunk."""
-        declared: dict[str, tuple[int, tuple[str, tuple[int, ...]]]] = {}
-        chunks: list[ChunkSpec] = []
-        for rank, plan in enumerate(plans):
-            for key, decl in plan.storage_data.items():
-                first_rank, first = declared.setdefault(key, (rank, decl))
-                if first != decl:
-                    raise LayoutError(
-                        f"tensor {key!r}: rank {first_rank} holds {first[0]} {list(first[1])}, "
-                        f"rank {rank} holds {decl[0]} {list(decl[1])}"
-                    )
-            for item in plan.items:
-                if item.tensor_data is not None:
-                    chunk = item.tensor_data.chunk
-                    chunks.append(ChunkSpec(rank, item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes)))
+    def _specs(self, plans: list[SavePlan]) -> list[TensorSpec]:
+        """Every tensor's spec, from what each rank declared (checked to agree across ranks)."""
+        # DCP's dedup keeps one copy of a replicated item, so the ranks' own declarations
+        # are compared: set operations on the dicts, no Python loop over all items.
+        declared: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for plan in reversed(plans):
+            declared.update(plan.storage_data or {})
+        for plan in plans:
+            mine = plan.storage_data or {}
+            if not mine.items() <= declared.items():
+                key = next(k for k, v in mine.items() if declared[k] != v)
+                holders = [(r, p.storage_data[key]) for r, p in enumerate(plans) if key in (p.storage_data or {})]
+                (r0, a), (r1, b) = holders[0], next(h for h in holders if h[1] != holders[0][1])
+                raise LayoutError(f"tensor {key!r}: rank {r0} holds {a[0]} {list(a[1])}, rank {r1} holds {b[0]} {list(b[1])}")
         prefix = f"{self.model_prefix}." if self.model_prefix else ""
         specs = []
-        for key, (_, (dtype, shape)) in declared.items():
+        for key, (dtype, shape) in declared.items():
             if not prefix:
                 specs.append(TensorSpec(key, key, dtype, shape))
             elif key.startswith(prefix):
                 specs.append(TensorSpec(key, key[len(prefix) :], dtype, shape))
             else:
                 specs.append(TensorSpec(key, key, dtype, shape, TRAINING_STATE_GROUP))
-        return specs, chunks
+        return specs
 
     @staticmethod
     def _resolve(
@@ -402,7 +469,6 @@ class SafetensorsWriter(StorageWriter):
         """Put every byte this rank holds (headers, chunk runs) into ``source``; encode objects."""
         for h in writes.headers:
             source.add(h.file, 0, memoryview(h.data))
-        runs_of = {(w.key, w.offsets): w for w in writes.chunks}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 if not hasattr(planner, "lookup_object"):
@@ -414,7 +480,7 @@ class SafetensorsWriter(StorageWriter):
                 results.append(WriteResult(item.index, 0, _WrittenObject(encode_object(value))))
                 continue
             chunk = item.tensor_data.chunk  # type: ignore[union-attr]
-            write = runs_of.get((item.index.fqn, tuple(chunk.offsets)))
+            write = writes.chunk_write(item.index.fqn, chunk.offsets, chunk.sizes)
             if write is None:  # an empty chunk (e.g. an uneven FSDP shard) has no bytes to write
                 continue
             tensor = planner.resolve_data(item)
@@ -434,37 +500,50 @@ class SafetensorsWriter(StorageWriter):
     def _write_parts(self, storage: Storage, data: _RankStorageData, source: ByteSource) -> list[WriteResult]:
         """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""
         writer = storage.part_writer(data.session)
+        parts = data.writes.parts
+        files = {name: i for i, name in enumerate(dict.fromkeys(p.file for p in parts))}
 
-        def write_one(part: PartPlan) -> WriteResult:
+        def write_one(part: PartPlan) -> tuple[tuple[int, int, int, int, int], Any]:
             views = source.read(part.file, part.start, part.end - part.start)
             crc = combine_runs((v.nbytes, zlib.crc32(v)) for v in views)
             token = writer.write(part, views)
-            written = _WrittenPart(part.file, part.number, part.start, part.end - part.start, crc, token)
-            return WriteResult(MetadataIndex(f"__part__/{part.file}/{part.number}"), written.length, written)
+            return (files[part.file], part.number, part.start, part.end - part.start, crc), token
 
         try:
-            if self.write_threads > 1 and len(data.writes.parts) > 1:
+            if self.write_threads > 1 and len(parts) > 1:
                 with ThreadPoolExecutor(self.write_threads, thread_name_prefix="dcp-safetensors-write") as pool:
-                    out = list(pool.map(write_one, data.writes.parts))
+                    out = list(pool.map(write_one, parts))
             else:
-                out = [write_one(p) for p in data.writes.parts]
+                out = [write_one(p) for p in parts]
         finally:
             writer.close()
-        return out
+        if not out:
+            return []
+        written = _WrittenParts(
+            tuple(files), np.asarray([row for row, _ in out], dtype=np.int64), tuple(token for _, token in out)
+        )
+        return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), int(written.rows[:, 3].sum()), written)]
 
 
-def _check_tiled(name: str, size: int, parts: list[_WrittenPart]) -> int:
-    """The file's CRC-32 if ``parts`` cover ``[0, size)`` exactly once; :class:`LayoutError` otherwise."""
-    parts.sort(key=lambda p: p.start)
-    position = 0
-    for p in parts:
-        if p.start != position:
-            what = "a hole" if p.start > position else "an overlap"
-            raise LayoutError(f"{name}: written parts leave {what} at byte {min(p.start, position)}; refusing to commit")
-        position += p.length
-    if position != size:
-        raise LayoutError(f"{name}: written parts end at byte {position}, the file must be {size} bytes; refusing to commit")
-    return combine_runs((p.length, p.crc) for p in parts)
+def _check_tiled(name: str, size: int, rows: np.ndarray) -> int:
+    """The file's CRC-32 if the parts' ``(start, length, crc)`` rows cover ``[0, size)`` exactly once.
+
+    Raises :class:`LayoutError` naming the first hole or overlap otherwise.
+    """
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    starts, lengths = rows[:, 0], rows[:, 1]
+    expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(rows) else starts
+    wrong = np.flatnonzero(starts != expected)
+    if len(wrong):
+        i = int(wrong[0])
+        what = "a hole" if starts[i] > expected[i] else "an overlap"
+        raise LayoutError(
+            f"{name}: written parts leave {what} at byte {int(min(starts[i], expected[i]))}; refusing to commit"
+        )
+    end = int(lengths.sum())
+    if end != size:
+        raise LayoutError(f"{name}: written parts end at byte {end}, the file must be {size} bytes; refusing to commit")
+    return combine_run_arrays(lengths, rows[:, 2])
 
 
 def _config_files(hf_config: Any, generation_config: Any, strip_auto_map: bool) -> dict[str, bytes]:

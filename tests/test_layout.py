@@ -528,7 +528,7 @@ def assemble(layout: CheckpointLayout, case: Case, full: dict[str, np.ndarray]):
             data[h.file][: len(h.data)] = np.frombuffer(h.data, dtype=np.uint8)
             cover[h.file][: len(h.data)] += 1
             header_writers[h.file].append(rank)
-        for w in plan.chunks:
+        for w in layout.chunk_writes(rank):
             written[rank, w.key, w.offsets] += 1
             chunk = box_bytes(full[w.key], w.offsets, sizes_of[rank, w.key, w.offsets])
             assert chunk.size == w.runs.nbytes
@@ -588,7 +588,7 @@ def test_plan_layout_writes_save_file_bytes(case: Case) -> None:
             if f.data_size:  # the header goes with the rank holding the first data byte
                 first = [
                     r for r, p in layout.rank_plans.items()
-                    for w in p.chunks if w.file == f.name and int(w.runs.offsets()[0]) == f.data_start
+                    for w in layout.chunk_writes(r) if w.file == f.name and int(w.runs.offsets()[0]) == f.data_start
                 ]
                 assert header_writers[f.name] == first
             # A valid safetensors file holding exactly the full tensors.
@@ -649,7 +649,7 @@ def test_plan_layout_parts_and_transfers_deliver_every_byte(case: Case, min_part
     for r, plan in layout.rank_plans.items():
         for h in plan.headers:
             held[r][h.file][: len(h.data)] = True
-        for w in plan.chunks:
+        for w in layout.chunk_writes(r):
             assert (r, w.key, w.offsets) in sizes_of
             for o in w.runs.offsets().tolist():
                 held[r][w.file][o : o + w.runs.length] = True
@@ -735,7 +735,7 @@ def test_groups_get_separate_files_and_weight_maps() -> None:
     assert layout.total_size() == 64 + 64 + 16
     assert layout.total_size(TRAINING) == 64 + 64 + 8
     # Chunks of the optimizer's layers.0.w go to the training-state file, not the model's.
-    files_of = {(r, w.key): w.file for r, p in layout.rank_plans.items() for w in p.chunks}
+    files_of = {(r, w.key): w.file for r in layout.rank_plans for w in layout.chunk_writes(r)}
     assert files_of[0, "optim.state.layers.0.w.exp_avg"] == "training_state/state-00001-of-00002.safetensors"
     assert files_of[0, "model.layers.0.w"] == "model-00002-of-00003.safetensors"
     # Within a file, save_file's order: wider dtypes first, then by name.
