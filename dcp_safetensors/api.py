@@ -76,7 +76,10 @@ def save(
 
     ``writer_options`` are :class:`SafetensorsWriter`'s (``max_shard_size``,
     ``model_prefix``, ``storage_options``, ``hf_config``, ...). Every rank of
-    ``process_group`` must call it.
+    ``process_group`` must call it. The default planner is
+    ``SafetensorsSavePlanner(enable_plan_caching=True)``: a save whose state
+    dict has the same keys, shapes, dtypes and placements as the last one is
+    not planned again (each save still gets its own snapshot).
 
     Example:
         >>> import tempfile, torch
@@ -85,7 +88,7 @@ def save(
     from dcp_safetensors.planner import SafetensorsSavePlanner
 
     writer = SafetensorsWriter(path, process_group=process_group, **writer_options)
-    planner = planner or SafetensorsSavePlanner()
+    planner = planner or SafetensorsSavePlanner(enable_plan_caching=True)
     _call(dcp.save, state_dict=state_dict, storage_writer=writer, planner=planner, process_group=process_group)
 
 

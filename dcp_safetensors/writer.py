@@ -104,15 +104,22 @@ class _Refresh:
     """An unchanged save's plan (DCP's plan cache): the new snapshot's session and this rank's headers.
 
     The planner's ``finish_plan`` applies it to the cached plan of the last
-    save, whose session and headers belong to that save's snapshot.
+    save, whose session and headers belong to that save's snapshot. ``writes``
+    replaces the cached writes too when the layout was planned again (the
+    writer's options changed while the state dict did not).
     """
 
     session: dict[str, Any]
     headers: tuple[HeaderWrite, ...]
+    writes: RankWritePlan | None = None
 
-    def refresh(self, cached: _RankStorageData) -> _RankStorageData:
+    def refresh(self, cached: Any) -> _RankStorageData:
+        if self.writes is not None:
+            return _RankStorageData(self.session, self.writes)
         if not isinstance(cached, _RankStorageData):
-            raise ConfigurationError("plan caching: the cached plan was not made by SafetensorsWriter; save once without the cache")
+            raise ConfigurationError(
+                "plan caching: the cached plan was not made by SafetensorsWriter; save once without the cache"
+            )
         return _RankStorageData(self.session, dataclasses.replace(cached.writes, headers=self.headers))
 
 
@@ -263,17 +270,23 @@ class SafetensorsWriter(StorageWriter):
                 )
             cached_plans, table = handoff
             cached = _LAYOUT_CACHE.get(settings)
-            if cached is not None and cached[0] is cached_plans:
-                layout = restamp(cached[1], metadata)
-            else:
+            replanned = cached is None or cached[0] is not cached_plans
+            if replanned:
                 layout = self._plan(cached_plans, table, metadata, storage)
                 _LAYOUT_CACHE[settings] = (cached_plans, layout)
+            else:
+                layout = restamp(cached[1], metadata)
             session = storage.begin_save(snapshot, [f.name for f in layout.files])
             self._layout, self._session = layout, session
             self._phases["plan"] = time.perf_counter() - started
             logger.debug("plan unchanged: reused the layout of %d files in %.3f s", len(layout.files), self._phases["plan"])
             return [
-                dataclasses.replace(plan, storage_data=_Refresh(session, layout.rank_plans[rank].headers))
+                dataclasses.replace(
+                    plan,
+                    storage_data=_Refresh(
+                        session, layout.rank_plans[rank].headers, layout.rank_plans[rank] if replanned else None
+                    ),
+                )
                 for rank, plan in enumerate(plans)
             ]
         global_plans, table = handoff if handoff is not None else (plans, None)
