@@ -48,7 +48,10 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner, create_default_global_load_plan
+from torch.distributed.checkpoint.default_planner import (
+    DefaultSavePlanner,
+    create_default_global_load_plan,
+)
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -56,7 +59,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -358,6 +367,72 @@ def run_load(model: str, scheme: str, world: int, tensors: list[Tensor]) -> Load
     return LoadRun(model, scheme, world, _pickled(md), slowest, global_s, gathered)
 
 
+# -- report --------------------------------------------------------------------------------
+
+
+def report(paths: list[str], root: Path) -> str:
+    """Markdown tables of one or more result files, written into docs/benchmarks.md with a plot."""
+    runs: list[dict[str, Any]] = []
+    machine = ""
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        machine = doc["machine"]
+        runs += doc["results"]
+    saves = [r for r in runs if r["kind"] == "save"]
+    loads = {(r["model"], r["scheme"], r["ranks"]): r for r in runs if r["kind"] == "load"}
+    by = {(r["method"], r["model"], r["scheme"], r["ranks"]): r for r in saves}
+    lines = [f"Machine: {machine}; one process, the coordinator's steps timed as `dcp.save` runs them.", ""]
+    lines += ["| model | placement | ranks | chunks | torch planner | ours | ours vs torch | repeat (cached) | "
+              "gathered | largest plan back (ours / torch) | load: local + global plan |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (method, model, scheme, world), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
+        if method != "ours":
+            continue
+        t = by.get(("torch", model, scheme, world))
+        ld = loads.get((model, scheme, world))
+        torch_s = f"{t['total_s']:.2f} s" if t else "skipped"
+        ratio = f"{t['total_s'] / r['total_s']:.1f}x" if t else ""
+        torch_plan = f"{t['largest_scattered'] / 2**10:.0f}" if t else "-"
+        load = f"{ld['local_plan_s']:.3f} + {ld['global_plan_s']:.3f} s" if ld else ""
+        lines.append(
+            f"| {model} | {scheme} | {world} | {r['chunks']:,} | {torch_s} | {r['total_s']:.2f} s | {ratio} | "
+            f"{r['repeat_s']:.3f} s | {r['gathered_bytes'] / 2**20:.1f} MiB | "
+            f"{r['largest_scattered'] / 2**10:.0f} / {torch_plan} KiB | {load} |"
+        )
+    _plot(saves, root / "docs" / "img" / "plan_scale.png")
+    return "\n".join(lines) + "\n\n![planning time against ranks, ours vs torch's default planner](img/plan_scale.png)\n"
+
+
+def _plot(saves: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, style in (("torch", "o--"), ("ours", "s-")):
+        for scheme in sorted({r["scheme"] for r in saves if r["model"] == "llama-70b"}):
+            points = sorted((r["ranks"], r["total_s"]) for r in saves
+                            if r["method"] == method and r["model"] == "llama-70b" and r["scheme"] == scheme)
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{method} ({scheme})")
+    points = sorted((r["ranks"], r["repeat_s"]) for r in saves
+                    if r["method"] == "ours" and r["model"] == "llama-70b" and r["scheme"] == "fsdp")
+    if points:
+        ax.plot(*zip(*points, strict=True), "^:", label="ours, repeat save (plan cached)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("coordinator planning time (s)")
+    ax.set_title("Llama-3-70B (723 bf16 tensors): global save planning")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -371,7 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-load", action="store_true")
     parser.add_argument("--out", default="plan_scale.json")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="write the tables and plot of these result files into docs/benchmarks.md, run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        from report import replace_marked
+
+        root = Path(__file__).resolve().parents[1]
+        text = report(args.report, root)
+        print(text)
+        replace_marked(str(root / "docs" / "benchmarks.md"), text, "plan-scale")
+        return 0
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as directory:
         for model in args.model:

@@ -257,12 +257,14 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def replace_marked(path: str, text: str) -> None:
+def replace_marked(path: str, text: str, marker: str = "bench") -> None:
+    """Replace what lies between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in ``path``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     with open(path) as f:
         doc = f.read()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {START} ... {END} section to rewrite")
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", doc, flags=re.S)
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path}: no {start} ... {end} section to rewrite")
+    new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", doc, flags=re.S)
     with open(path, "w") as f:
         f.write(new)
 

@@ -23,7 +23,6 @@ the items a second time.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,23 +41,18 @@ from dcp_safetensors.layout import ChunkArrays, TensorSpec, check_tiling
 __all__ = ["collect_chunks", "build_metadata", "validate", "remember", "recall"]
 
 
-def _nbytes(item: Any) -> int:
-    """An item's bytes (1 for a non-tensor), as DCP's dedup weighs plans."""
-    td = item.tensor_data
-    return math.prod(td.chunk.sizes) * td.properties.dtype.itemsize if td is not None else 1
-
-
 def collect_chunks(
     plans: Sequence[SavePlan], to_lowest_rank: bool = False
 ) -> tuple[list[SavePlan], dict[str, ChunkArrays], dict[str, STORAGE_TYPES]]:
-    """Dedup, every tensor's chunks as :class:`ChunkArrays`, and DCP's ``state_dict_metadata``: one pass.
+    """Dedup, every tensor's chunks as :class:`ChunkArrays`, and DCP's ``state_dict_metadata``.
 
-    An item several plans hold (a replicated tensor, a non-tensor value, an
-    empty chunk) stays in one plan: the lowest rank's with ``to_lowest_rank``,
-    else the one with the fewest bytes planned so far, as DCP's own dedup
-    decides. Plans that lose nothing are returned as they are. Raises
-    :class:`LayoutError` if a key is both a tensor and a non-tensor, or one
-    tensor's items disagree on its dtype or global shape.
+    One pass over the items collects; numpy finds the replicated ones. An item
+    several plans hold (a replicated tensor, a non-tensor value, an empty
+    chunk) stays in one plan: the lowest rank's with ``to_lowest_rank``, else
+    the one with the fewest bytes planned, as DCP's own dedup decides. Plans
+    that lose nothing are returned as they are. Raises :class:`LayoutError`
+    if a key is both a tensor and a non-tensor, or one tensor's items
+    disagree on its dtype or global shape.
 
     Example:
         >>> import torch
@@ -69,27 +63,18 @@ def collect_chunks(
         >>> [len(p.items) for p in kept], table["w"].ranks.tolist(), list(md)
         ([1, 0], [0], ['w'])
     """
-    first: dict[tuple[str, Any], int] = {}
-    shared: dict[tuple[str, Any], tuple[list[int], int]] = {}
     chunks: dict[str, tuple[list[int], list[int], list[int], TensorStorageMetadata]] = {}
+    objects: dict[str, list[int]] = {}
     md: dict[str, STORAGE_TYPES] = {}
     for rank, plan in enumerate(plans):
         for item in plan.items:
             fqn = item.index.fqn
-            # (fqn, offset) hashes in C; MetadataIndex's dataclass hash runs in Python.
-            index = (fqn, item.index.offset)
-            holder = first.setdefault(index, rank)
-            if holder != rank:
-                entry_s = shared.get(index)
-                if entry_s is None:
-                    entry_s = shared[index] = ([holder], _nbytes(item))
-                if entry_s[0][-1] != rank:
-                    entry_s[0].append(rank)
             td = item.tensor_data
             if td is None or item.type == WriteItemType.BYTE_IO:
                 if fqn in chunks:
                     raise LayoutError(f"{fqn!r} is a tensor on rank {chunks[fqn][0][0]} and a non-tensor on rank {rank}")
                 md[fqn] = BytesStorageMetadata()
+                objects.setdefault(fqn, []).append(rank)
                 continue
             entry = chunks.get(fqn)
             if entry is None:
@@ -108,19 +93,6 @@ def collect_chunks(
             entry[1].extend(chunk.offsets)
             entry[2].extend(chunk.sizes)
             entry[3].chunks.append(chunk)
-    kept = list(plans)
-    if shared:
-        drop = _choose_holders(plans, shared, to_lowest_rank)
-        kept = [
-            dataclasses.replace(plan, items=[i for i in plan.items if (i.index.fqn, i.index.offset) not in drop[rank]])
-            if rank in drop
-            else plan
-            for rank, plan in enumerate(plans)
-        ]
-        for fqn in {fqn for fqn, _ in shared}:
-            entry = chunks.get(fqn)
-            if entry is not None:
-                chunks[fqn] = _without(entry, fqn, drop)
     table = {}
     for fqn, (ranks, offsets, sizes, tmd) in chunks.items():
         k, ndim = len(ranks), len(tmd.size)
@@ -132,45 +104,72 @@ def collect_chunks(
             np.asarray(offsets, dtype=np.int64).reshape(k, ndim),
             np.asarray(sizes, dtype=np.int64).reshape(k, ndim),
         )
+    drop = _dedup(table, md, objects, len(plans), to_lowest_rank)
+    if not drop:
+        return list(plans), table, md
+    kept = [
+        dataclasses.replace(plan, items=[i for i in plan.items if (i.index.fqn, tuple(i.index.offset or ())) not in drop[rank]])
+        if rank in drop
+        else plan
+        for rank, plan in enumerate(plans)
+    ]
     return kept, table, md
 
 
-def _choose_holders(
-    plans: Sequence[SavePlan], shared: dict[tuple[str, Any], tuple[list[int], int]], to_lowest_rank: bool
-) -> dict[int, set[tuple[str, Any]]]:
-    """``{rank: items it drops}``: each shared item kept by its least loaded holder (or the lowest rank)."""
-    candidates = {r for holders, _ in shared.values() for r in holders}
-    planned = {
-        r: sum(_nbytes(i) for i in plans[r].items if (i.index.fqn, i.index.offset) not in shared) for r in candidates
-    }
-    drop: dict[int, set[tuple[str, Any]]] = {}
-    for index, (holders, nbytes) in shared.items():
-        keep = holders[0] if to_lowest_rank else min(holders, key=lambda r: planned[r])
+def _dedup(
+    table: dict[str, ChunkArrays],
+    md: dict[str, STORAGE_TYPES],
+    objects: dict[str, list[int]],
+    world: int,
+    to_lowest_rank: bool,
+) -> dict[int, set[tuple[str, tuple[int, ...]]]]:
+    """Keep one copy of every replicated chunk and object; ``{rank: (fqn, offsets) it drops}``.
+
+    Updates ``table`` and the metadata's chunk lists in place.
+    """
+    # (fqn, holder ranks, bytes, offsets) of each replicated chunk or object
+    groups: list[tuple[str, np.ndarray, int, tuple[int, ...]]] = []
+    planned = np.zeros(world, dtype=np.int64)
+    for fqn, arrays in table.items():
+        tmd = md[fqn]
+        assert isinstance(tmd, TensorStorageMetadata)
+        itemsize = tmd.properties.dtype.itemsize
+        nbytes = arrays.sizes.prod(axis=1) * itemsize
+        if len(arrays.ranks) > 1:
+            rows = np.concatenate([arrays.offsets, arrays.sizes], axis=1)
+            _, first, inverse, counts = np.unique(rows, axis=0, return_index=True, return_inverse=True, return_counts=True)
+            inverse = inverse.reshape(-1)
+            if (counts > 1).any():
+                for g in np.flatnonzero(counts > 1).tolist():
+                    at = first[g]
+                    groups.append((fqn, arrays.ranks[inverse == g], int(nbytes[at]), tuple(arrays.offsets[at].tolist())))
+                unique = counts[inverse] == 1
+                planned += np.bincount(arrays.ranks[unique], weights=nbytes[unique], minlength=world).astype(np.int64)
+                continue
+        planned += np.bincount(arrays.ranks, weights=nbytes, minlength=world).astype(np.int64)
+    for fqn, holders in objects.items():
+        if len(holders) > 1:
+            groups.append((fqn, np.asarray(holders, dtype=np.int64), 1, ()))
+        else:
+            planned[holders[0]] += 1
+    drop: dict[int, set[tuple[str, tuple[int, ...]]]] = {}
+    for fqn, who, nbytes, offsets in groups:
+        keep = int(who.min()) if to_lowest_rank else int(who[np.argmin(planned[who])])
         planned[keep] += nbytes
-        for r in holders:
+        for r in who.tolist():
             if r != keep:
-                drop.setdefault(r, set()).add(index)
+                drop.setdefault(r, set()).add((fqn, offsets))
+    for fqn in {g[0] for g in groups}:
+        if fqn not in table:
+            continue  # a non-tensor
+        arrays, tmd = table[fqn], md[fqn]
+        assert isinstance(tmd, TensorStorageMetadata)
+        mask = np.array(
+            [(fqn, tuple(o)) not in drop.get(r, ()) for r, o in zip(arrays.ranks.tolist(), arrays.offsets.tolist(), strict=True)]
+        )
+        table[fqn] = ChunkArrays(arrays.ranks[mask], arrays.offsets[mask], arrays.sizes[mask])
+        tmd.chunks = [c for c, m in zip(tmd.chunks, mask.tolist(), strict=True) if m]
     return drop
-
-
-def _without(
-    entry: tuple[list[int], list[int], list[int], TensorStorageMetadata], fqn: str, drop: dict[int, set[tuple[str, Any]]]
-) -> tuple[list[int], list[int], list[int], TensorStorageMetadata]:
-    """A tensor's collected chunks without those dedup dropped."""
-    ranks: list[int] = []
-    offsets: list[int] = []
-    sizes: list[int] = []
-    tmd = entry[3]
-    metas = list(tmd.chunks)
-    tmd.chunks.clear()
-    for rank, chunk in zip(entry[0], metas, strict=True):
-        if (fqn, chunk.offsets) in drop.get(rank, ()):
-            continue
-        ranks.append(rank)
-        offsets.extend(chunk.offsets)
-        sizes.extend(chunk.sizes)
-        tmd.chunks.append(chunk)
-    return ranks, offsets, sizes, tmd
 
 
 def build_metadata(plans: Sequence[SavePlan], md: dict[str, STORAGE_TYPES]) -> Metadata:

@@ -271,11 +271,11 @@ class SafetensorsWriter(StorageWriter):
             cached_plans, table = handoff
             cached = _LAYOUT_CACHE.get(settings)
             replanned = cached is None or cached[0] is not cached_plans
-            if replanned:
+            if cached is not None and not replanned:
+                layout = restamp(cached[1], metadata)
+            else:
                 layout = self._plan(cached_plans, table, metadata, storage)
                 _LAYOUT_CACHE[settings] = (cached_plans, layout)
-            else:
-                layout = restamp(cached[1], metadata)
             session = storage.begin_save(snapshot, [f.name for f in layout.files])
             self._layout, self._session = layout, session
             self._phases["plan"] = time.perf_counter() - started

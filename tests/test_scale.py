@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import scale_cases
 import torch
+from rank_pool import free_port
 from torch.distributed.checkpoint.planner import SavePlan
 
-import scale_cases
 from dcp_safetensors import SafetensorsSavePlanner, SafetensorsWriter
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.global_plan import collect_chunks
-from rank_pool import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import plan_scale  # noqa: E402
