@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
+    LoadPlan,
     SavePlan,
     SavePlanner,
     TensorWriteData,
@@ -351,17 +352,20 @@ def run_load(model: str, scheme: str, world: int, tensors: list[Tensor]) -> Load
     )
     plans = []
     slowest = 0.0
-    for chunks in placement_chunks(tensors, scheme, world):
-        started = time.perf_counter()
-        items = []
-        for key, offsets, sizes in chunks:
-            items += create_read_items_for_chunk_list(
-                key, md.state_dict_metadata[key], [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))]
-            )
-        from torch.distributed.checkpoint.planner import LoadPlan
-
-        plans.append(LoadPlan(items))
-        slowest = max(slowest, time.perf_counter() - started)
+    gc.collect()
+    gc.disable()  # a collection of the simulation's own millions of objects is no rank's cost
+    try:
+        for chunks in placement_chunks(tensors, scheme, world):
+            started = time.perf_counter()
+            items = []
+            for key, offsets, sizes in chunks:
+                items += create_read_items_for_chunk_list(
+                    key, md.state_dict_metadata[key], [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))]
+                )
+            plans.append(LoadPlan(items))
+            slowest = max(slowest, time.perf_counter() - started)
+    finally:
+        gc.enable()
     gathered = sum(_pickled(p) for p in plans)
     _, global_s = _timed(lambda: create_default_global_load_plan(plans))
     return LoadRun(model, scheme, world, _pickled(md), slowest, global_s, gathered)

@@ -108,7 +108,7 @@ def collect_chunks(
     if not drop:
         return list(plans), table, md
     kept = [
-        dataclasses.replace(plan, items=[i for i in plan.items if (i.index.fqn, tuple(i.index.offset or ())) not in drop[rank]])
+        dataclasses.replace(plan, items=[i for i in plan.items if (i.index.fqn, i.index.offset or ()) not in drop[rank]])
         if rank in drop
         else plan
         for rank, plan in enumerate(plans)

@@ -151,6 +151,7 @@ def test_an_exception_in_any_phase_reaches_every_rank_and_keeps_the_previous_che
         assert failures, f"rank {rank}: the save should have failed"
         assert any(cause in message for _, message in failures.values()), f"rank {rank}: {failures}"
         assert seconds < 60, f"rank {rank} took {seconds:.0f} s to raise"
+        print(f"failure in {phase} on rank {fail_rank}: rank {rank} raised after {seconds:.2f} s")
     assert _files(tmp_path) == before
     for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path))):
         assert all(ok.values()), f"rank {rank}"
@@ -166,6 +167,7 @@ def test_an_exception_while_uploading_or_committing_to_s3_aborts_every_upload(ra
     for rank, (seconds, failures) in enumerate(ranks(2).run(save_with_injected_failure, url, phase, fail_rank, opts)):
         assert any(cause in message for _, message in failures.values()), f"rank {rank}: {failures}"
         assert seconds < 60
+        print(f"S3 failure in {phase} on rank {fail_rank}: rank {rank} raised after {seconds:.2f} s")
     assert not s3.open_uploads(s3.prefix)
     assert {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)} == before
 
