@@ -96,9 +96,12 @@ def run(mib: int, rows: int, threads: int, methods: list[str] = METHODS) -> list
             stats = server.proxy.stats
             r["requests"] = dict(stats.requests)
             r["uploaded_bytes"] = stats.body_bytes["UploadPart"] + stats.body_bytes["PutObject"]
-            r["stored_bytes"] = sum(
-                o["Size"] for o in server.client.list_objects_v2(Bucket=server.bucket, Prefix=prefix + "/").get("Contents", [])
-            )
+            stored = server.client.list_objects_v2(Bucket=server.bucket, Prefix=prefix + "/").get("Contents", [])
+            r["stored_bytes"] = sum(o["Size"] for o in stored)
+            # Tensor data goes up as UploadPart only; small files (the index, our commit record
+            # of a few KB that is deleted after the commit) are PutObjects.
+            r["data_uploaded_bytes"] = stats.body_bytes["UploadPart"]
+            r["data_stored_bytes"] = sum(o["Size"] for o in stored if o["Key"].endswith((".safetensors", ".distcp")))
             results.append(r)
     finally:
         server.close()

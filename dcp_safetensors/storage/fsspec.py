@@ -351,5 +351,8 @@ class ObjectStorage:
                     Key=key,
                     UploadId=upload_id,
                 )
-            except (StorageError, FileNotFoundError) as e:
+            except FileNotFoundError:
+                # Every rank aborts a failed save's uploads; the first one to get there wins.
+                logger.debug("upload of %s already aborted or completed", self.path(f))
+            except StorageError as e:
                 logger.warning("could not abort the upload of %s: %s", self.path(f), e)
