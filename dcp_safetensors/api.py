@@ -190,7 +190,8 @@ def async_save(
     run on a dedicated gloo group over the same ranks, never on the training
     group. ``future.result()`` returns once the checkpoint is committed (or
     raises our error). Every rank must call it, and the first call on a group
-    creates the save group (a collective).
+    creates the save group (a collective). The default planner is
+    ``SafetensorsSavePlanner()`` (without plan caching).
 
     Example:
         >>> import tempfile, torch
@@ -198,8 +199,13 @@ def async_save(
         >>> fut.result() is not None
         True
     """
+    from dcp_safetensors.planner import SafetensorsSavePlanner
+
     group = _save_group(process_group)
     writer = SafetensorsWriter(path, process_group=group, **writer_options)
+    # Our planner for its near-linear global step; without plan caching, whose class-level
+    # cache is not meant for saves that may overlap in background threads.
+    planner = planner or SafetensorsSavePlanner()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         future = dcp.async_save(
