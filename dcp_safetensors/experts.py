@@ -20,10 +20,12 @@ Example:
     >>> rule.match("model.layers.3.mlp.experts.gate_up_proj")
     'model.layers.3.mlp'
     >>> # rank holding experts 2..3 of a [4, 2*6, 8] gate_up_proj, all of them
-    >>> [(p.name, p.offsets, p.sizes) for p in expert_pieces(rule, "m", (4, 12, 8), (2, 0, 0), (2, 12, 8))]
-    ... # doctest: +NORMALIZE_WHITESPACE
-    [('m.experts.2.gate_proj.weight', (0, 0), (6, 8)), ('m.experts.2.up_proj.weight', (0, 0), (6, 8)),
-     ('m.experts.3.gate_proj.weight', (0, 0), (6, 8)), ('m.experts.3.up_proj.weight', (0, 0), (6, 8))]
+    >>> for p in expert_pieces(rule, "m", (4, 12, 8), (2, 0, 0), (2, 12, 8)):
+    ...     print(p.name, p.offsets, p.sizes)
+    m.experts.2.gate_proj.weight (0, 0) (6, 8)
+    m.experts.2.up_proj.weight (0, 0) (6, 8)
+    m.experts.3.gate_proj.weight (0, 0) (6, 8)
+    m.experts.3.up_proj.weight (0, 0) (6, 8)
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ class ExpertSplit:
         name: the per-expert key, a template with ``{prefix}`` (what the fused
             pattern's ``{prefix}`` matched) and ``{e}`` (the global expert index).
         dim: the dim of ``fused[e]`` (the expert dim removed) that is split.
-        parts: ``fused[e]`` is split into this many equal blocks along ``dim``...
-        part: ...and this key is block ``part``.
+        parts: ``fused[e]`` is split into this many equal blocks along ``dim``.
+        part: the block this key holds (0-based).
         interleaved: the blocks interleave (``part``, ``part + parts``, ...)
             instead of being contiguous (``[part * n : (part + 1) * n]``).
         transpose: the key holds the slice with its last two dims swapped.
