@@ -188,24 +188,27 @@ def validate(table: dict[str, ChunkArrays], md: dict[str, STORAGE_TYPES]) -> Non
             check_tiling(TensorSpec(fqn, fqn, "U8", tuple(tmd.size)), table.get(fqn))
 
 
-_HANDOFF: list[tuple[list[SavePlan], list[SavePlan], dict[str, ChunkArrays] | None]] = []
+_HANDOFF: list[tuple[list[SavePlan], list[SavePlan], dict[str, ChunkArrays] | None, bool]] = []
 
 
-def remember(returned: list[SavePlan], plans: list[SavePlan], table: dict[str, ChunkArrays] | None) -> None:
+def remember(
+    returned: list[SavePlan], plans: list[SavePlan], table: dict[str, ChunkArrays] | None, cached: bool = False
+) -> None:
     """Keep, for this coordinator's writer, the global ``plans`` behind the list the planner ``returned``.
 
     ``returned`` is what DCP hands the writer's ``prepare_global_plan`` next:
     the plans themselves, or with plan caching the empty plans of an
     unchanged save (then ``plans`` are the cached ones). ``table`` is their
-    chunk table, if the planner built it.
+    chunk table, if the planner built it; ``cached`` says the planner caches
+    plans, so the writer should keep its layout for the next save.
     """
-    _HANDOFF[:] = [(returned, plans, table)]
+    _HANDOFF[:] = [(returned, plans, table, cached)]
 
 
-def recall(returned: list[SavePlan]) -> tuple[list[SavePlan], dict[str, ChunkArrays] | None] | None:
+def recall(returned: list[SavePlan]) -> tuple[list[SavePlan], dict[str, ChunkArrays] | None, bool] | None:
     """What :func:`remember` kept for exactly this list object (DCP passes it on as is), once."""
     if _HANDOFF and _HANDOFF[0][0] is returned:
-        _, plans, table = _HANDOFF.pop()
-        return plans, table
+        _, plans, table, cached = _HANDOFF.pop()
+        return plans, table, cached
     _HANDOFF.clear()
     return None

@@ -330,7 +330,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         plans, table, md = collect_chunks(all_plans, self.dedup_save_to_lowest_rank)
         validate(table, md)
-        global_plan.remember(plans, plans, table)
+        global_plan.remember(plans, plans, table, self._enable_plan_caching)
         return plans, build_metadata(plans, md)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
@@ -341,7 +341,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
                 # gets its whole new plan (DCP would send unchanged ranks nothing).
                 delta = self.global_plan  # the list _create_global_plan remembered, with its table
             else:
-                global_plan.remember(delta, self.global_plan, None)
+                global_plan.remember(delta, self.global_plan, None, True)
         return delta, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:

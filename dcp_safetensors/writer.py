@@ -268,7 +268,7 @@ class SafetensorsWriter(StorageWriter):
                     "enable_plan_caching=True needs SafetensorsSavePlanner (it hands the writer the cached "
                     "plans and applies the new snapshot to them); pass planner=SafetensorsSavePlanner(enable_plan_caching=True)"
                 )
-            cached_plans, table = handoff
+            cached_plans, table, _ = handoff
             cached = _LAYOUT_CACHE.get(settings)
             replanned = cached is None or cached[0] is not cached_plans
             if cached is not None and not replanned:
@@ -289,9 +289,12 @@ class SafetensorsWriter(StorageWriter):
                 )
                 for rank, plan in enumerate(plans)
             ]
-        global_plans, table = handoff if handoff is not None else (plans, None)
+        global_plans, table, caching = handoff if handoff is not None else (plans, None, False)
         layout = self._plan(global_plans, table, metadata, storage)
-        _LAYOUT_CACHE[settings] = (global_plans, layout)
+        if caching:  # kept for the next, unchanged save; otherwise nothing outlives this save
+            _LAYOUT_CACHE[settings] = (global_plans, layout)
+        else:
+            _LAYOUT_CACHE.pop(settings, None)
         session = storage.begin_save(snapshot, [f.name for f in layout.files])
         self._layout, self._session = layout, session
         self._phases["plan"] = time.perf_counter() - started
