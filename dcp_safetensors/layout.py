@@ -630,6 +630,7 @@ def plan_layout(
     max_part: int | None = None,
     transfer_budget: int = 256 << 20,
     world_size: int | None = None,
+    tiling_checked: bool = False,
 ) -> CheckpointLayout:
     """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
 
@@ -639,7 +640,9 @@ def plan_layout(
     for one writer's contiguous byte run (see :func:`plan_parts`);
     ``transfer_budget`` bounds the bytes one rank sends or receives per round.
     Raises :class:`LayoutError` if two tensors share a name within a group, a
-    chunk names an unknown tensor, or a tensor's chunks do not tile it exactly.
+    chunk names an unknown tensor, or a tensor's chunks do not tile it exactly
+    (``tiling_checked=True``: the caller already proved that with
+    :func:`check_tiling`, as our planner's global step does).
 
     Near-linear in the number of chunks: the work per tensor and per file is
     numpy over all its chunks at once, and each rank's plan holds only its
@@ -663,8 +666,9 @@ def plan_layout(
     for key, arrays in table.items():
         if key not in by_key:
             raise LayoutError(f"{_describe(arrays.specs(key)[0])} names tensor {key!r}, which no plan declares")
-    for spec in tensors:
-        check_tiling(spec, table.get(spec.key))
+    if not tiling_checked:
+        for spec in tensors:
+            check_tiling(spec, table.get(spec.key))
 
     groups: dict[str, list[TensorSpec]] = defaultdict(list)
     for spec in tensors:

@@ -314,6 +314,8 @@ class SafetensorsWriter(StorageWriter):
     def _plan(
         self, plans: list[SavePlan], table: dict[str, ChunkArrays] | None, metadata: dict[str, str], storage: Storage
     ) -> CheckpointLayout:
+        # A table handed over by SafetensorsSavePlanner was proved to tile every tensor there.
+        checked = table is not None
         if table is None:
             _, table, _ = collect_chunks(plans)
         return plan_layout(
@@ -325,6 +327,7 @@ class SafetensorsWriter(StorageWriter):
             max_part=storage.max_part,
             transfer_budget=self.transfer_budget,
             world_size=len(plans),
+            tiling_checked=checked,
         )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
