@@ -114,6 +114,9 @@ def torchrun_job(path: str, result: str) -> None:
     if rank == 0:
         with open(result, "w") as f:
             json.dump(gathered, f)
+    # Leave together: a rank tearing its group down while another still talks to the
+    # store aborts in gloo's destructor.
+    dist.barrier()
     dist.destroy_process_group()
 
 
