@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcp_safetensors.checksum import format_crc32
+from dcp_safetensors.checksum import crc32, format_crc32
 from dcp_safetensors.commit import INDEX_NAME, TRAINING_STATE_DIR
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
@@ -211,7 +210,7 @@ def read_checkpoint(
     Raises the first problem found (a :class:`~dcp_safetensors.errors.DcpSafetensorsError`
     subclass naming the file); :func:`verify_all` reports every problem.
     """
-    return _read_checkpoint(path, model_prefix, storage_options, None)
+    return _read_checkpoint(path, open_storage(path, storage_options), model_prefix, None)
 
 
 _Problem = DcpSafetensorsError | OSError
@@ -220,13 +219,13 @@ _Problem = DcpSafetensorsError | OSError
 
 def _read_checkpoint(
     path: str,
+    storage: Storage,
     model_prefix: str | None,
-    storage_options: dict[str, Any] | None,
     problems: list[_Problem] | None,
 ) -> Checkpoint:
-    """:func:`read_checkpoint`; with a ``problems`` list, per-file problems are appended there
-    and the file skipped, instead of raised. Index-level problems always raise."""
-    storage = open_storage(path, storage_options)
+    """:func:`read_checkpoint` through ``storage`` (opened on ``path``, so its client is reused);
+    with a ``problems`` list, per-file problems are appended there and the file skipped,
+    instead of raised. Index-level problems always raise."""
     storage.recover(discard_uncommitted=False)
     block: dict[str, Any] = {}
     if storage.exists(INDEX_NAME):
@@ -394,7 +393,7 @@ def _check_checksums(
             for offset in range(0, size, chunk_size):
                 view = memoryview(buf)[: min(chunk_size, size - offset)]
                 storage.readinto(file, offset, view)
-                crc = zlib.crc32(view, crc)
+                crc = crc32(view, crc)
                 read += view.nbytes
                 if progress is not None:
                     progress(done + offset + view.nbytes, total)
@@ -440,8 +439,9 @@ def verify(
         >>> sorted(verify(d).headers)
         ['model.safetensors']
     """
-    ckpt = read_checkpoint(path, storage_options=storage_options)
-    _check_checksums(ckpt, open_storage(path, storage_options), chunk_size, progress, None)
+    storage = open_storage(path, storage_options)
+    ckpt = _read_checkpoint(path, storage, None, None)
+    _check_checksums(ckpt, storage, chunk_size, progress, None)
     return ckpt
 
 
@@ -474,11 +474,12 @@ def verify_all(
         ['ChecksumMismatchError', 'ChecksumMismatchError']
     """
     problems: list[_Problem] = []
+    storage = open_storage(path, storage_options)
     try:
-        ckpt = _read_checkpoint(path, None, storage_options, problems)
+        ckpt = _read_checkpoint(path, storage, None, problems)
     except (DcpSafetensorsError, OSError) as e:
         return VerifyReport(None, [e])
-    files, nbytes = _check_checksums(ckpt, open_storage(path, storage_options), chunk_size, progress, problems)
+    files, nbytes = _check_checksums(ckpt, storage, chunk_size, progress, problems)
     return VerifyReport(ckpt, problems, files, nbytes)
 
 

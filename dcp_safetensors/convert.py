@@ -53,7 +53,6 @@ import pickle
 import time
 import uuid
 import warnings
-import zlib
 from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, is_dataclass
@@ -81,7 +80,7 @@ from dcp_safetensors.checkpoint import (
     build_index,
     read_checkpoint,
 )
-from dcp_safetensors.checksum import combine_runs, format_crc32
+from dcp_safetensors.checksum import combine_runs, crc32, format_crc32
 from dcp_safetensors.commit import INDEX_NAME
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import (
@@ -425,7 +424,7 @@ class _PartSink:
 
     def _write(self, part: PartPlan, view: memoryview) -> None:
         self.pending.popleft()
-        crc = zlib.crc32(view)
+        crc = crc32(view)
         self.tokens[part.file].append((part.number, self.writer.write(part, [view])))
         self.runs[part.file].append((view.nbytes, crc))
         self.on_written(view.nbytes)

@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, read_checkpoint
+from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, _read_checkpoint
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import CheckpointCorruptError, DcpSafetensorsError
 from dcp_safetensors.format import DTYPE_ITEMSIZE
@@ -111,10 +111,12 @@ class SafetensorsReader(StorageReader):
         self._checkpoint: Checkpoint | None = None
         self._deferred_error: BaseException | None = None
         self._is_coordinator = False
+        self._store: Storage | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["process_group"] = None  # a group handle does not travel between processes
+        state["_store"] = None
         return state
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -122,6 +124,14 @@ class SafetensorsReader(StorageReader):
             self.path = os.fspath(checkpoint_id)
         self._checkpoint = None
         self._deferred_error = None
+        self._store = None
+
+    def _storage(self) -> Storage:
+        # One per load: the storage's client (an S3 session, its connection pool) is made
+        # once per rank, not once per step.
+        if self._store is None:
+            self._store = open_storage(self.path, self.storage_options)
+        return self._store
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -129,7 +139,7 @@ class SafetensorsReader(StorageReader):
 
     def _read_once(self) -> Checkpoint | DcpSafetensorsError | OSError:
         try:
-            return read_checkpoint(self.path, model_prefix=self.model_prefix, storage_options=self.storage_options)
+            return _read_checkpoint(self.path, self._storage(), self.model_prefix, None)
         except (DcpSafetensorsError, OSError) as e:
             return e
 
@@ -163,7 +173,7 @@ class SafetensorsReader(StorageReader):
         if ckpt is None:
             raise CheckpointCorruptError(f"{self.path}: read_data() before read_metadata()")
         started = time.perf_counter()
-        storage = open_storage(ckpt.root, self.storage_options)
+        storage = self._storage()
         tensor_items = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:

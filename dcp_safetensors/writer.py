@@ -43,7 +43,6 @@ import os
 import posixpath
 import time
 import uuid
-import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from torch.futures import Future
 
 from dcp_safetensors import global_plan
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
-from dcp_safetensors.checksum import combine_run_arrays, combine_runs, format_crc32
+from dcp_safetensors.checksum import combine_run_arrays, combine_runs, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
@@ -206,12 +205,15 @@ class SafetensorsWriter(StorageWriter):
         self._session: dict[str, Any] | None = None
         self._started = 0.0
         self._phases: dict[str, float] = {}
+        self._store: Storage | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # async_save(PROCESS) pickles the writer into a process with a fresh default
         # group: a process group handle does not travel, the default group is used there.
+        # Nor does a storage client (sockets, an event loop): the process opens its own.
         state = dict(self.__dict__)
         state["process_group"] = None
+        state["_store"] = None
         return state
 
     # -- DCP protocol -------------------------------------------------------------------
@@ -221,14 +223,18 @@ class SafetensorsWriter(StorageWriter):
             self.path = os.fspath(checkpoint_id)
         self._layout = None
         self._session = None
+        self._store = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return True
 
     def _storage(self) -> Storage:
-        # Made on use, never held: the writer must pickle (async_save in a process).
-        return open_storage(self.path, self.storage_options, max_part=self.max_part)
+        # One per save: the storage's client (an S3 session, its connection pool) is made
+        # once per rank, not once per step (each costs 0.1-0.3 s before its first request).
+        if self._store is None:
+            self._store = open_storage(self.path, self.storage_options, max_part=self.max_part)
+        return self._store
 
     def set_up_storage_writer(self, is_coordinator: bool, **kwargs: Any) -> None:
         self._started = time.perf_counter()
@@ -524,7 +530,7 @@ class SafetensorsWriter(StorageWriter):
 
         def write_one(part: PartPlan) -> tuple[tuple[int, int, int, int, int], Any]:
             views = source.read(part.file, part.start, part.end - part.start)
-            crc = combine_runs((v.nbytes, zlib.crc32(v)) for v in views)
+            crc = combine_runs((v.nbytes, crc32(v)) for v in views)
             token = writer.write(part, views)
             return (files[part.file], part.number, part.start, part.end - part.start, crc), token
 

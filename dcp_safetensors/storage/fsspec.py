@@ -34,6 +34,7 @@ import logging
 import posixpath
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from dcp_safetensors.commit import (
@@ -57,6 +58,10 @@ logger = logging.getLogger("dcp_safetensors")
 
 S3_MIN_PART = 5 << 20
 """S3 rejects a non-last multipart part smaller than this (``EntityTooSmall``)."""
+
+FILE_THREADS = 16
+"""Files whose multipart uploads are created, or completed, at once: a checkpoint of
+dozens of files would otherwise wait dozens of round trips in a row."""
 
 T = TypeVar("T")
 
@@ -243,17 +248,18 @@ class ObjectStorage:
         session: dict[str, Any] = {"snapshot": snapshot, "uploads": {}, "small": {}}
         if not self.multipart:
             return session
+
+        def create(f: str) -> None:
+            bucket, key = self.bucket_key(f)
+            response = self.retry(
+                f"CreateMultipartUpload {self.path(f)}", self.fs.call_s3, "create_multipart_upload", Bucket=bucket, Key=key
+            )
+            # Recorded as each is made: a failure part-way aborts the ones already made.
+            session["uploads"][f] = response["UploadId"]
+
         try:
-            for f in files:
-                bucket, key = self.bucket_key(f)
-                response = self.retry(
-                    f"CreateMultipartUpload {self.path(f)}",
-                    self.fs.call_s3,
-                    "create_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                )
-                session["uploads"][f] = response["UploadId"]
+            _each(create, files)
+            session["uploads"] = {f: session["uploads"][f] for f in files}  # in file order
         except BaseException:
             self.abort_save(session)
             raise
@@ -289,7 +295,7 @@ class ObjectStorage:
         except BaseException:
             self.abort_save(session)
             raise
-        self._roll_forward(staging)
+        self._roll_forward(staging, dict(record, index_bytes=index, small_bytes=dict(session["small"])))
 
     def _read_record(self, staging: str) -> dict[str, Any]:
         name = posixpath.join(staging, COMMIT_RECORD)
@@ -301,14 +307,22 @@ class ObjectStorage:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointCorruptError(f"{self.path(name)}: unreadable commit record ({e})") from None
 
-    def _roll_forward(self, staging: str) -> None:
-        """Publish a committed save from its record (idempotent; safe to repeat after a crash)."""
-        record = self._read_record(staging)
+    def _roll_forward(self, staging: str, record: dict[str, Any] | None = None) -> None:
+        """Publish a committed save from its record (idempotent; safe to repeat after a crash).
+
+        ``record`` is the one just PUT by :meth:`commit_save`; without it (finishing a
+        crashed save's commit) it is read back from the staging prefix.
+        """
+        resumed = record is None
+        if record is None:
+            record = self._read_record(staging)
         index = record["index_bytes"]
-        # Without an index no tool mixes old and new files while uploads complete.
-        if self.exists(INDEX_NAME) and self.read_range(INDEX_NAME, 0, self.size(INDEX_NAME)) != index:
+        # Without an index no tool mixes old and new files while uploads complete. A fresh
+        # commit's index is new (a new snapshot id); a resumed one may find its own published.
+        if not resumed or (self.exists(INDEX_NAME) and self.read_range(INDEX_NAME, 0, self.size(INDEX_NAME)) != index):
             self.retry(f"DELETE {self.path(INDEX_NAME)}", self.fs.rm_file, self.path(INDEX_NAME))
-        for f, upload in record["uploads"].items():
+
+        def complete(f: str, upload: dict[str, Any]) -> None:
             bucket, key = self.bucket_key(f)
             parts = [{"PartNumber": n, "ETag": etag} for n, etag in upload["parts"]]
             try:
@@ -324,10 +338,15 @@ class ObjectStorage:
             except (FileNotFoundError, StorageError):
                 if not self.exists(f):  # not completed by an earlier roll-forward either
                     raise
+
+        # S3 assembles each file on CompleteMultipartUpload (seconds for a multi-GB file).
+        _each(lambda fu: complete(*fu), list(record["uploads"].items()))
         for name, data in record["small_bytes"].items():
             self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
         self._publish_index(index, record["files"])
-        self.retry(f"DELETE {self.path(staging)}", self.fs.rm, self.path(staging), recursive=True)
+        # The record is the staging prefix's only object.
+        name = posixpath.join(staging, COMMIT_RECORD)
+        self.retry(f"DELETE {self.path(name)}", self.fs.rm_file, self.path(name))
         self.fs.invalidate_cache(self.url)
 
     def _publish_index(self, index: bytes, files: Sequence[str]) -> None:
@@ -356,3 +375,14 @@ class ObjectStorage:
                 logger.debug("upload of %s already aborted or completed", self.path(f))
             except StorageError as e:
                 logger.warning("could not abort the upload of %s: %s", self.path(f), e)
+
+
+def _each(fn: Callable[[T], Any], items: Sequence[T]) -> None:
+    """``fn`` on every item, up to :data:`FILE_THREADS` at once; the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(FILE_THREADS, len(items)), thread_name_prefix="dcp-safetensors-files") as pool:
+        for _ in pool.map(fn, items):
+            pass
