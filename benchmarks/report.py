@@ -167,14 +167,16 @@ def markdown(results: dict) -> str:
                 f"| {'yes' if r['correct'] else '**NO**'} |"
             )
     if results.get("s3"):
-        out.append("\n### S3 (moto on 127.0.0.1, 2 ranks, one run, no warm-up)\n")
-        out.append("| method | save MB/s | load MB/s | requests (save + load) by operation | uploaded MB | stored MB | correct |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("\n### S3 (moto on 127.0.0.1, 2 ranks, one timed run after one untimed warm-up each)\n")
+        out.append("| method | save s | save MB/s | load s | load MB/s | requests (save + load) by operation | uploaded MB "
+                   "| stored MB | moved between ranks MB | correct |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["s3"]:
             mb = r["state_bytes"] / 1e6
             ops = ", ".join(f"{k} {v}" for k, v in sorted(r["requests"].items()))
-            out.append(f"| {r['method']} | {mb / r['save_s']:.0f} | {mb / r['load_s']:.0f} | {sum(r['requests'].values())} "
-                       f"({ops}) | {r['uploaded_bytes'] / 1e6:.1f} | {r['stored_bytes'] / 1e6:.1f} | {r['correct']} |")
+            out.append(f"| {r['method']} | {r['save_s']:.2f} | {mb / r['save_s']:.0f} | {r['load_s']:.2f} | {mb / r['load_s']:.0f} "
+                       f"| {sum(r['requests'].values())} ({ops}) | {r['uploaded_bytes'] / 1e6:.1f} | {r['stored_bytes'] / 1e6:.1f} "
+                       f"| {r.get('moved_between_ranks', 0) / 1e6:.1f} | {r['correct']} |")
     out.append("\n### Targets (issue 6)\n")
     out.append("\"ours ÷ method\" is ours' throughput over the method's (time of the method / time of ours), "
                "so every target reads \"at least\".\n")
