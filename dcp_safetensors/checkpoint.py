@@ -26,6 +26,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from dcp_safetensors.errors import (
     UnsafePathError,
 )
 from dcp_safetensors.format import (
+    LENGTH_PREFIX,
     Header,
     header_length,
     parse_header,
@@ -191,13 +193,27 @@ def _read_json(storage: Storage, name: str) -> Any:
         raise InvalidIndexError(f"{storage.path(name)}: not valid JSON ({str(e)[:200]})") from None
 
 
-def read_header(storage: Storage, name: str) -> Header:
-    """Read and validate one file's header: two small reads, length checked before the second."""
-    size = storage.size(name)
+HEADER_THREADS = 16
+"""Files whose size and header are read at once when a checkpoint is opened."""
+
+HEADER_READ = 256 << 10
+"""First read of a file: its length prefix and, for all but the largest headers, the header too."""
+
+
+def read_header(storage: Storage, name: str, size: int | None = None) -> Header:
+    """Read and validate one file's header (``size``: the file's, when already known).
+
+    One read of the file's first :data:`HEADER_READ` bytes holds the length
+    prefix and, mostly, the header (a request on S3 costs a round trip); a
+    longer header is read on once its length is checked against the file.
+    """
+    size = storage.size(name) if size is None else size
     source = storage.path(name)
-    prefix = storage.read_range(name, 0, min(size, 8))
-    n = header_length(prefix, size, source=source)
-    return parse_header(prefix + storage.read_range(name, 8, n), size, source=source)
+    head = storage.read_range(name, 0, min(size, HEADER_READ))
+    n = header_length(head, size, source=source)
+    if LENGTH_PREFIX + n > len(head):
+        head += storage.read_range(name, len(head), LENGTH_PREFIX + n - len(head))
+    return parse_header(head[: LENGTH_PREFIX + n], size, source=source)
 
 
 def read_checkpoint(
@@ -228,6 +244,7 @@ def _read_checkpoint(
     instead of raised. Index-level problems always raise."""
     storage.recover(discard_uncommitted=False)
     block: dict[str, Any] = {}
+    known: dict[str, Header] = {}  # headers already read
     if storage.exists(INDEX_NAME):
         index = _read_json(storage, INDEX_NAME)
         source = storage.path(INDEX_NAME)
@@ -241,7 +258,8 @@ def _read_checkpoint(
         if not isinstance(block, dict):
             raise InvalidIndexError(f"{source}: 'metadata.{BLOCK_KEY}' is not an object")
     elif storage.exists(SINGLE_FILE):
-        weight_map = {name: SINGLE_FILE for name in read_header(storage, SINGLE_FILE).tensors}
+        known[SINGLE_FILE] = read_header(storage, SINGLE_FILE)
+        weight_map = {name: SINGLE_FILE for name in known[SINGLE_FILE].tensors}
     else:
         raise CheckpointNotFoundError(_describe_directory(storage))
 
@@ -260,9 +278,7 @@ def _read_checkpoint(
     for key, file in extra.items():
         keyed[key] = (key, _safe_name(file, path))
 
-    headers: dict[str, Header] = {}
-    checksums: dict[str, str] = {}
-    for file in sorted({f for _, f in keyed.values()} | set(map(lambda f: _safe_name(f, path), recorded))):
+    def probe(file: str) -> Header | _Problem:
         try:
             size = storage.size(file)
             if file in recorded:
@@ -271,7 +287,7 @@ def _read_checkpoint(
                     raise FileSizeMismatchError(
                         f"{storage.path(file)}: {size} bytes on storage, the index recorded {want} (truncated or replaced)"
                     )
-            header = read_header(storage, file)
+            header = known[file] if file in known else read_header(storage, file, size)
             if ours:
                 found = (header.metadata or {}).get(SNAPSHOT_KEY)
                 if found != snapshot:
@@ -279,14 +295,26 @@ def _read_checkpoint(
                         f"{storage.path(file)}: belongs to save {found!r}, the index to save {snapshot!r} "
                         "(a stale or foreign file; re-save or restore the matching file)"
                     )
+            return header
         except (DcpSafetensorsError, OSError) as e:
+            return e
+
+    # Files are probed concurrently: on S3 each is two round trips, and a 70B checkpoint
+    # has 30 files; problems are still raised or reported in file order.
+    files = sorted({f for _, f in keyed.values()} | set(map(lambda f: _safe_name(f, path), recorded)))
+    with ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(files))), thread_name_prefix="dcp-safetensors-headers") as pool:
+        probed = list(pool.map(probe, files))
+    headers: dict[str, Header] = {}
+    checksums: dict[str, str] = {}
+    for file, result in zip(files, probed, strict=True):
+        if not isinstance(result, Header):
             if problems is None:
-                raise
-            problems.append(e)
+                raise result
+            problems.append(result)
             continue
         if file in recorded:
             checksums[file] = recorded[file].get("checksum")
-        headers[file] = header
+        headers[file] = result
 
     tensors: dict[str, TensorLocation] = {}
     missing: dict[str, list[str]] = {}

@@ -6,7 +6,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from dcp_safetensors import SafetensorsWriter
+from dcp_safetensors import SafetensorsReader, SafetensorsWriter
 
 
 def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
@@ -20,6 +20,7 @@ def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
     full = torch.arange(300 * 40, dtype=torch.float32).reshape(300, 40)
     dcp.save({"w": full}, storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
     monkeypatch.setattr(reader_mod, "SPAN_LIMIT", 1000)  # about 6 rows of 160 bytes per slab
+    location = read_checkpoint(str(tmp_path)).tensors["w"]  # before counting: only the tensor's reads count
     reads = []
     storage = open_storage(str(tmp_path))
     original = type(storage).readinto
@@ -39,6 +40,42 @@ def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
             pass
 
     item = ReadItem(LoadItemType.TENSOR, MetadataIndex("w"), torch.Size([0, 0]), MetadataIndex("w"), torch.Size([0, 20]), torch.Size([300, 15]))
-    reader_mod._read_tensor(storage, read_checkpoint(str(tmp_path)).tensors["w"], item, Planner())
+    reader_mod._read_tensor(storage, location, item, Planner())
     assert torch.equal(dest, full[:, 20:35])
     assert len(reads) > 40 and max(reads) <= 1000
+
+
+def test_header_longer_than_the_first_read_is_read_on(tmp_path, monkeypatch):
+    """A header past the first read (HEADER_READ) takes a second read from where the first
+    ended; a short one takes one read. Both give every tensor."""
+    import safetensors.torch
+
+    from dcp_safetensors import checkpoint, read_checkpoint
+    from dcp_safetensors.storage.local import LocalStorage
+
+    tensors = {f"layers.{i}.norm.weight": torch.full((3,), float(i)) for i in range(6000)}
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors")
+    n = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    assert n > checkpoint.HEADER_READ  # the case under test
+    reads = []
+    original = LocalStorage.read_range
+
+    def counting(self, name, offset, length):
+        reads.append((name, offset, length))
+        return original(self, name, offset, length)
+
+    monkeypatch.setattr(LocalStorage, "read_range", counting)
+    ckpt = read_checkpoint(str(tmp_path))
+    assert reads == [("model.safetensors", 0, checkpoint.HEADER_READ),
+                     ("model.safetensors", checkpoint.HEADER_READ, 8 + n - checkpoint.HEADER_READ)]
+    assert len(ckpt.tensors) == 6000 and ckpt.tensors["layers.5999.norm.weight"].shape == (3,)
+    out = {"layers.5999.norm.weight": torch.zeros(3)}
+    dcp.load(out, storage_reader=SafetensorsReader(str(tmp_path)))
+    assert out["layers.5999.norm.weight"].tolist() == [5999.0] * 3
+
+    small = tmp_path / "small"
+    small.mkdir()
+    safetensors.torch.save_file({"w": torch.ones(2)}, small / "model.safetensors")
+    reads.clear()
+    read_checkpoint(str(small))
+    assert [r[1] for r in reads] == [0]  # prefix and header in one read

@@ -157,3 +157,14 @@ def test_one_storage_client_per_save_and_per_load(s3, monkeypatch):
     out = {"w": torch.zeros(2, 3)}
     dcp.load(out, storage_reader=SafetensorsReader(url, storage_options=options(s3)))
     assert made == [url] and torch.equal(out["w"], sd["w"])
+
+
+def test_opening_a_checkpoint_reads_each_header_in_one_get(ranks, s3):
+    """Each data file costs one HEAD (its size) and one GET (prefix and header together)."""
+    url = s3.url(s3.prefix)
+    ranks(2).run(save_big, url, [(1024, 1024)] * 3, {"storage_options": options(s3), "max_shard_size": 5 * MiB})
+    s3.proxy.stats.reset()
+    ckpt = read_checkpoint(url, storage_options=options(s3))
+    assert len(ckpt.headers) == 3
+    requests = s3.proxy.stats.requests
+    assert requests["GetObject"] == 3 + 1, dict(requests)  # the headers, and the index
