@@ -186,17 +186,21 @@ class SafetensorsReader(StorageReader):
             else:
                 tensor_items.append(item)
 
-        def read_one(item: ReadItem) -> None:
-            _read_tensor(storage, ckpt.tensors[item.storage_index.fqn], item, planner)
+        def read_one(batch: list[ReadItem]) -> None:
+            if len(batch) == 1:
+                _read_tensor(storage, ckpt.tensors[batch[0].storage_index.fqn], batch[0], planner)
+            else:
+                _read_batch(storage, ckpt, batch, planner)
 
+        batches = _batches(ckpt, tensor_items, storage.read_batch)
         error: BaseException | None = None
         try:
-            if self.read_threads > 1 and len(tensor_items) > 1:
+            if self.read_threads > 1 and len(batches) > 1:
                 with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
-                    list(pool.map(read_one, tensor_items))
+                    list(pool.map(read_one, batches))
             else:
-                for item in tensor_items:
-                    read_one(item)
+                for batch in batches:
+                    read_one(batch)
         except Exception as e:
             error = e
         # A planner that reads plain tensors on rank 0 only broadcasts them now; every rank
@@ -266,9 +270,67 @@ def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None
         storage.readinto(file, off, out[i * runs.length : (i + 1) * runs.length])
 
 
-def _read_tensor(storage: Storage, loc: TensorLocation, item: ReadItem, planner: LoadPlanner) -> None:
+def _item_runs(loc: TensorLocation, item: ReadItem) -> Runs:
+    return chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)
+
+
+def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[ReadItem]]:
+    """The reads of a rank: chunks that are one contiguous range smaller than ``limit`` and lie
+    within ``COALESCE_GAP`` of each other in one file share a read of at most ``limit`` bytes
+    (the storage's ``read_batch``); every other chunk is read alone."""
+    if limit <= 0:
+        return [[item] for item in items]
+    alone: list[list[ReadItem]] = []
+    small: dict[str, list[tuple[int, int, ReadItem]]] = {}
+    for item in items:
+        loc = ckpt.tensors[item.storage_index.fqn]
+        runs = _item_runs(loc, item)
+        if runs.count == 1 and 0 < runs.nbytes < limit:
+            small.setdefault(loc.file, []).append((runs.start, runs.start + runs.nbytes, item))
+        else:
+            alone.append([item])
+    batched: list[list[ReadItem]] = []
+    for pieces in small.values():
+        pieces.sort(key=lambda p: p[0])
+        first, last = pieces[0][0], pieces[0][1]
+        batch = [pieces[0][2]]
+        for start, end, item in pieces[1:]:
+            if start - last > COALESCE_GAP or max(end, last) - first > limit:
+                batched.append(batch)
+                first, last, batch = start, end, []
+            batch.append(item)
+            last = max(last, end)
+        batched.append(batch)
+    return batched + alone
+
+
+def _read_batch(storage: Storage, ckpt: Checkpoint, batch: list[ReadItem], planner: LoadPlanner) -> None:
+    """One read of the range holding every chunk of ``batch`` (one file), then each chunk from it."""
+    located = [(ckpt.tensors[item.storage_index.fqn], item) for item in batch]
+    runs = [_item_runs(loc, item) for loc, item in located]
+    file = located[0][0].file
+    first = min(r.start for r in runs)
+    block = np.empty(max(r.start + r.nbytes for r in runs) - first, dtype=np.uint8)
+    try:
+        storage.readinto(file, first, block)
+    except EOFError as e:
+        keys = ", ".join(repr(item.storage_index.fqn) for item in batch[:3]) + (" ..." if len(batch) > 3 else "")
+        raise CheckpointCorruptError(f"{storage.path(file)}: truncated while reading {keys}: {e}") from None
+    for loc, item in located:
+        _read_tensor(storage, loc, item, planner, (first, block))
+
+
+def _read_tensor(
+    storage: Storage,
+    loc: TensorLocation,
+    item: ReadItem,
+    planner: LoadPlanner,
+    span: tuple[int, np.ndarray] | None = None,
+) -> None:
+    """Read one chunk into its destination; ``span`` is ``(file offset, bytes)`` of a batch's
+    read that already holds the chunk's bytes."""
     dtype = to_torch_dtype(loc.dtype, source=loc.file)
-    runs = chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)
+    runs = _item_runs(loc, item)
     dest = planner.resolve_tensor(item)
     direct = dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous()
     if runs.nbytes:
@@ -276,10 +338,16 @@ def _read_tensor(storage: Storage, loc: TensorLocation, item: ReadItem, planner:
             out = dest.detach().reshape(-1).view(torch.uint8).numpy()
         else:
             out = np.empty(runs.nbytes, dtype=np.uint8)
-        try:
-            _read_runs(storage, loc.file, runs, out)
-        except EOFError as e:
-            raise CheckpointCorruptError(f"{storage.path(loc.file)}: truncated while reading {item.storage_index.fqn!r}: {e}") from None
+        if span is not None:
+            first, block = span
+            out[...] = block[runs.start - first : runs.start - first + runs.nbytes]
+        else:
+            try:
+                _read_runs(storage, loc.file, runs, out)
+            except EOFError as e:
+                raise CheckpointCorruptError(
+                    f"{storage.path(loc.file)}: truncated while reading {item.storage_index.fqn!r}: {e}"
+                ) from None
         if not direct:
             src = torch.from_numpy(out).view(dtype).reshape(tuple(item.lengths))
             dest.copy_(src)

@@ -168,3 +168,53 @@ def test_opening_a_checkpoint_reads_each_header_in_one_get(ranks, s3):
     assert len(ckpt.headers) == 3
     requests = s3.proxy.stats.requests
     assert requests["GetObject"] == 3 + 1, dict(requests)  # the headers, and the index
+
+
+def _small_tensors() -> dict:
+    import torch
+
+    dtypes = [torch.float32, torch.bfloat16, torch.uint8, torch.bool, torch.float64, torch.int16]
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for i in range(300):
+        dtype = dtypes[i % len(dtypes)]
+        n = 1 + (i * 7) % 53  # odd sizes: neighbours sit at every alignment
+        raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+        t = raw.view(dtype) if dtype is not torch.bool else raw % 2 == 1
+        out[f"blocks.{i}.{'w' if i % 2 else 'b'}"] = t.reshape(-1, 1) if i % 5 == 0 else t
+    return out
+
+
+def test_small_tensors_are_read_in_batched_ranged_gets(s3, monkeypatch):
+    """300 small tensors of six dtypes (every alignment): one ranged GET serves many, bytes exact,
+    into contiguous and non-contiguous destinations; a smaller batch limit means more GETs."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dcp_safetensors import SafetensorsReader, SafetensorsWriter
+    from dcp_safetensors.storage import fsspec as fsspec_storage
+
+    url = s3.url(s3.prefix)
+    state = _small_tensors()
+    dcp.save(state, storage_writer=SafetensorsWriter(url, storage_options=options(s3)))
+    data_bytes = sum(t.numel() * t.element_size() for t in state.values())
+
+    def load() -> tuple[dict, int]:
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        # Non-contiguous destinations take the copy path.
+        out["blocks.0.b"] = torch.zeros(1, state["blocks.0.b"].shape[0], dtype=state["blocks.0.b"].dtype).t()
+        s3.proxy.stats.reset()
+        dcp.load(out, storage_reader=SafetensorsReader(url, storage_options=options(s3)))
+        return out, s3.proxy.stats.requests["GetObject"]
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # bit for bit (random bits hold NaNs)
+        flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*flat)
+
+    out, gets = load()
+    assert all(same(out[k], v) for k, v in state.items())
+    assert gets == 1 + 1 + 1, gets  # the index, the header, one batch (all 300 tensors: ~12 KB)
+    monkeypatch.setattr(fsspec_storage, "READ_BATCH", 1024)
+    out, gets = load()
+    assert all(same(out[k], v) for k, v in state.items())
+    assert 2 + data_bytes // 1024 <= gets <= 2 + 3 * (data_bytes // 1024 + 1), (gets, data_bytes)

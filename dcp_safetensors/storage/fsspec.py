@@ -59,6 +59,10 @@ logger = logging.getLogger("dcp_safetensors")
 S3_MIN_PART = 5 << 20
 """S3 rejects a non-last multipart part smaller than this (``EntityTooSmall``)."""
 
+READ_BATCH = 8 << 20
+"""Neighbouring small chunks of one object are read with one ranged GET of up to this many
+bytes: each GET costs a round trip, and ~8 MiB ranges are what S3 serves best in parallel."""
+
 FILE_THREADS = 16
 """Files whose multipart uploads are created, or completed, at once: a checkpoint of
 dozens of files would otherwise wait dozens of round trips in a row."""
@@ -123,6 +127,7 @@ class ObjectStorage:
         if self.multipart and max_part < S3_MIN_PART:
             raise ConfigurationError(f"max_part must be at least 5 MiB on S3, got {max_part}")
         self.max_part: int | None = max_part if self.multipart else None
+        self.read_batch = READ_BATCH
         self.retries = retries
         self._fs: Any = None
 

@@ -140,9 +140,12 @@ class LocalStorage:
 
     ``max_part`` caps the bytes of one write: a rank's range of a file is cut
     into parts of at most this size, written and checksummed concurrently.
+    ``read_batch = 0``: a ``pread`` costs microseconds, so every chunk is read
+    straight into its destination, never merged with its neighbours.
     """
 
     min_part = 1
+    read_batch = 0
 
     def __init__(self, root: str | os.PathLike[str], *, max_part: int | None = 64 << 20) -> None:
         self.root = os.fspath(root)
