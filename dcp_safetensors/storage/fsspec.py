@@ -389,5 +389,4 @@ def _each(fn: Callable[[T], Any], items: Sequence[T]) -> None:
             fn(item)
         return
     with ThreadPoolExecutor(min(FILE_THREADS, len(items)), thread_name_prefix="dcp-safetensors-files") as pool:
-        for _ in pool.map(fn, items):
-            pass
+        list(pool.map(fn, items))  # consumed: re-raises the first error
