@@ -16,8 +16,8 @@ Example:
 :func:`crc32` is zlib's CRC-32 (the value ``zlib.crc32`` returns, so the
 format is unchanged), computed by ISA-L's carry-less-multiply folding: about
 16 GiB/s per core where zlib's table-driven loop makes 2.3 GiB/s. Every byte
-of a save is checksummed, so at zlib's speed the checksum alone was a fifth of
-a 1 GiB save on two cores.
+of a save is checksummed: at zlib's speed that was 0.25 s of CPU per rank for
+a 1 GiB 2-rank save taking 0.7-0.85 s; now 0.03 s (docs/benchmarks.md).
 """
 
 from __future__ import annotations

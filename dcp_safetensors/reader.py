@@ -186,11 +186,11 @@ class SafetensorsReader(StorageReader):
             else:
                 tensor_items.append(item)
 
-        def read_one(batch: list[ReadItem]) -> None:
+        def read_one(batch: list[_Chunk]) -> None:
             if len(batch) == 1:
-                _read_tensor(storage, ckpt.tensors[batch[0].storage_index.fqn], batch[0], planner)
+                _read_tensor(storage, batch[0], planner)
             else:
-                _read_batch(storage, ckpt, batch, planner)
+                _read_batch(storage, batch, planner)
 
         batches = _batches(ckpt, tensor_items, storage.read_batch)
         error: BaseException | None = None
@@ -270,67 +270,65 @@ def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None
         storage.readinto(file, off, out[i * runs.length : (i + 1) * runs.length])
 
 
-def _item_runs(loc: TensorLocation, item: ReadItem) -> Runs:
-    return chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)
+_Chunk = tuple[TensorLocation, ReadItem, Runs]
+"""One read item with where its tensor lies and the byte runs its chunk covers."""
 
 
-def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[ReadItem]]:
+def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_Chunk]]:
     """The reads of a rank: chunks that are one contiguous range smaller than ``limit`` and lie
     within ``COALESCE_GAP`` of each other in one file share a read of at most ``limit`` bytes
     (the storage's ``read_batch``); every other chunk is read alone."""
-    if limit <= 0:
-        return [[item] for item in items]
-    alone: list[list[ReadItem]] = []
-    small: dict[str, list[tuple[int, int, ReadItem]]] = {}
+    chunks = []
     for item in items:
         loc = ckpt.tensors[item.storage_index.fqn]
-        runs = _item_runs(loc, item)
+        chunks.append((loc, item, chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)))
+    alone: list[list[_Chunk]] = []
+    small: dict[str, list[_Chunk]] = {}
+    for chunk in chunks:
+        runs = chunk[2]
         if runs.count == 1 and 0 < runs.nbytes < limit:
-            small.setdefault(loc.file, []).append((runs.start, runs.start + runs.nbytes, item))
+            small.setdefault(chunk[0].file, []).append(chunk)
         else:
-            alone.append([item])
-    batched: list[list[ReadItem]] = []
+            alone.append([chunk])
+    batched: list[list[_Chunk]] = []
     for pieces in small.values():
-        pieces.sort(key=lambda p: p[0])
-        first, last = pieces[0][0], pieces[0][1]
-        batch = [pieces[0][2]]
-        for start, end, item in pieces[1:]:
-            if start - last > COALESCE_GAP or max(end, last) - first > limit:
+        pieces.sort(key=lambda c: c[2].start)
+        first, last = pieces[0][2].start, pieces[0][2].start + pieces[0][2].nbytes
+        batch: list[_Chunk] = []
+        for chunk in pieces:
+            start, end = chunk[2].start, chunk[2].start + chunk[2].nbytes
+            if batch and (start - last > COALESCE_GAP or max(end, last) - first > limit):
                 batched.append(batch)
                 first, last, batch = start, end, []
-            batch.append(item)
+            batch.append(chunk)
             last = max(last, end)
         batched.append(batch)
     return batched + alone
 
 
-def _read_batch(storage: Storage, ckpt: Checkpoint, batch: list[ReadItem], planner: LoadPlanner) -> None:
-    """One read of the range holding every chunk of ``batch`` (one file), then each chunk from it."""
-    located = [(ckpt.tensors[item.storage_index.fqn], item) for item in batch]
-    runs = [_item_runs(loc, item) for loc, item in located]
-    file = located[0][0].file
-    first = min(r.start for r in runs)
-    block = np.empty(max(r.start + r.nbytes for r in runs) - first, dtype=np.uint8)
+def _read_batch(storage: Storage, batch: list[_Chunk], planner: LoadPlanner) -> None:
+    """One read of the range holding every chunk of ``batch`` (one file, sorted), then each chunk from it."""
+    file, first = batch[0][0].file, batch[0][2].start
+    block = np.empty(max(runs.start + runs.nbytes for _, _, runs in batch) - first, dtype=np.uint8)
     try:
         storage.readinto(file, first, block)
     except EOFError as e:
-        keys = ", ".join(repr(item.storage_index.fqn) for item in batch[:3]) + (" ..." if len(batch) > 3 else "")
+        keys = ", ".join(repr(item.storage_index.fqn) for _, item, _ in batch[:3]) + (" ..." if len(batch) > 3 else "")
         raise CheckpointCorruptError(f"{storage.path(file)}: truncated while reading {keys}: {e}") from None
-    for loc, item in located:
-        _read_tensor(storage, loc, item, planner, (first, block))
+    for chunk in batch:
+        _read_tensor(storage, chunk, planner, (first, block))
 
 
 def _read_tensor(
     storage: Storage,
-    loc: TensorLocation,
-    item: ReadItem,
+    chunk: _Chunk,
     planner: LoadPlanner,
     span: tuple[int, np.ndarray] | None = None,
 ) -> None:
     """Read one chunk into its destination; ``span`` is ``(file offset, bytes)`` of a batch's
     read that already holds the chunk's bytes."""
+    loc, item, runs = chunk
     dtype = to_torch_dtype(loc.dtype, source=loc.file)
-    runs = _item_runs(loc, item)
     dest = planner.resolve_tensor(item)
     direct = dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous()
     if runs.nbytes:

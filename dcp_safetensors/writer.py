@@ -58,7 +58,7 @@ from torch.futures import Future
 
 from dcp_safetensors import global_plan
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
-from dcp_safetensors.checksum import combine_run_arrays, combine_runs, crc32, format_crc32
+from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
@@ -530,7 +530,9 @@ class SafetensorsWriter(StorageWriter):
 
         def write_one(part: PartPlan) -> tuple[tuple[int, int, int, int, int], Any]:
             views = source.read(part.file, part.start, part.end - part.start)
-            crc = combine_runs((v.nbytes, crc32(v)) for v in views)
+            crc = 0
+            for v in views:  # a part's views are consecutive bytes: the CRC runs on across them
+                crc = crc32(v, crc)
             token = writer.write(part, views)
             return (files[part.file], part.number, part.start, part.end - part.start, crc), token
 

@@ -20,7 +20,7 @@ def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
     full = torch.arange(300 * 40, dtype=torch.float32).reshape(300, 40)
     dcp.save({"w": full}, storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
     monkeypatch.setattr(reader_mod, "SPAN_LIMIT", 1000)  # about 6 rows of 160 bytes per slab
-    location = read_checkpoint(str(tmp_path)).tensors["w"]  # before counting: only the tensor's reads count
+    ckpt = read_checkpoint(str(tmp_path))  # before counting: only the tensor's reads count
     reads = []
     storage = open_storage(str(tmp_path))
     original = type(storage).readinto
@@ -40,7 +40,8 @@ def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
             pass
 
     item = ReadItem(LoadItemType.TENSOR, MetadataIndex("w"), torch.Size([0, 0]), MetadataIndex("w"), torch.Size([0, 20]), torch.Size([300, 15]))
-    reader_mod._read_tensor(storage, location, item, Planner())
+    [[chunk]] = reader_mod._batches(ckpt, [item], storage.read_batch)
+    reader_mod._read_tensor(storage, chunk, Planner())
     assert torch.equal(dest, full[:, 20:35])
     assert len(reads) > 40 and max(reads) <= 1000
 

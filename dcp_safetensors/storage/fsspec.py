@@ -384,9 +384,5 @@ class ObjectStorage:
 
 def _each(fn: Callable[[T], Any], items: Sequence[T]) -> None:
     """``fn`` on every item, up to :data:`FILE_THREADS` at once; the first error is raised."""
-    if len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    with ThreadPoolExecutor(min(FILE_THREADS, len(items)), thread_name_prefix="dcp-safetensors-files") as pool:
+    with ThreadPoolExecutor(max(1, min(FILE_THREADS, len(items))), thread_name_prefix="dcp-safetensors-files") as pool:
         list(pool.map(fn, items))  # consumed: re-raises the first error
