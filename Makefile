@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest bench fuzz crash-matrix clean
+.PHONY: demo test lint typecheck pytest bench fuzz soak crash-matrix clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: lint typecheck pytest
 fuzz: $(VENV)/.installed
 	DCP_SAFETENSORS_FUZZ_N=100000 DCP_SAFETENSORS_BITFLIPS_N=10000 $(PY) -m pytest -q -s -p no:cacheprovider \
 		tests/test_format.py tests/test_hardening.py -k "fuzz or bit_flip"
+
+# The stateful save test (plan caching under mutation) for thousands of saves instead of CI's few hundred.
+soak: $(VENV)/.installed
+	DCP_SAFETENSORS_SOAK=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_plan_cache.py -k under_mutation
 
 crash-matrix: $(VENV)/.installed
 	DCP_SAFETENSORS_CRASH_MATRIX=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_crash.py

@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcp_safetensors import SafetensorsSavePlanner, SafetensorsWriter  # noqa: E402
 from dcp_safetensors.experts import TRANSFORMERS_EXPERTS, expert_shape  # noqa: E402
+from dcp_safetensors.plan_cache import SaveCache
 
 Tensor = tuple[str, tuple[int, ...], torch.dtype]
 Chunk = tuple[str, tuple[int, ...], tuple[int, ...]]
@@ -268,6 +269,7 @@ def _pickled(obj: Any) -> int:
 
 
 def _clear_plan_cache() -> None:
+    """DCP's class-level plan caches (torch's planner keeps them across instances)."""
     for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans, SavePlanner._cached_global_plan,
                   SavePlanner._cached_metadata, SavePlanner._cached_final_save_plan):
         cache.clear()
@@ -282,19 +284,41 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def run_save(method: str, model: str, scheme: str, world: int, tensors: list[Tensor], directory: str,
              repeat: bool) -> SaveRun:
-    """Time the coordinator's two planning steps (and a cached repeat) for ``world`` simulated ranks."""
+    """Time the coordinator's two planning steps (and a cached repeat) for ``world`` simulated ranks.
+
+    A repeat save runs as ranks run it: ours with the same planner on the
+    coordinator and each simulated rank's own :class:`SaveCache` (rank 0's is
+    the planner's), every rank confirming its final plan; torch's with DCP's
+    class-level caches.
+    """
     _clear_plan_cache()
     dtypes = {k: d for k, _, d in tensors}
     shapes = {k: s for k, s, _ in tensors}
+    raw = [local_plan(c, dtypes, shapes) for c in placement_chunks(tensors, scheme, world)]
     if method == "ours":
-        def make() -> tuple[SavePlanner, Any]:
-            return SafetensorsSavePlanner(enable_plan_caching=repeat), SafetensorsWriter(directory)
+        planner: Any = SafetensorsSavePlanner(enable_plan_caching=repeat)
+        writer: Any = SafetensorsWriter(directory)
+        caches = [planner.cache, *(SaveCache() for _ in range(world - 1))] if repeat else []
+
+        def send() -> list[SavePlan]:
+            offered = [c.offer(p, planner._options()) for c, p in zip(caches, raw, strict=True)] if caches else raw
+            return [writer.prepare_local_plan(p) for p in offered]
+
+        def confirm(final: list[SavePlan]) -> None:
+            for c, p in zip(caches, final, strict=True):
+                c.confirm(p)
     else:
-        def make() -> tuple[SavePlanner, Any]:
-            return DefaultSavePlanner(enable_plan_caching=repeat), FileSystemWriter(directory)
-    planner, writer = make()
+        planner = DefaultSavePlanner(enable_plan_caching=repeat)
+        writer = FileSystemWriter(directory)
+
+        def send() -> list[SavePlan]:
+            return [writer.prepare_local_plan(p) for p in raw]
+
+        def confirm(final: list[SavePlan]) -> None:
+            for p in final:
+                planner.finish_plan(p)
     writer.set_up_storage_writer(True)
-    plans = [writer.prepare_local_plan(local_plan(c, dtypes, shapes)) for c in placement_chunks(tensors, scheme, world)]
+    plans = send()
     chunks = sum(len(p.items) for p in plans)
     gathered = sum(_pickled(p) for p in plans)
     (plans_out, _), global_s = _timed(lambda: planner.create_global_plan(plans))
@@ -303,19 +327,16 @@ def run_save(method: str, model: str, scheme: str, world: int, tensors: list[Ten
     run = SaveRun(method, model, scheme, world, chunks, global_s, storage_s, gathered, sum(sizes), max(sizes))
     _abort(writer)
     if repeat:
-        for p in final:
-            planner.finish_plan(p)
-        unchanged = [writer.prepare_local_plan(SavePlan([], usable=False)) for _ in range(world)]
-        planner2, writer2 = make()
-        writer2.set_up_storage_writer(True)
+        confirm(final)
+        unchanged = send() if method == "ours" else [writer.prepare_local_plan(SavePlan([], usable=False))] * world
 
         def again() -> list[SavePlan]:
-            out, _ = planner2.create_global_plan(unchanged)
-            return writer2.prepare_global_plan(out)
+            out, _ = planner.create_global_plan(unchanged)
+            return writer.prepare_global_plan(out)
 
         final2, run.repeat_s = _timed(again)
         run.repeat_scattered_bytes = sum(_pickled(p) for p in final2)
-        _abort(writer2)
+        _abort(writer)
     _clear_plan_cache()
     return run
 

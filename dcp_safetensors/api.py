@@ -76,19 +76,25 @@ def save(
 
     ``writer_options`` are :class:`SafetensorsWriter`'s (``max_shard_size``,
     ``model_prefix``, ``storage_options``, ``hf_config``, ...). Every rank of
-    ``process_group`` must call it. The default planner is
-    ``SafetensorsSavePlanner(enable_plan_caching=True)``: a save whose state
-    dict has the same keys, shapes, dtypes and placements as the last one is
-    not planned again (each save still gets its own snapshot).
+    ``process_group`` must call it. The default planner is a new
+    :class:`~dcp_safetensors.planner.SafetensorsSavePlanner`. To skip planning
+    when nothing changed since the last save (seconds at hundreds of ranks),
+    keep one ``SafetensorsSavePlanner(enable_plan_caching=True)`` per rank and
+    pass it to every save: a save whose keys, dtypes, shapes and placements
+    are those of the last one reuses its plans (each save still gets its own
+    snapshot); anything else is planned again.
 
     Example:
         >>> import tempfile, torch
-        >>> save({"layer.weight": torch.ones(2, 2)}, tempfile.mkdtemp(), max_shard_size="1GB")
+        >>> from dcp_safetensors import SafetensorsSavePlanner
+        >>> planner = SafetensorsSavePlanner(enable_plan_caching=True)
+        >>> for step in range(2):
+        ...     save({"layer.weight": torch.full((2, 2), step)}, tempfile.mkdtemp(), planner=planner)
     """
     from dcp_safetensors.planner import SafetensorsSavePlanner
 
     writer = SafetensorsWriter(path, process_group=process_group, **writer_options)
-    planner = planner or SafetensorsSavePlanner(enable_plan_caching=True)
+    planner = planner or SafetensorsSavePlanner()
     _call(dcp.save, state_dict=state_dict, storage_writer=writer, planner=planner, process_group=process_group)
 
 
@@ -191,7 +197,8 @@ def async_save(
     group. ``future.result()`` returns once the checkpoint is committed (or
     raises our error). Every rank must call it, and the first call on a group
     creates the save group (a collective). The default planner is
-    ``SafetensorsSavePlanner()`` (without plan caching).
+    ``SafetensorsSavePlanner()``; a caching planner passed here must not serve
+    two saves in flight at once (it holds one save's state at a time).
 
     Example:
         >>> import tempfile, torch
@@ -203,8 +210,7 @@ def async_save(
 
     group = _save_group(process_group)
     writer = SafetensorsWriter(path, process_group=group, **writer_options)
-    # Our planner for its near-linear global step; without plan caching, whose class-level
-    # cache is not meant for saves that may overlap in background threads.
+    # Our planner for its near-linear global step.
     planner = planner or SafetensorsSavePlanner()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

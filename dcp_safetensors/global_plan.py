@@ -16,7 +16,7 @@ numpy per tensor:
   pairwise sweep).
 
 The planner hands its chunk table to the writer of the same save
-(:func:`remember` / :func:`recall`), so the writer's layout does not collect
+(:class:`PlannedSave`, in the plan), so the writer's layout does not collect
 the items a second time.
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.distributed.checkpoint.metadata import (
@@ -38,7 +39,10 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.layout import ChunkArrays, TensorSpec, check_tiling
 
-__all__ = ["collect_chunks", "build_metadata", "validate", "remember", "recall"]
+if TYPE_CHECKING:
+    from dcp_safetensors.plan_cache import SaveCache
+
+__all__ = ["collect_chunks", "build_metadata", "validate", "PlannedSave"]
 
 
 def collect_chunks(
@@ -188,27 +192,18 @@ def validate(table: dict[str, ChunkArrays], md: dict[str, STORAGE_TYPES]) -> Non
             check_tiling(TensorSpec(fqn, fqn, "U8", tuple(tmd.size)), table.get(fqn))
 
 
-_HANDOFF: list[tuple[list[SavePlan], list[SavePlan], dict[str, ChunkArrays] | None, bool]] = []
+@dataclass(frozen=True, eq=False)
+class PlannedSave:
+    """What :class:`~dcp_safetensors.planner.SafetensorsSavePlanner` hands the writer on the coordinator.
 
-
-def remember(
-    returned: list[SavePlan], plans: list[SavePlan], table: dict[str, ChunkArrays] | None, cached: bool = False
-) -> None:
-    """Keep, for this coordinator's writer, the global ``plans`` behind the list the planner ``returned``.
-
-    ``returned`` is what DCP hands the writer's ``prepare_global_plan`` next:
-    the plans themselves, or with plan caching the empty plans of an
-    unchanged save (then ``plans`` are the cached ones). ``table`` is their
-    chunk table, if the planner built it; ``cached`` says the planner caches
-    plans, so the writer should keep its layout for the next save.
+    It travels in the first global plan's ``planner_data`` (DCP passes the
+    planner's plans to ``prepare_global_plan`` as they are), and the writer
+    removes it before the plans are scattered. ``table`` holds every tensor's
+    chunks, proved to tile it; ``cache`` is the planner's plan cache, where the
+    writer keeps its layout; ``unchanged`` says the global plans are the last
+    confirmed save's, so that save's layout may be reused.
     """
-    _HANDOFF[:] = [(returned, plans, table, cached)]
 
-
-def recall(returned: list[SavePlan]) -> tuple[list[SavePlan], dict[str, ChunkArrays] | None, bool] | None:
-    """What :func:`remember` kept for exactly this list object (DCP passes it on as is), once."""
-    if _HANDOFF and _HANDOFF[0][0] is returned:
-        _, plans, table, cached = _HANDOFF.pop()
-        return plans, table, cached
-    _HANDOFF.clear()
-    return None
+    table: dict[str, ChunkArrays]
+    cache: SaveCache | None = None
+    unchanged: bool = False

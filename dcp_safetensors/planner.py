@@ -55,7 +55,6 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 from torch.distributed.tensor import DTensor
 
-from dcp_safetensors import global_plan
 from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.experts import (
     ExpertPiece,
@@ -64,8 +63,9 @@ from dcp_safetensors.experts import (
     expert_shape,
     resolve_rules,
 )
-from dcp_safetensors.global_plan import build_metadata, collect_chunks, validate
+from dcp_safetensors.global_plan import PlannedSave, build_metadata, collect_chunks, validate
 from dcp_safetensors.mapping import KeyMapping
+from dcp_safetensors.plan_cache import GlobalRecord, SaveCache, expand_local_plans
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +243,12 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             rules. Each rank writes the experts (or expert slices) it holds.
         strict: a ``hf_experts`` rule that matches no key is an error (by
             default a warning).
-        **kwargs: ``DefaultSavePlanner``'s arguments. ``enable_plan_caching=True``
-            skips re-planning a save whose local plans did not change on any
-            rank (each save still gets a fresh snapshot: the writer sends the
-            new snapshot's session and headers in the otherwise empty plans).
+        enable_plan_caching: reuse the last save's plans when no rank's plan
+            changed (same keys, dtypes, shapes, chunks, options): ranks send a
+            digest instead of their plan and the coordinator skips planning.
+            The cache lives on this planner, so keep one planner per rank and
+            pass it to every save (:mod:`dcp_safetensors.plan_cache`).
+        **kwargs: ``DefaultSavePlanner``'s arguments.
 
     The coordinator's global step is near-linear in the number of chunks
     (:mod:`dcp_safetensors.global_plan`): dedup, DCP's metadata and an exact
@@ -261,9 +263,11 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         meta_resolver: MetaResolver | None = None,
         hf_experts: bool | Sequence[FusedExperts] = False,
         strict: bool = False,
+        enable_plan_caching: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(enable_plan_caching=False, **kwargs)
+        caching = enable_plan_caching
         if dtype is not None and not dtype.is_floating_point:
             raise ConfigurationError(f"dtype must be a floating dtype to cast floating tensors to, got {dtype}")
         self.mapping = mapping or KeyMapping()
@@ -272,9 +276,9 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self.expert_rules = resolve_rules(hf_experts)
         self.strict = strict
         self._pieces: dict[PieceKey, torch.Tensor] = {}
-        # DCP caches plans per key; ours names the options that shape a plan, so a planner
-        # with another dtype or mapping never reuses this one's plans.
-        self._cached_plans_key = f"{type(self).__name__}:{(self.mapping, self.dtype, self.expert_rules)!r}"
+        # Our own cache on this instance (plan_cache.py), not DCP's class-level one: DCP
+        # compares plans without their dtypes.
+        self.cache = SaveCache() if caching else None
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -325,34 +329,32 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             # DCP merges every rank's planner_data into the global Metadata handed to finish().
             plan = dataclasses.replace(plan, planner_data={**(plan.planner_data or {}), ALIASES_KEY: self.aliases})
         self.plan = plan
-        return plan
+        return self.cache.offer(plan, self._options()) if self.cache is not None else plan
 
-    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        plans, table, md = collect_chunks(all_plans, self.dedup_save_to_lowest_rank)
-        validate(table, md)
-        global_plan.remember(plans, plans, table, self._enable_plan_caching)
-        return plans, build_metadata(plans, md)
+    def _options(self) -> str:
+        """The settings that shape a plan beyond its items, for the plan cache's digest."""
+        return repr((type(self).__qualname__, self.mapping, self.dtype, self.expert_rules,
+                     self.dedup_save_to_lowest_rank, self.flatten_state_dict, self.flatten_sharded_tensors))
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        delta, metadata = super().create_global_plan(all_plans)
-        if self._enable_plan_caching:
-            if any(p.usable for p in delta):
-                # Some rank's plan changed: the layout moves for every rank, so every rank
-                # gets its whole new plan (DCP would send unchanged ranks nothing).
-                delta = self.global_plan  # the list _create_global_plan remembered, with its table
-            else:
-                global_plan.remember(delta, self.global_plan, None, True)
-        return delta, metadata
+        plans, records, confirmed = expand_local_plans(all_plans, self.cache)
+        if confirmed is not None:  # no rank's plan changed: the last global step holds
+            plans, metadata, table = confirmed.plans, confirmed.metadata, confirmed.table
+        else:
+            plans, table, md = collect_chunks(plans, self.dedup_save_to_lowest_rank)
+            validate(table, md)
+            metadata = build_metadata(plans, md)
+        if self.cache is not None:
+            self.cache.keep_global(GlobalRecord(records, plans, metadata, table), reused=confirmed is not None)
+        self.global_plan, self.metadata = plans, metadata
+        # The writer of this save (on this coordinator) takes what the planner proved from
+        # the first plan, and removes it before the plans are scattered.
+        handoff = PlannedSave(table, self.cache, unchanged=confirmed is not None)
+        return [dataclasses.replace(plans[0], planner_data=handoff), *plans[1:]], metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        # A cached plan comes back empty (usable=False); the storage layer may have put
-        # what changes with every save (a snapshot's session) into it.
-        refresh = getattr(new_plan.storage_data, "refresh", None) if not new_plan.usable else None
-        plan = super().finish_plan(new_plan)
-        if refresh is not None:
-            plan = dataclasses.replace(plan, storage_data=refresh(plan.storage_data))
-            self.plan = plan
-        return plan
+        self.plan = self.cache.confirm(new_plan) if self.cache is not None else new_plan
+        return self.plan
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         piece = self._pieces.get((index.fqn, tuple(index.offset or ())))

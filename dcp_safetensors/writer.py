@@ -56,14 +56,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dcp_safetensors import global_plan
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
 from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
-from dcp_safetensors.global_plan import collect_chunks
+from dcp_safetensors.global_plan import PlannedSave, collect_chunks
 from dcp_safetensors.layout import (
     MODEL_GROUP,
     CheckpointLayout,
@@ -86,40 +85,48 @@ logger = logging.getLogger("dcp_safetensors")
 
 TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 
-_LAYOUT_CACHE: dict[tuple[Any, ...], tuple[list[SavePlan], CheckpointLayout]] = {}
-"""The last layout per writer setting, with the global plans it was made from (plan caching)."""
-
-
 @dataclass(frozen=True)
 class _RankStorageData:
-    """What the coordinator sends each rank in ``SavePlan.storage_data``."""
+    """What the coordinator sends each rank in ``SavePlan.storage_data``.
+
+    ``layout_id`` names the layout ``writes`` come from, so a rank can tell
+    that a reused plan (:class:`_Refresh`) belongs to the layout it cached.
+    """
 
     session: dict[str, Any]
     writes: RankWritePlan
+    layout_id: str
 
 
 @dataclass(frozen=True)
 class _Refresh:
-    """An unchanged save's plan (DCP's plan cache): the new snapshot's session and this rank's headers.
+    """A reused plan (plan caching): the new snapshot's session and this rank's headers.
 
-    The planner's ``finish_plan`` applies it to the cached plan of the last
-    save, whose session and headers belong to that save's snapshot. ``writes``
-    replaces the cached writes too when the layout was planned again (the
-    writer's options changed while the state dict did not).
+    The planner applies it to the rank's cached final plan
+    (:class:`~dcp_safetensors.plan_cache.PlanRefresh`), whose session and
+    headers belong to the last save's snapshot.
     """
 
     session: dict[str, Any]
     headers: tuple[HeaderWrite, ...]
-    writes: RankWritePlan | None = None
+    layout_id: str
 
-    def refresh(self, cached: Any) -> _RankStorageData:
-        if self.writes is not None:
-            return _RankStorageData(self.session, self.writes)
+    def apply(self, cached: Any) -> _RankStorageData | _StalePlan:
         if not isinstance(cached, _RankStorageData):
-            raise ConfigurationError(
-                "plan caching: the cached plan was not made by SafetensorsWriter; save once without the cache"
+            return _StalePlan(self.session, "this rank has no cached plan (its planner was not the one of the last save)")
+        if cached.layout_id != self.layout_id:
+            return _StalePlan(
+                self.session, f"this rank's cached plan is of layout {cached.layout_id}, the coordinator reused {self.layout_id}"
             )
-        return _RankStorageData(self.session, dataclasses.replace(cached.writes, headers=self.headers))
+        return _RankStorageData(self.session, dataclasses.replace(cached.writes, headers=self.headers), self.layout_id)
+
+
+@dataclass(frozen=True)
+class _StalePlan:
+    """A reused plan this rank cannot apply; ``write_data`` refuses it on every rank together."""
+
+    session: dict[str, Any]
+    reason: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,44 +270,35 @@ class SafetensorsWriter(StorageWriter):
         storage = self._storage()
         snapshot = uuid.uuid4().hex
         metadata = {"format": "pt", SNAPSHOT_KEY: snapshot}
-        handoff = global_plan.recall(plans)
+        planned = plans[0].planner_data if plans and isinstance(plans[0].planner_data, PlannedSave) else None
+        if planned is not None:  # the planner's hand-off stays on the coordinator
+            plans = [dataclasses.replace(plans[0], planner_data=None), *plans[1:]]
+        if any(not p.usable for p in plans):
+            raise ConfigurationError(
+                "the planner sent empty cached plans (DCP's enable_plan_caching), whose storage data belongs to an "
+                "earlier save's snapshot; pass planner=SafetensorsSavePlanner(enable_plan_caching=True), which "
+                "caches plans with this writer"
+            )
         settings = (type(storage).__name__, storage.min_part, storage.max_part, self.max_shard_size,
                     self.model_prefix, self.transfer_budget, len(plans))
-        if plans and not any(p.usable for p in plans):
-            # DCP's plan cache: no rank's plan changed. Reuse the layout; only the snapshot
-            # (its id in every header, its session) is new.
-            if handoff is None:
-                raise ConfigurationError(
-                    "enable_plan_caching=True needs SafetensorsSavePlanner (it hands the writer the cached "
-                    "plans and applies the new snapshot to them); pass planner=SafetensorsSavePlanner(enable_plan_caching=True)"
-                )
-            cached_plans, table, _ = handoff
-            cached = _LAYOUT_CACHE.get(settings)
-            replanned = cached is None or cached[0] is not cached_plans
-            if cached is not None and not replanned:
-                layout = restamp(cached[1], metadata)
-            else:
-                layout = self._plan(cached_plans, table, metadata, storage)
-                _LAYOUT_CACHE[settings] = (cached_plans, layout)
+        cache = planned.cache if planned is not None else None
+        cached = cache.layout(settings) if cache is not None and planned is not None and planned.unchanged else None
+        if cached is not None:
+            # No rank's plan changed and the writer's settings are the same: only the
+            # snapshot (its id in every header, its session) is new.
+            layout = restamp(cached.layout, metadata)
             session = storage.begin_save(snapshot, [f.name for f in layout.files])
             self._layout, self._session = layout, session
             self._phases["plan"] = time.perf_counter() - started
             logger.debug("plan unchanged: reused the layout of %d files in %.3f s", len(layout.files), self._phases["plan"])
             return [
-                dataclasses.replace(
-                    plan,
-                    storage_data=_Refresh(
-                        session, layout.rank_plans[rank].headers, layout.rank_plans[rank] if replanned else None
-                    ),
-                )
-                for rank, plan in enumerate(plans)
+                SavePlan([], storage_data=_Refresh(session, layout.rank_plans[rank].headers, cached.layout_id), usable=False)
+                for rank in range(len(plans))
             ]
-        global_plans, table, caching = handoff if handoff is not None else (plans, None, False)
-        layout = self._plan(global_plans, table, metadata, storage)
-        if caching:  # kept for the next, unchanged save; otherwise nothing outlives this save
-            _LAYOUT_CACHE[settings] = (global_plans, layout)
-        else:
-            _LAYOUT_CACHE.pop(settings, None)
+        layout = self._plan(plans, planned.table if planned is not None else None, metadata, storage)
+        layout_id = uuid.uuid4().hex
+        if cache is not None:
+            cache.keep_layout(settings, layout_id, layout)
         session = storage.begin_save(snapshot, [f.name for f in layout.files])
         self._layout, self._session = layout, session
         self._phases["plan"] = time.perf_counter() - started
@@ -313,7 +311,7 @@ class SafetensorsWriter(StorageWriter):
             self._phases["plan"],
         )
         return [
-            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank]))
+            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank], layout_id))
             for rank, plan in enumerate(plans)
         ]
 
@@ -338,7 +336,7 @@ class SafetensorsWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         write_started = time.perf_counter()
-        data: _RankStorageData = plan.storage_data
+        data = plan.storage_data
         results: list[WriteResult] = []
         source = ByteSource()
         group = self.process_group
@@ -349,6 +347,13 @@ class SafetensorsWriter(StorageWriter):
             # (opening the storage included) is carried to the next status exchange, so
             # all ranks raise together instead of waiting for a rank that left.
             error: Exception | None = None
+            if not isinstance(data, _RankStorageData):
+                # A rank without its plan cannot know the transfer rounds; the first status
+                # exchange (every rank's next collective, whatever its rounds) says so to all.
+                error = _unusable_plan(data)
+                if distributed:
+                    agree_on_errors(error, group, "the transfers")
+                raise error
             try:
                 storage = self._storage()
                 self._resolve(plan, planner, data.writes, source, results)
@@ -374,8 +379,9 @@ class SafetensorsWriter(StorageWriter):
             elif error is not None:
                 raise error
         except BaseException:
-            if storage is not None:
-                storage.abort_save(data.session)
+            session = getattr(data, "session", None)
+            if session is not None:
+                (storage or self._storage()).abort_save(session)
             raise
         self._phases["write"] = time.perf_counter() - write_started - self._phases.get("transfer", 0.0)
         fut: Future[list[WriteResult]] = Future()
@@ -550,6 +556,16 @@ class SafetensorsWriter(StorageWriter):
             tuple(files), np.asarray([row for row, _ in out], dtype=np.int64), tuple(token for _, token in out)
         )
         return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), int(written.rows[:, 3].sum()), written)]
+
+
+def _unusable_plan(data: Any) -> LayoutError:
+    """The error for a plan ``write_data`` cannot carry out; the next save plans from scratch."""
+    if isinstance(data, _StalePlan):
+        return LayoutError(f"plan caching: {data.reason}; refusing to write. The next save plans from scratch")
+    return LayoutError(
+        f"write_data got a plan without this writer's storage data ({type(data).__name__}): the plan was not "
+        "made by SafetensorsWriter.prepare_global_plan"
+    )
 
 
 def _check_tiled(name: str, size: int, rows: np.ndarray) -> int:

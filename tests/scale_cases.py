@@ -43,6 +43,7 @@ def repeat_saves(root: str) -> list[dict]:
     out = []
     try:
         model = _model(0)
+        planner = dcp_safetensors.SafetensorsSavePlanner(enable_plan_caching=True)
         for step, width in enumerate((16, 16, 16, 24)):
             if width != 16:
                 model = _model(step, width)
@@ -52,7 +53,7 @@ def repeat_saves(root: str) -> list[dict]:
             state = get_model_state_dict(model)
             path = os.path.join(root, f"step{step}")
             before = len(calls)
-            dcp_safetensors.save(state, path)
+            dcp_safetensors.save(state, path, planner=planner)
             full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
             loaded = dcp_safetensors.read_checkpoint(path)
             if dist.get_rank() == 0:

@@ -1,0 +1,150 @@
+"""Per-rank steps of the stateful save test (tests/test_plan_cache.py).
+
+The test process holds the model of the state dict (``Spec``: key -> shape,
+dtype, placement, seed) and the options; each step builds the state dict from
+it on every rank, saves, and loads the checkpoint back. The same functions
+run in one process without a process group (the 1-rank machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from cases import random_tensor, shard
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import dcp_safetensors
+from dcp_safetensors import SafetensorsLoadPlanner, SafetensorsSavePlanner, SafetensorsWriter
+from dcp_safetensors.mapping import KeyMapping
+
+Spec = dict[str, tuple[tuple[int, ...], str, str, int]]
+"""``{key: (shape, dtype name, placement, seed)}``; placements: plain, rep, s0, s1, 2d."""
+
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64", "int32", "uint8")}
+
+_SAME_SIZE = {
+    torch.float32: torch.int32, torch.int32: torch.float32, torch.bfloat16: torch.float16,
+    torch.float16: torch.bfloat16, torch.float64: torch.int64, torch.uint8: torch.int8,
+}
+
+# One caching planner per slot on this rank, reused across saves as a training loop does.
+_PLANNERS: dict[str, SafetensorsSavePlanner] = {}
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def mapping_of(options: dict[str, Any]) -> KeyMapping | None:
+    return KeyMapping(strip_prefix="model") if options["mapping"] == "strip" else None
+
+
+def full_tensor(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
+    return random_tensor(tuple(shape), DTYPES[dtype], seed)
+
+
+def _place(full: torch.Tensor, placement: str) -> torch.Tensor:
+    if placement == "plain" or world() == 1:
+        return full
+    if placement == "2d":
+        mesh = init_device_mesh("cpu", (1, world()), mesh_dim_names=("dp", "tp"))
+        return shard(full, mesh, [Replicate(), Shard(min(1, full.dim() - 1))])
+    mesh = init_device_mesh("cpu", (world(),))
+    return shard(full, mesh, [{"rep": Replicate(), "s0": Shard(0), "s1": Shard(1)}[placement]])
+
+
+def build(spec: Spec, diverged: str | None = None, zeros: bool = False) -> dict[str, Any]:
+    """The state dict of ``spec`` on this rank; ``diverged``'s dtype differs on the last rank."""
+    out = {}
+    for key, (shape, dtype, placement, seed) in spec.items():
+        full = full_tensor(shape, dtype, seed)
+        if zeros:
+            full = torch.zeros_like(full)
+        if key == diverged and dist.is_initialized() and dist.get_rank() == world() - 1:
+            full = full.view(_SAME_SIZE[full.dtype])  # only the dtype tells the ranks apart
+        out[key] = _place(full, placement)
+    return out
+
+
+def _planner(options: dict[str, Any]) -> Any:
+    kind = options["planner"]
+    if kind == "dcp":
+        return DefaultSavePlanner()
+    settings = {"mapping": mapping_of(options), "dtype": DTYPES[options["planner_dtype"]] if options["planner_dtype"] else None}
+    if kind == "fresh":
+        return SafetensorsSavePlanner(**settings)
+    slot = f"{options['slot']}:{settings}"  # a planner's options are fixed at construction
+    if slot not in _PLANNERS:
+        _PLANNERS[slot] = SafetensorsSavePlanner(enable_plan_caching=True, **settings)
+    return _PLANNERS[slot]
+
+
+def save_and_load(spec: Spec, options: dict[str, Any], path: str, diverged: str | None) -> dict[str, Any]:
+    """Save ``spec``'s state at ``path``, then load it into zeros; the error or what differs."""
+    state = build(spec, diverged)
+    planner = _planner(options)
+    writer_options = {"max_shard_size": options["max_shard_size"], "model_prefix": options["model_prefix"]}
+    reuses = _Count("plan unchanged")
+    log = logging.getLogger("dcp_safetensors")
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(reuses)
+    try:
+        if options["planner"] == "dcp":  # the README's plain form
+            dcp.save(state, storage_writer=SafetensorsWriter(path, **writer_options), planner=planner,
+                     no_dist=not dist.is_initialized())
+        else:
+            dcp_safetensors.save(state, path, planner=planner, **writer_options)
+    except Exception as e:  # noqa: BLE001 - the test decides whether it was expected
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    finally:
+        log.removeHandler(reuses)
+        log.setLevel(level)
+    target = build(spec, zeros=True)
+    load_planner = SafetensorsLoadPlanner(
+        mapping=mapping_of(options) if options["planner"] != "dcp" else None, dtype_policy="cast"
+    )
+    dcp_safetensors.load(target, path, planner=load_planner)
+    wrong = []
+    for key, (shape, dtype, _, seed) in spec.items():
+        expected = full_tensor(shape, dtype, seed)
+        cast = options["planner_dtype"] if options["planner"] != "dcp" else None
+        if cast and expected.is_floating_point():
+            expected = expected.to(DTYPES[cast]).to(expected.dtype)
+        value = target[key]
+        got = value.full_tensor() if isinstance(value, DTensor) else value
+        if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
+            wrong.append(key)
+    return {"error": None, "wrong": wrong, "reused": reuses.count > 0}
+
+
+class _Count(logging.Handler):
+    """Counts the log records that start with ``prefix`` (the writer's DEBUG line of a reused plan)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.prefix, self.count = prefix, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith(self.prefix)
+
+
+def caching_on_some_ranks(root: str) -> list[str | None]:
+    """Rank 0 plans without a cache, the others cache: the second save is refused, the third works."""
+    planner = SafetensorsSavePlanner(enable_plan_caching=dist.get_rank() != 0)
+    state = {"w": torch.arange(6.0)}
+    errors = []
+    for step in range(3):
+        try:
+            dcp_safetensors.save(state, f"{root}/step{step}", planner=planner)
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors
