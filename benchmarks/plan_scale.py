@@ -301,7 +301,7 @@ def run_save(method: str, model: str, scheme: str, world: int, tensors: list[Ten
         caches = [planner.cache, *(SaveCache() for _ in range(world - 1))] if repeat else []
 
         def send() -> list[SavePlan]:
-            offered = [c.offer(p, planner._options()) for c, p in zip(caches, raw, strict=True)] if caches else raw
+            offered = [c.offer(p, planner.options()) for c, p in zip(caches, raw, strict=True)] if caches else raw
             return [writer.prepare_local_plan(p) for p in offered]
 
         def confirm(final: list[SavePlan]) -> None:

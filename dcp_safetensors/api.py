@@ -57,6 +57,28 @@ def _our_errors() -> Iterator[None]:
         raise
 
 
+def _agreed(make: Callable[[], T], group: dist.ProcessGroup | None, what: str) -> T:
+    """``make()`` on every rank, its outcome agreed before the first collective of ``what``.
+
+    A rank whose options are refused at construction (or whose precondition
+    fails) would otherwise leave the others waiting in DCP's first
+    collective until the process group's timeout: every rank raises now.
+    """
+    error: Exception | None = None
+    made: T | None = None
+    try:
+        made = make()
+    except Exception as e:
+        error = e
+    if _distributed() and dist.get_world_size(group) > 1:
+        from dcp_safetensors.collectives import agree_on_errors
+
+        agree_on_errors(error, group, what)
+    elif error is not None:
+        raise error
+    return made  # type: ignore[return-value]
+
+
 def _call(fn: Callable[..., T], **kwargs: Any) -> T:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -93,7 +115,7 @@ def save(
     """
     from dcp_safetensors.planner import SafetensorsSavePlanner
 
-    writer = SafetensorsWriter(path, process_group=process_group, **writer_options)
+    writer = _agreed(lambda: SafetensorsWriter(path, process_group=process_group, **writer_options), process_group, "saving")
     planner = planner or SafetensorsSavePlanner()
     _call(dcp.save, state_dict=state_dict, storage_writer=writer, planner=planner, process_group=process_group)
 
@@ -125,7 +147,7 @@ def load(
     """
     from dcp_safetensors.planner import SafetensorsLoadPlanner
 
-    reader = SafetensorsReader(path, process_group=process_group, **reader_options)
+    reader = _agreed(lambda: SafetensorsReader(path, process_group=process_group, **reader_options), process_group, "loading")
     planner = planner or SafetensorsLoadPlanner()
     _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
 
@@ -209,7 +231,7 @@ def async_save(
     from dcp_safetensors.planner import SafetensorsSavePlanner
 
     group = _save_group(process_group)
-    writer = SafetensorsWriter(path, process_group=group, **writer_options)
+    writer = _agreed(lambda: SafetensorsWriter(path, process_group=group, **writer_options), group, "saving")
     # Our planner for its near-linear global step.
     planner = planner or SafetensorsSavePlanner()
     with warnings.catch_warnings():

@@ -47,10 +47,11 @@ from typing import Any, Protocol, runtime_checkable
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 
+from dcp_safetensors.agreement import check_agreement
 from dcp_safetensors.errors import ConfigurationError
 from dcp_safetensors.layout import CheckpointLayout, ChunkArrays
 
-__all__ = ["SaveCache", "LocalPlanDigest", "PlanRefresh", "plan_digest", "expand_local_plans"]
+__all__ = ["SaveCache", "LocalPlanData", "PlanRefresh", "plan_digest", "expand_local_plans"]
 
 
 def plan_digest(plan: SavePlan, options: str) -> str:
@@ -72,17 +73,20 @@ def plan_digest(plan: SavePlan, options: str) -> str:
 
 
 @dataclass(frozen=True)
-class LocalPlanDigest:
-    """``SavePlan.planner_data`` of a caching rank's local plan.
+class LocalPlanData:
+    """``SavePlan.planner_data`` of a local plan made by our planner.
 
-    ``unchanged``: the plan equals the rank's last confirmed one, so the plan
-    sent is empty and the coordinator uses its own copy. Otherwise
-    ``planner_data`` is the plan's own planner data, restored by the
-    coordinator before it builds the metadata.
+    ``options`` are the planner's options (:func:`~dcp_safetensors.agreement.describe`),
+    compared across ranks by the coordinator. With plan caching, ``digest``
+    is the plan's :func:`plan_digest`, and ``unchanged`` says the plan equals
+    the rank's last confirmed one, so the plan sent is empty and the
+    coordinator uses its own copy. ``planner_data`` is the plan's own planner
+    data (tied aliases, flattening), restored before the metadata is built.
     """
 
-    digest: str
-    unchanged: bool
+    options: dict[str, Any]
+    digest: str | None = None
+    unchanged: bool = False
     planner_data: Any = None
 
 
@@ -106,18 +110,20 @@ class _RankRecord:
 
     digest: str | None
     plan: SavePlan
+    options: dict[str, Any] | None
 
 
 def expand_local_plans(
     plans: Sequence[SavePlan], cache: SaveCache | None
 ) -> tuple[list[SavePlan], list[_RankRecord], GlobalRecord | None]:
-    """The coordinator's full local plans, unchanged ones taken from ``cache``.
+    """The coordinator's full local plans, unchanged ones taken from ``cache``; options agreed.
 
     Returns the plans (each with its own planner data back), the records to
     keep for the next save, and the confirmed global step if every rank's
-    plan is unchanged from it (reuse it as it is). A rank that sent a digest
-    the cache does not hold for it is a :class:`ConfigurationError` naming
-    the ranks (planners that differ between ranks, or a coordinator that lost
+    plan is unchanged from it (reuse it as it is). Raises
+    :class:`ConfigurationError` naming the ranks if the planners' options
+    differ between ranks, or if a rank sent a digest the cache does not hold
+    for it (planners that differ between ranks, or a coordinator that lost
     its cache); every rank then plans from scratch on the next save.
     """
     confirmed = cache.take_global(len(plans)) if cache is not None else None
@@ -127,10 +133,10 @@ def expand_local_plans(
     unchanged = True
     for rank, plan in enumerate(plans):
         tag = plan.planner_data
-        if not isinstance(tag, LocalPlanDigest):  # a planner that does not cache
+        if not isinstance(tag, LocalPlanData):  # another planner
             unchanged = False
             out.append(plan)
-            kept.append(_RankRecord(None, plan))
+            kept.append(_RankRecord(None, plan, None))
         elif tag.unchanged:
             record = confirmed.records[rank] if confirmed is not None else None
             if record is None or record.digest != tag.digest:
@@ -142,7 +148,7 @@ def expand_local_plans(
             unchanged = False
             full = replace(plan, planner_data=tag.planner_data)
             out.append(full)
-            kept.append(_RankRecord(tag.digest, full))
+            kept.append(_RankRecord(tag.digest, full, tag.options))
     if missing:
         raise ConfigurationError(
             f"plan caching: ranks {missing} sent an unchanged plan that the coordinator has not cached for them "
@@ -150,6 +156,7 @@ def expand_local_plans(
             "use one SafetensorsSavePlanner(enable_plan_caching=True) per rank for every save, on every rank alike. "
             "The next save plans from scratch"
         )
+    check_agreement("SafetensorsSavePlanner", [r.options for r in kept])
     return out, kept, confirmed if unchanged else None
 
 
@@ -201,18 +208,18 @@ class SaveCache:
 
     # -- every rank --------------------------------------------------------------------
 
-    def offer(self, plan: SavePlan, options: str) -> SavePlan:
+    def offer(self, plan: SavePlan, options: dict[str, Any]) -> SavePlan:
         """The plan to send for local ``plan``: empty with its digest if it equals the confirmed one."""
-        digest = plan_digest(plan, options)
+        digest = plan_digest(plan, repr(options))
         confirmed, final = self._digest, self._final
         # Given up until this save confirms: a save that fails before finish_plan
         # leaves this rank sending its whole plan next time.
         self._digest = self._final = None
         if confirmed == digest and final is not None:
             self._pending = _Pending(digest, final)
-            return SavePlan([], planner_data=LocalPlanDigest(digest, True), usable=False)
+            return SavePlan([], planner_data=LocalPlanData(options, digest, True), usable=False)
         self._pending = _Pending(digest)
-        return replace(plan, planner_data=LocalPlanDigest(digest, False, plan.planner_data))
+        return replace(plan, planner_data=LocalPlanData(options, digest, False, plan.planner_data))
 
     def confirm(self, central: SavePlan) -> SavePlan:
         """This rank's final plan from the coordinator's ``central`` one; confirms what this save planned."""

@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 from torch.distributed.tensor import DTensor
 
+from dcp_safetensors.agreement import check_agreement, describe
 from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.experts import (
     ExpertPiece,
@@ -65,7 +66,7 @@ from dcp_safetensors.experts import (
 )
 from dcp_safetensors.global_plan import PlannedSave, build_metadata, collect_chunks, validate
 from dcp_safetensors.mapping import KeyMapping
-from dcp_safetensors.plan_cache import GlobalRecord, SaveCache, expand_local_plans
+from dcp_safetensors.plan_cache import GlobalRecord, LocalPlanData, SaveCache, expand_local_plans
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,31 @@ logger = logging.getLogger(__name__)
 def _distributed(group: dist.ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
-__all__ = ["SafetensorsSavePlanner", "SafetensorsLoadPlanner", "MetaResolver"]
+__all__ = ["SafetensorsSavePlanner", "SafetensorsLoadPlanner", "MetaResolver", "LoadPlanData"]
 
 ALIASES_KEY = "__dcp_safetensors_aliases__"
 """Key in ``SavePlan.planner_data`` carrying ``{dropped tied key: kept key}`` to the writer's ``finish``."""
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlanData:
+    """``LoadPlan.planner_data`` of our load planner: its options and, when it broadcasts, the plain keys."""
+
+    options: dict[str, Any]
+    broadcast_keys: tuple[str, ...] | None = None
+
+
+def _agree_on_broadcast(declared: Sequence[tuple[str, ...] | None]) -> None:
+    """Every rank broadcasts the same plain tensors, or none does; else one error naming the ranks."""
+    if all(keys == declared[0] for keys in declared):
+        return
+    differing = [r for r, keys in enumerate(declared) if keys != declared[0]]
+    sets = [set(keys or ()) for keys in declared]
+    extra = sorted(set().union(*sets) - set(sets[0]).intersection(*sets[1:]))
+    raise ConfigurationError(
+        f"broadcast_from_rank0: ranks {differing} hold other plain tensors than rank 0 "
+        f"(keys not on every rank: {', '.join(extra[:10])}); every rank must list the same ones"
+    )
+
 
 MetaResolver = Callable[[str, torch.Tensor], torch.Tensor]
 """``resolver(key, meta_tensor) -> tensor`` supplying the data of a tensor left on the ``meta`` device."""
@@ -329,12 +351,18 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
             # DCP merges every rank's planner_data into the global Metadata handed to finish().
             plan = dataclasses.replace(plan, planner_data={**(plan.planner_data or {}), ALIASES_KEY: self.aliases})
         self.plan = plan
-        return self.cache.offer(plan, self._options()) if self.cache is not None else plan
+        if self.cache is not None:
+            return self.cache.offer(plan, self.options())
+        return dataclasses.replace(plan, planner_data=LocalPlanData(self.options(), planner_data=plan.planner_data))
 
-    def _options(self) -> str:
-        """The settings that shape a plan beyond its items, for the plan cache's digest."""
-        return repr((type(self).__qualname__, self.mapping, self.dtype, self.expert_rules,
-                     self.dedup_save_to_lowest_rank, self.flatten_state_dict, self.flatten_sharded_tensors))
+    def options(self) -> dict[str, Any]:
+        """The options that shape a plan, as every rank must pass them (compared by the coordinator)."""
+        return describe({
+            "mapping": self.mapping, "dtype": self.dtype, "meta_resolver": self.meta_resolver,
+            "hf_experts": self.expert_rules, "strict": self.strict, "enable_plan_caching": self.cache is not None,
+            "dedup_save_to_lowest_rank": self.dedup_save_to_lowest_rank,
+            "flatten_state_dict": self.flatten_state_dict, "flatten_sharded_tensors": self.flatten_sharded_tensors,
+        })
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         plans, records, confirmed = expand_local_plans(all_plans, self.cache)
@@ -411,6 +439,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         self.broadcast_from_rank0 = broadcast_from_rank0
         self.process_group = process_group
         self.broadcast_keys: list[str] = []
+        self.broadcasting = False  # this load reads plain tensors on rank 0 and broadcasts them
         self._replace: set[str] = set()
         self.expert_rules = resolve_rules(hf_experts)
         self.strict = strict
@@ -422,6 +451,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
     ) -> None:
         # DCP allocates meta placeholders with the placeholder's dtype; note them first so a
         # broadcast buffer is allocated with the checkpoint's dtype instead.
+        self.broadcast_keys, self.broadcasting, self._replace = [], False, set()
         flat, _ = flatten_state_dict(state_dict)
         was_meta = {self.mapping.name_of(k) for k, v in flat.items() if _is_meta(v) and not isinstance(v, DTensor)}
         super().set_up_planner(state_dict, metadata, is_coordinator)
@@ -461,7 +491,26 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         # which would undo the key rules and the broadcast split: plan what is kept.
         assert self.metadata is not None
         plan = create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
-        return dataclasses.replace(plan, items=plan.items + self._fused_read_items())
+        # What decides this rank's collectives (the broadcast) travels with its plan and is
+        # compared by the coordinator before any of them runs.
+        declared = LoadPlanData(self.options(), tuple(self.broadcast_keys) if self.broadcasting else None)
+        return dataclasses.replace(plan, items=plan.items + self._fused_read_items(), planner_data=declared)
+
+    def options(self) -> dict[str, Any]:
+        """The options every rank must pass alike (compared by the coordinator)."""
+        return describe({
+            "mapping": self.mapping, "dtype_policy": self.dtype_policy, "broadcast_from_rank0": self.broadcast_from_rank0,
+            "hf_experts": self.expert_rules, "strict": self.strict, "allow_partial_load": self.allow_partial_load,
+            "flatten_state_dict": self.flatten_state_dict, "flatten_sharded_tensors": self.flatten_sharded_tensors,
+        })
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        check_agreement(
+            "SafetensorsLoadPlanner",
+            [p.planner_data.options if isinstance(p.planner_data, LoadPlanData) else None for p in global_plan],
+        )
+        _agree_on_broadcast([p.planner_data.broadcast_keys for p in global_plan])
+        return super().create_global_plan(global_plan)
 
     # -- fused MoE experts from per-expert keys ------------------------------------------
 
@@ -511,24 +560,19 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
     # -- rank-0 read + broadcast of plain tensors ----------------------------------------
 
     def _plan_broadcast(self, metadata: Metadata, was_meta: set[str | None]) -> None:
-        """Agree on the plain tensors to broadcast; only rank 0 keeps them in its read plan."""
+        """Rank 0 keeps the plain tensors in its read plan, the others drop them.
+
+        No collective here: the ranks' lists are compared by the coordinator
+        (:func:`_agree_on_broadcast`) before the broadcast runs, so a rank that
+        fails or differs cannot leave the others waiting.
+        """
         group = self.process_group
         md = metadata.state_dict_metadata
         local = sorted(
             k for k, v in self.state_dict.items()
             if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and isinstance(md.get(k), TensorStorageMetadata)
         )
-        everyone: list[list[str] | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, local, group=group)
-        if any(keys != everyone[0] for keys in everyone):
-            differing = [r for r, keys in enumerate(everyone) if keys != everyone[0]]
-            sets = [set(keys or ()) for keys in everyone]
-            common: set[str] = set(sets[0]).intersection(*sets[1:])
-            extra = sorted(set().union(*sets) - common)
-            raise ConfigurationError(
-                f"broadcast_from_rank0: ranks {differing} hold other plain tensors than rank 0 "
-                f"(keys not on every rank: {', '.join(extra[:10])}); every rank must list the same ones"
-            )
+        self.broadcasting = True
         self.broadcast_keys = local
         for key in local:
             ckpt_md = md[key]

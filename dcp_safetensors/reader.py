@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -59,6 +60,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from dcp_safetensors.agreement import check_agreement
 from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, _read_checkpoint
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import CheckpointCorruptError, DcpSafetensorsError
@@ -163,10 +165,20 @@ class SafetensorsReader(StorageReader):
             raise self._deferred_error
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        # Compared by the coordinator: a rank reading another path would read another
+        # checkpoint's bytes at the offsets of the one rank 0 described.
+        return dataclasses.replace(plan, storage_data=self._agreed_options())
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        check_agreement("SafetensorsReader", [p.storage_data if isinstance(p.storage_data, dict) else None for p in plans])
+        # The planner decides collectives of read_data (a rank-0 broadcast): every rank must
+        # use the same kind of planner, whose own options its global step compared.
+        check_agreement("the load planner", [{"planner": type(p.planner_data).__qualname__} for p in plans])
         return plans
+
+    def _agreed_options(self) -> dict[str, Any]:
+        """The options every rank must share; ``read_threads`` may differ."""
+        return {"path": self.path if "://" in self.path else os.path.abspath(self.path), "model_prefix": self.model_prefix}
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         ckpt = self._checkpoint

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from dcp_safetensors.agreement import check_against_coordinator
 from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
 from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
@@ -96,6 +98,7 @@ class _RankStorageData:
     session: dict[str, Any]
     writes: RankWritePlan
     layout_id: str
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class _Refresh:
     session: dict[str, Any]
     headers: tuple[HeaderWrite, ...]
     layout_id: str
+    options: dict[str, Any]
 
     def apply(self, cached: Any) -> _RankStorageData | _StalePlan:
         if not isinstance(cached, _RankStorageData):
@@ -118,7 +122,8 @@ class _Refresh:
             return _StalePlan(
                 self.session, f"this rank's cached plan is of layout {cached.layout_id}, the coordinator reused {self.layout_id}"
             )
-        return _RankStorageData(self.session, dataclasses.replace(cached.writes, headers=self.headers), self.layout_id)
+        writes = dataclasses.replace(cached.writes, headers=self.headers)
+        return _RankStorageData(self.session, writes, self.layout_id, self.options)
 
 
 @dataclass(frozen=True)
@@ -279,7 +284,9 @@ class SafetensorsWriter(StorageWriter):
                 "earlier save's snapshot; pass planner=SafetensorsSavePlanner(enable_plan_caching=True), which "
                 "caches plans with this writer"
             )
-        settings = (type(storage).__name__, storage.min_part, storage.max_part, self.max_shard_size,
+        options = self._agreed_options()
+        # What the layout depends on (not the path: a layout serves every step's directory).
+        settings = (type(storage).__name__, storage.min_part, storage.max_part, options["max_shard_size"],
                     self.model_prefix, self.transfer_budget, len(plans))
         cache = planned.cache if planned is not None else None
         cached = cache.layout(settings) if cache is not None and planned is not None and planned.unchanged else None
@@ -292,7 +299,8 @@ class SafetensorsWriter(StorageWriter):
             self._phases["plan"] = time.perf_counter() - started
             logger.debug("plan unchanged: reused the layout of %d files in %.3f s", len(layout.files), self._phases["plan"])
             return [
-                SavePlan([], storage_data=_Refresh(session, layout.rank_plans[rank].headers, cached.layout_id), usable=False)
+                SavePlan([], storage_data=_Refresh(session, layout.rank_plans[rank].headers, cached.layout_id, options),
+                         usable=False)
                 for rank in range(len(plans))
             ]
         layout = self._plan(plans, planned.table if planned is not None else None, metadata, storage)
@@ -311,7 +319,7 @@ class SafetensorsWriter(StorageWriter):
             self._phases["plan"],
         )
         return [
-            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank], layout_id))
+            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank], layout_id, options))
             for rank, plan in enumerate(plans)
         ]
 
@@ -355,6 +363,8 @@ class SafetensorsWriter(StorageWriter):
                     agree_on_errors(error, group, "the transfers")
                 raise error
             try:
+                # Every rank checks its options against the coordinator's, also for a reused plan.
+                check_against_coordinator("SafetensorsWriter", data.writes.rank, self._agreed_options(), data.options)
                 storage = self._storage()
                 self._resolve(plan, planner, data.writes, source, results)
             except Exception as e:
@@ -457,6 +467,17 @@ class SafetensorsWriter(StorageWriter):
         )
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _agreed_options(self) -> dict[str, Any]:
+        """The options every rank must share (checked in ``write_data``); thread counts may differ."""
+        return {
+            "path": self.path if "://" in self.path else os.path.abspath(self.path),
+            "max_shard_size": parse_size(self.max_shard_size),
+            "model_prefix": self.model_prefix,
+            "max_part": self.max_part,
+            "transfer_budget": self.transfer_budget,
+            "config files": {name: hashlib.sha256(body).hexdigest()[:16] for name, body in self._extra_files.items()},
+        }
 
     def _file_names(self, aliases: dict[str, str], layout: CheckpointLayout) -> dict[str, str]:
         """Tied aliases as names in the files (model prefix stripped), for keys that were saved."""

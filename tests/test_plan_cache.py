@@ -300,9 +300,18 @@ def test_replicated_dtype_clash_refused_on_a_cached_save(ranks, tmp_path: Path) 
     assert machine.reused == before + 1
 
 
-def test_caching_on_some_ranks_only_is_one_clear_error(ranks, tmp_path: Path) -> None:
-    """A rank's digest the coordinator never cached: refused on every rank, then planned from scratch."""
-    for errors in ranks(2).run(cases.caching_on_some_ranks, str(tmp_path)):
+def test_a_new_planner_on_one_rank_is_one_clear_error(ranks, tmp_path: Path) -> None:
+    """Digests the coordinator never cached: refused on every rank, then planned from scratch."""
+    for errors in ranks(2).run(cases.new_planner_on_one_rank, str(tmp_path)):
         assert errors[0] is None and errors[2] is None, errors
         assert errors[1] is not None and "sent an unchanged plan" in errors[1] and "[1]" in errors[1], errors
     assert not (tmp_path / "step1" / "model.safetensors").exists()
+
+
+def test_a_layout_serves_every_directory(tmp_path: Path) -> None:
+    """A training loop saves each step to its own directory: the plan is reused across them."""
+    machine = _sequence(None, tmp_path)
+    before = machine.reused
+    machine.new_directory()
+    machine.new_directory()
+    assert machine.reused == before + 2
