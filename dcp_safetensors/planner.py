@@ -469,6 +469,21 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         strict: a ``hf_experts`` rule that matches no key is an error (by
             default a warning).
         **kwargs: ``DefaultLoadPlanner``'s arguments (``allow_partial_load``, ...).
+
+    A target key the checkpoint lacks (unless ``allow_partial_load=True``) or
+    holds with another shape is a :class:`CheckpointMismatchError` naming it and
+    the checkpoint keys near it; fused experts the checkpoint holds per expert
+    name the ``hf_experts`` rules to pass. ``meta`` targets get memory on the
+    process group's device, or on the CPU without a process group.
+
+    Example:
+        >>> import tempfile, torch, dcp_safetensors
+        >>> path = tempfile.mkdtemp()
+        >>> dcp_safetensors.save({"w": torch.ones(2)}, path)
+        >>> state = {"w": torch.empty(2, device="meta")}  # no process group here
+        >>> dcp_safetensors.load(state, path, planner=SafetensorsLoadPlanner())
+        >>> state["w"]
+        tensor([1., 1.])
     """
 
     def __init__(
