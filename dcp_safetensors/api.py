@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
 from dcp_safetensors.errors import ConfigurationError
+from dcp_safetensors.experts import FusedExperts
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
+
+if TYPE_CHECKING:
+    from dcp_safetensors.planner import MetaResolver
 
 __all__ = ["save", "load", "async_save", "save_submodule"]
 
@@ -157,6 +161,10 @@ def save_submodule(
     name: str,
     path: str | os.PathLike[str],
     *,
+    meta_resolver: MetaResolver | None = None,
+    dtype: torch.dtype | None = None,
+    hf_experts: bool | Sequence[FusedExperts] = False,
+    strict: bool = False,
     process_group: dist.ProcessGroup | None = None,
     **writer_options: Any,
 ) -> None:
@@ -165,15 +173,19 @@ def save_submodule(
     Every rank writes its own shards of the submodule's tensors, and every rank
     must call it (also ranks holding no bytes of it). ``name`` is matched as a
     whole path component: ``"draft"`` never takes ``"draft_head"``'s keys.
+    ``meta_resolver``, ``dtype``, ``hf_experts`` and ``strict`` are
+    :class:`SafetensorsSavePlanner`'s; the resolver is asked only about the
+    submodule's keys, under their full names (``"draft.weight"``), as the
+    model's state dict has them.
 
     Example:
         >>> import tempfile, torch
         >>> from dcp_safetensors import read_checkpoint
         >>> model = torch.nn.ModuleDict({"base": torch.nn.Linear(2, 2), "draft": torch.nn.Linear(2, 1)})
         >>> path = tempfile.mkdtemp()
-        >>> save_submodule(model, "draft", path)
-        >>> sorted(read_checkpoint(path).tensors)
-        ['bias', 'weight']
+        >>> save_submodule(model, "draft", path, dtype=torch.bfloat16)
+        >>> sorted((k, t.dtype) for k, t in read_checkpoint(path).tensors.items())
+        [('bias', 'BF16'), ('weight', 'BF16')]
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -186,7 +198,13 @@ def save_submodule(
         raise ConfigurationError(f"model has no submodule {name!r}") from None
     # The full state dict of a sharded model holds each rank's shards (views), not a gather.
     state = get_model_state_dict(model)
-    planner = SafetensorsSavePlanner(mapping=KeyMapping(include=[f"{name}.*"], strip_prefix=name))
+    planner = SafetensorsSavePlanner(
+        mapping=KeyMapping(include=[f"{name}.*"], strip_prefix=name),
+        dtype=dtype,
+        meta_resolver=meta_resolver,
+        hf_experts=hf_experts,
+        strict=strict,
+    )
     save(state, path, planner=planner, process_group=process_group, **writer_options)
 
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import (
     _create_chunk_list,
+    _iterate_state_dict,
     create_read_items_for_chunk_list,
 )
 from torch.distributed.tensor import DTensor
@@ -60,8 +62,11 @@ from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.experts import (
     ExpertPiece,
     FusedExperts,
+    block_renames,
     expert_pieces,
     expert_shape,
+    layout_conflict,
+    per_expert_hint,
     resolve_rules,
 )
 from dcp_safetensors.global_plan import PlannedSave, build_metadata, collect_chunks, validate
@@ -104,11 +109,8 @@ MetaResolver = Callable[[str, torch.Tensor], torch.Tensor]
 """``resolver(key, meta_tensor) -> tensor`` supplying the data of a tensor left on the ``meta`` device."""
 
 
-def _rename(planner: Any, mapping: KeyMapping) -> None:
-    """Rename the planner's flattened state dict (and DCP's flatten mappings) to checkpoint names."""
-    if mapping.is_identity:
-        return
-    names = mapping.names(planner.state_dict)
+def _rename(planner: Any, names: dict[str, str]) -> None:
+    """Rename the planner's flattened state dict (and DCP's flatten mappings) to ``names``; keys without one go."""
     planner.state_dict = {names[k]: v for k, v in planner.state_dict.items() if k in names}
     if getattr(planner, "flatten_state_dict", False):
         planner.mappings = {names[k]: path for k, path in planner.mappings.items() if k in names}
@@ -164,6 +166,65 @@ def _refuse_partial(state_dict: dict[str, Any], what: str) -> None:
             f"{', '.join(repr(k) for k in partial[:10])}{' ...' if len(partial) > 10 else ''}; "
             "reduce them first, e.g. t.redistribute(t.device_mesh, [Replicate()])"
         )
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _refuse_misplaced(state_dict: dict[str, Any], what: str) -> None:
+    """A DTensor whose local shard is not where its placements put it would be saved or filled at wrong offsets.
+
+    DCP places every shard by ``compute_local_shape_and_global_offset``, i.e.
+    torch.chunk's split of the global shape; ``DTensor.from_local(..., shape=,
+    stride=)`` accepts other local sizes (5 experts as 2 + 3), which no
+    placement describes and DCP cannot see.
+    """
+    for key, value in state_dict.items():
+        if not isinstance(value, DTensor) or value.device_mesh.get_coordinate() is None:
+            continue
+        local = tuple(value.to_local().shape)
+        (chunk,) = _create_chunk_list(value)
+        if tuple(chunk.sizes) != local:
+            raise ConfigurationError(
+                f"cannot {what} DTensor {key!r} on rank {_rank()}: its local shard is {list(local)}, but its "
+                f"placements {list(value.placements)} put {list(chunk.sizes)} at offset {list(chunk.offsets)} of "
+                f"the global {list(value.shape)} on this rank (torch.chunk's split), and DCP places every shard by "
+                "those; local sizes of another split (DTensor.from_local(..., shape=, stride=)) cannot be "
+                "checkpointed: lay the tensor out as torch.chunk splits it, e.g. "
+                "distribute_tensor(t.full_tensor(), mesh, placements)"
+            )
+
+
+def _meta_on_cpu(state_dict: dict[str, Any]) -> None:
+    """Give plain meta targets CPU memory when there is no process group.
+
+    DCP allocates them on its default process group's device, which raises
+    "Default process group has not been initialized" in a single process
+    (the low-memory path: a model built on ``meta``, loaded without a group).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return
+
+    def on_cpu(value: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(value, device="cpu") if value.is_meta else value
+
+    _iterate_state_dict(state_dict, lambda v: v, lambda v: v, on_cpu)
+
+
+def _where(metadata: Metadata) -> str:
+    return str(metadata.storage_meta.checkpoint_id) if metadata.storage_meta else "the checkpoint"
+
+
+def _near(key: str, present: Sequence[str]) -> list[str]:
+    """Up to three checkpoint keys next to ``key``: the closest under its deepest parent the checkpoint has, else by spelling."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:n]) + "."
+        under = [k for k in present if k.startswith(head)]
+        if under:
+            return difflib.get_close_matches(key, under, n=3, cutoff=0)
+    return difflib.get_close_matches(key, present, n=3)
 
 
 # -- fused MoE experts -------------------------------------------------------------------
@@ -306,8 +367,13 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
     ) -> None:
         super().set_up_planner(state_dict, storage_meta, is_coordinator)
-        _refuse_partial(self.state_dict, "save")
-        meta = sorted(k for k, v in self.state_dict.items() if _is_meta(v))
+        # Every check below runs on what is saved: keys the mapping leaves out are never
+        # refused, resolved or written. Messages and the resolver use the caller's keys.
+        names = self.mapping.names(self.state_dict)
+        saved = {key: self.state_dict[key] for key in names}
+        _refuse_partial(saved, "save")
+        _refuse_misplaced(saved, "save")
+        meta = sorted(k for k, v in saved.items() if _is_meta(v))
         if meta and self.meta_resolver is None:
             raise ConfigurationError(
                 f"{len(meta)} tensors are on the meta device and have no data to save: {', '.join(meta[:20])}"
@@ -322,14 +388,29 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
                     f"{key!r}, a {value.dtype} {list(value.shape)} tensor"
                 )
             self.state_dict[key] = resolved
-        _rename(self, self.mapping)
+        if not self.mapping.is_identity:
+            _rename(self, names)
+        fused = _match_fused(self.expert_rules, self.state_dict, self.strict)
+        conflict = layout_conflict((key, rule, prefix, tuple(self.state_dict[key].shape)) for key, (rule, prefix) in fused.items())
+        if conflict:
+            raise ConfigurationError(
+                f"hf_experts: these fused experts are not in the layout the rules describe: {conflict}; "
+                "splitting them would cut the wrong axis. transformers stores such experts fused (gpt-oss's "
+                "gate_up_proj [E, H, 2I]) and save_pretrained writes them as they are: save without hf_experts, "
+                "or pass FusedExperts rules for this layout (dcp_safetensors.experts)"
+            )
+        renames = block_renames(fused, self.state_dict)
+        if renames:
+            _rename(self, KeyMapping(rename=renames).names(self.state_dict))
         # Tied tensors (one Parameter under two keys) are written once, as save_pretrained
         # does; the dropped keys are recorded in the index and restored by the reader.
         self.aliases = tied_keys(self.state_dict)
         for alias in self.aliases:
             del self.state_dict[alias]
         self._pieces = {}
-        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict, self.strict).items():
+        for key, (rule, prefix) in fused.items():
+            if key in self.aliases:  # written through its twin
+                continue
             tensor = self.state_dict[key]
             pieces = _local_pieces(key, rule, prefix, tensor)
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -418,6 +499,21 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         strict: a ``hf_experts`` rule that matches no key is an error (by
             default a warning).
         **kwargs: ``DefaultLoadPlanner``'s arguments (``allow_partial_load``, ...).
+
+    A target key the checkpoint lacks (unless ``allow_partial_load=True``) or
+    holds with another shape is a :class:`CheckpointMismatchError` naming it and
+    the checkpoint keys near it; fused experts the checkpoint holds per expert
+    name the ``hf_experts`` rules to pass. ``meta`` targets get memory on the
+    process group's device, or on the CPU without a process group.
+
+    Example:
+        >>> import tempfile, torch, dcp_safetensors
+        >>> path = tempfile.mkdtemp()
+        >>> dcp_safetensors.save({"w": torch.ones(2)}, path)
+        >>> state = {"w": torch.empty(2, device="meta")}  # no process group here
+        >>> dcp_safetensors.load(state, path, planner=SafetensorsLoadPlanner())
+        >>> state["w"]
+        tensor([1., 1.])
     """
 
     def __init__(
@@ -453,22 +549,35 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         # broadcast buffer is allocated with the checkpoint's dtype instead.
         self.broadcast_keys, self.broadcasting, self._replace = [], False, set()
         flat, _ = flatten_state_dict(state_dict)
-        was_meta = {self.mapping.name_of(k) for k, v in flat.items() if _is_meta(v) and not isinstance(v, DTensor)}
+        was_meta = {
+            name for k, v in flat.items()
+            if _is_meta(v) and not isinstance(v, DTensor) and (name := self.mapping.name_of(k)) is not None
+        }
+        _meta_on_cpu(state_dict)
         super().set_up_planner(state_dict, metadata, is_coordinator)
+        if not self.mapping.is_identity:
+            _rename(self, self.mapping.names(self.state_dict))
         _refuse_partial(self.state_dict, "load into")
-        _rename(self, self.mapping)
+        _refuse_misplaced(self.state_dict, "load into")
+        fused = _match_fused(self.expert_rules, self.state_dict, self.strict)
+        if metadata is not None:
+            present = metadata.state_dict_metadata
+            # A block key the checkpoint holds under its own name (saved without the rules) is read as it is.
+            renames = {k: n for k, n in block_renames(fused, self.state_dict).items() if n in present or k not in present}
+            if renames:
+                _rename(self, KeyMapping(rename=renames).names(self.state_dict))
+                was_meta = {renames.get(k, k) for k in was_meta}
         if self.broadcast_from_rank0 and metadata is not None and _distributed(self.process_group):
             self._plan_broadcast(metadata, was_meta)
         if metadata is not None:
             # A tied target key the checkpoint lacks (save_pretrained drops lm_head.weight when
             # tie_word_embeddings=True) is filled through the memory it shares with its twin.
-            present = metadata.state_dict_metadata
             for alias, kept in tied_keys(self.state_dict).items():
                 if alias not in present and kept in present:
                     del self.state_dict[alias]
                 elif kept not in present and alias in present:
                     del self.state_dict[kept]
-            self._take_fused(metadata)
+            self._take_fused(metadata, fused)
         if self.dtype_policy == "error" and metadata is not None:
             clashes = []
             targets = [(k, k, v) for k, v in self.state_dict.items()]
@@ -477,8 +586,8 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
                 md = metadata.state_dict_metadata.get(name)
                 if isinstance(md, TensorStorageMetadata) and isinstance(value, torch.Tensor):
                     if md.properties.dtype != value.dtype:
-                        fused = f" {key}" if key != name else ""
-                        clashes.append(f"{name} ({md.properties.dtype} in the checkpoint, {value.dtype} in the target{fused})")
+                        of = f" {key}" if key != name else ""
+                        clashes.append(f"{name} ({md.properties.dtype} in the checkpoint, {value.dtype} in the target{of})")
             if clashes:
                 raise ConfigurationError(
                     f"dtype differs for {len(clashes)} tensors: {'; '.join(clashes[:10])}"
@@ -490,6 +599,9 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         # are missing from the target (a fallback for torch <= 2.3 .distcp key names),
         # which would undo the key rules and the broadcast split: plan what is kept.
         assert self.metadata is not None
+        # Here, not in set_up_planner: DCP sets up the reader in between, and a checkpoint the
+        # reader could not open is that error, not every key missing.
+        self._check_against(self.metadata)
         plan = create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
         # What decides this rank's collectives (the broadcast) travels with its plan and is
         # compared by the coordinator before any of them runs.
@@ -514,31 +626,76 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
 
     # -- fused MoE experts from per-expert keys ------------------------------------------
 
-    def _take_fused(self, metadata: Metadata) -> None:
-        """Move fused targets stored as per-expert keys out of the plain plan, checking every key is there."""
+    def _take_fused(self, metadata: Metadata, fused: dict[str, tuple[FusedExperts, str]]) -> None:
+        """Move fused targets stored as per-expert keys out of the plain plan (their keys are checked with the rest)."""
         present = metadata.state_dict_metadata
-        where = metadata.storage_meta.checkpoint_id if metadata.storage_meta else "the checkpoint"
-        for key, (rule, prefix) in _match_fused(self.expert_rules, self.state_dict, self.strict).items():
-            if key in present:
-                continue  # the checkpoint holds the fused tensor itself
-            tensor = self.state_dict[key]
+        # A fused key the checkpoint holds itself is read as it is; one this rank no longer
+        # plans (a tied twin filled through the other) is not read at all.
+        self._fused = {
+            key: (rule, prefix, self.state_dict.pop(key))
+            for key, (rule, prefix) in fused.items()
+            if key not in present and key in self.state_dict
+        }
+
+    def _check_against(self, metadata: Metadata) -> None:
+        """Every target key in the checkpoint with its shape, fused experts in their rules' layout.
+
+        Our errors, naming the key, the checkpoint and the fix, where DCP raises a bare RuntimeError.
+        """
+        present = metadata.state_dict_metadata
+        where = _where(metadata)
+        conflict = layout_conflict((key, rule, prefix, tuple(t.shape)) for key, (rule, prefix, t) in self._fused.items())
+        if conflict:
+            raise ConfigurationError(
+                f"hf_experts: these fused targets are not in the layout the rules describe: {conflict}; "
+                f"the per-expert keys of {where} would fill them along the wrong axis: pass FusedExperts "
+                "rules for this layout (dcp_safetensors.experts), or load a checkpoint that holds the fused keys"
+            )
+        for key, (rule, prefix, tensor) in self._fused.items():
             for split in rule.splits:
                 shape = expert_shape(split, tuple(tensor.shape), key)
                 for e in range(tensor.shape[0]):
                     name = split.name.format(prefix=prefix, e=e)
                     md = present.get(name)
                     if not isinstance(md, TensorStorageMetadata):
+                        hint = per_expert_hint(key, present)
+                        fix = f"; it holds {hint[1]!r}: load with SafetensorsLoadPlanner({hint[0]})" if hint else ""
                         raise CheckpointMismatchError(
                             f"{where}: no tensor {name!r}, expert {e} of {key!r} ({list(tensor.shape)}); "
-                            f"the checkpoint has {sum(1 for k in present if k.startswith(prefix))} keys under {prefix!r}"
+                            f"the checkpoint has {sum(1 for k in present if k.startswith(prefix))} keys under {prefix!r}{fix}"
                         )
                     if tuple(md.size) != shape:
                         raise CheckpointMismatchError(
                             f"{where}: {name!r} is {list(md.size)} in the checkpoint; expert {e} of {key!r} "
                             f"({list(tensor.shape)}) needs {list(shape)}"
                         )
-            self._fused[key] = (rule, prefix, tensor)
-            del self.state_dict[key]
+        missing = [] if self.allow_partial_load else [k for k in self.state_dict if k not in present]
+        for key in missing:
+            hint = per_expert_hint(key, present)
+            if hint:
+                raise CheckpointMismatchError(
+                    f"{where}: no tensor {key!r}; the checkpoint holds this fused expert parameter per expert "
+                    f"({hint[1]!r}, ...): load with SafetensorsLoadPlanner({hint[0]})"
+                )
+        if missing:
+            names = list(present)
+            shown = [f"{k!r} (the checkpoint has near it: {', '.join(map(repr, _near(k, names))) or 'nothing'})" for k in missing[:3]]
+            shown += [repr(k) for k in missing[3:10]]
+            raise CheckpointMismatchError(
+                f"{where}: {len(missing)} target keys are not in the checkpoint: {'; '.join(shown)}"
+                f"{' ...' if len(missing) > 10 else ''}; map the names (KeyMapping, model_prefix=) or pass "
+                "SafetensorsLoadPlanner(allow_partial_load=True) to load the rest"
+            )
+        resized = [
+            f"{k!r} ({list(md.size)} in the checkpoint, {list(v.shape)} in the target)"
+            for k, v in self.state_dict.items()
+            if isinstance(v, torch.Tensor) and isinstance(md := present.get(k), TensorStorageMetadata) and tuple(md.size) != tuple(v.shape)
+        ]
+        if resized:
+            raise CheckpointMismatchError(
+                f"{where}: {len(resized)} tensors have another shape in the checkpoint: {'; '.join(resized[:10])}"
+                f"{' ...' if len(resized) > 10 else ''}; the checkpoint is of another model or configuration"
+            )
 
     def _fused_read_items(self) -> list[Any]:
         assert self.metadata is not None
@@ -559,7 +716,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
 
     # -- rank-0 read + broadcast of plain tensors ----------------------------------------
 
-    def _plan_broadcast(self, metadata: Metadata, was_meta: set[str | None]) -> None:
+    def _plan_broadcast(self, metadata: Metadata, was_meta: set[str]) -> None:
         """Rank 0 keeps the plain tensors in its read plan, the others drop them.
 
         No collective here: the ranks' lists are compared by the coordinator

@@ -47,6 +47,35 @@ def tiny_qwen3_moe(seed: int, experts: int = 6):
     return Qwen3MoeForCausalLM(config).eval()
 
 
+# Tiny configs of every architecture a shipped rule set claims, and gpt-oss (experts stored fused).
+_COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+_MLA = dict(q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+_ARCHITECTURES = {
+    "qwen2_moe": ("Qwen2Moe", dict(intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=4)),
+    "qwen3_moe": ("Qwen3Moe", dict(intermediate_size=24, moe_intermediate_size=8, num_experts=4, head_dim=8)),
+    "deepseek_v2": ("DeepseekV2", dict(intermediate_size=24, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, **_MLA)),
+    "deepseek_v3": (
+        "DeepseekV3",
+        dict(intermediate_size=24, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, **_MLA),
+    ),
+    "olmoe": ("Olmoe", dict(intermediate_size=8, num_experts=4, eos_token_id=None)),
+    "glm4_moe": ("Glm4Moe", dict(intermediate_size=24, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, head_dim=8)),
+    "mixtral": ("Mixtral", dict(intermediate_size=8, num_local_experts=4)),
+    "minimax": ("MiniMax", dict(intermediate_size=8, num_local_experts=4, head_dim=8, layer_types=["full_attention", "linear_attention"])),
+    "gpt_oss": ("GptOss", dict(intermediate_size=8, num_local_experts=4, head_dim=8)),
+}
+
+
+def tiny_moe(architecture: str, seed: int):
+    """A transformers MoE model of ``architecture`` (a key of ``_ARCHITECTURES``): 4 experts, hidden 16."""
+    import transformers
+
+    name, options = _ARCHITECTURES[architecture]
+    config = getattr(transformers, f"{name}Config")(**_COMMON, num_experts_per_tok=2, **options)
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
 def moe_logits(model) -> torch.Tensor:
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -120,3 +149,31 @@ def load_ep_uneven(path: str, transposed: bool = False) -> dict[str, bool]:
     planner = SafetensorsLoadPlanner(hf_experts=rules)
     dcp_safetensors.load(target, path, planner=planner)
     return {k: torch.equal(target[k].full_tensor(), full[k]) for k in full}
+
+
+def _from_local_2_3(full: torch.Tensor) -> DTensor:
+    """5 experts on 2 ranks as 2 + 3 (torch.chunk's split is 3 + 2), made with DTensor.from_local."""
+    mesh = init_device_mesh("cpu", (2,))
+    local = full[:2] if dist.get_rank() == 0 else full[2:]
+    return DTensor.from_local(local, mesh, [Shard(0)], shape=full.shape, stride=full.stride())
+
+
+def uneven_from_local(path: str) -> dict[str, tuple[str, str]]:
+    """Save and load experts laid out 2 + 3 with from_local: the (type, message) each raises."""
+    full = fused_reference(experts=5)
+    dcp_safetensors.save(full, f"{path}/per_expert", planner=SafetensorsSavePlanner(hf_experts=True))
+    dcp_safetensors.save(full, f"{path}/fused")
+    uneven = {k: _from_local_2_3(v) for k, v in full.items()}
+    calls = {
+        "save": lambda: dcp_safetensors.save(uneven, f"{path}/uneven", planner=SafetensorsSavePlanner(hf_experts=True)),
+        "load per-expert": lambda: dcp_safetensors.load(uneven, f"{path}/per_expert", planner=SafetensorsLoadPlanner(hf_experts=True)),
+        "load fused": lambda: dcp_safetensors.load(uneven, f"{path}/fused"),
+    }
+    out = {}
+    for what, call in calls.items():
+        try:
+            call()
+            out[what] = ("no error", "")
+        except Exception as e:  # noqa: BLE001 - the test checks the type
+            out[what] = (type(e).__name__, str(e))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from moe_cases import (
     moe_logits,
     save_ep_sharded,
     save_fsdp_moe,
+    tiny_moe,
     tiny_qwen3_moe,
+    uneven_from_local,
 )
 from safetensors import safe_open
 
@@ -250,3 +253,112 @@ def test_a_rule_that_matches_nothing_warns_or_with_strict_fails(tmp_path, caplog
         dcp_safetensors.save(state, tmp_path, planner=SafetensorsSavePlanner(hf_experts=True, strict=True))
     with pytest.raises(ConfigurationError, match=r"no key matches '\{prefix\}.experts.down_proj'"):
         dcp_safetensors.load(state, tmp_path, planner=SafetensorsLoadPlanner(hf_experts=True, strict=True))
+
+
+# --- variations: every shipped rule set against transformers, no process group, odd layouts --
+
+
+def _equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors differ in dtype, shape or bytes (or that only one side has)."""
+    return sorted(k for k in ours.keys() | theirs.keys() if k not in ours or k not in theirs or ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k]))
+
+
+@pytest.mark.parametrize(
+    "architecture, rules",
+    [(a, True) for a in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "glm4_moe")]
+    + [(a, MIXTRAL_EXPERTS) for a in ("mixtral", "minimax")],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_shipped_rules_write_and_read_what_save_pretrained_does(tmp_path, architecture, rules):
+    model = tiny_moe(architecture, seed=0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    dcp_safetensors.save(model.state_dict(), tmp_path / "ours", planner=SafetensorsSavePlanner(hf_experts=rules, strict=True))
+    theirs = _tensors(tmp_path / "hf")
+    assert not [k for k in theirs if k.endswith(".experts.gate_up_proj")]  # transformers writes them per expert
+    assert not _equal(_tensors(tmp_path / "ours"), theirs)
+
+    expected = model.state_dict()
+    target = tiny_moe(architecture, seed=1).state_dict()
+    dcp_safetensors.load(target, tmp_path / "hf", planner=SafetensorsLoadPlanner(hf_experts=rules, strict=True))
+    assert not _equal(target, expected)
+
+
+def test_a_checkpoint_saved_without_the_rules_loads_with_them_as_it_is(tmp_path):
+    """Mixtral's router keeps its in-memory name in a checkpoint saved without hf_experts; it is read as it is."""
+    model = tiny_moe("mixtral", seed=0)
+    dcp_safetensors.save(model.state_dict(), tmp_path)
+    assert "model.layers.0.mlp.gate.weight" in _tensors(tmp_path)
+    target = tiny_moe("mixtral", seed=1).state_dict()
+    dcp_safetensors.load(target, tmp_path, planner=SafetensorsLoadPlanner(hf_experts=MIXTRAL_EXPERTS))
+    assert not _equal(target, model.state_dict())
+
+
+def test_gpt_oss_experts_stored_fused_are_refused_by_per_expert_rules(tmp_path):
+    """gpt-oss keeps gate_up_proj as [E, H, 2I] and save_pretrained writes it fused: the rules must not cut it."""
+    model = tiny_moe("gpt_oss", seed=0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    theirs = _tensors(tmp_path / "hf")
+    assert list(theirs["model.layers.0.mlp.experts.gate_up_proj"].shape) == [4, 16, 16]  # [E, H, 2I], fused
+    assert list(theirs["model.layers.0.mlp.experts.down_proj"].shape) == [4, 8, 16]  # [E, I, H]
+    with pytest.raises(ConfigurationError, match=r"'hidden' is 16 in 'model.layers.0.mlp.experts.\{e\}.gate_proj.weight'.*save without hf_experts"):
+        dcp_safetensors.save(model.state_dict(), tmp_path / "ours", planner=SafetensorsSavePlanner(hf_experts=True))
+    assert not (tmp_path / "ours").exists()
+    dcp_safetensors.save(model.state_dict(), tmp_path / "ours")
+    assert not _equal(_tensors(tmp_path / "ours"), theirs)
+
+    # save_pretrained's fused keys are read as they are, rules or not.
+    target = tiny_moe("gpt_oss", seed=1).state_dict()
+    dcp_safetensors.load(target, tmp_path / "hf", planner=SafetensorsLoadPlanner(hf_experts=True))
+    assert not _equal(target, model.state_dict())
+    # Per-expert keys (gpt-oss's own layout, split by its rules) cannot fill it through transformers' rules.
+    dcp_safetensors.save(model.state_dict(), tmp_path / "split", planner=SafetensorsSavePlanner(hf_experts=TRANSPOSED_INTERLEAVED))
+    with pytest.raises(ConfigurationError, match="not in the layout the rules describe.*wrong axis"):
+        dcp_safetensors.load(target, tmp_path / "split", planner=SafetensorsLoadPlanner(hf_experts=True))
+
+
+def test_meta_initialised_moe_loads_in_one_process_without_a_process_group(tmp_path):
+    """The low-memory path: a model built on meta, loaded without init_process_group."""
+    import torch.distributed.checkpoint as dcp
+
+    from dcp_safetensors import SafetensorsReader
+
+    reference = tiny_qwen3_moe(seed=0)
+    reference.save_pretrained(str(tmp_path))
+    for load in (
+        lambda sd: dcp_safetensors.load(sd, tmp_path, planner=SafetensorsLoadPlanner(hf_experts=True)),
+        lambda sd: dcp.load(
+            sd,
+            storage_reader=SafetensorsReader(str(tmp_path)),
+            planner=SafetensorsLoadPlanner(hf_experts=True, broadcast_from_rank0=True),
+            no_dist=True,
+        ),
+    ):
+        with torch.device("meta"):
+            model = type(reference)(reference.config)
+        state = model.state_dict()
+        load(state)
+        assert all(t.device.type == "cpu" for t in state.values())
+        assert not _equal(state, reference.state_dict())
+
+
+def test_uneven_from_local_experts_are_refused_naming_the_key_and_rank(ranks, tmp_path):
+    """5 experts as 2 + 3: DCP places shards by torch.chunk's 3 + 2, so the layout cannot be checkpointed."""
+    for rank, errors in enumerate(ranks(2).run(uneven_from_local, str(tmp_path))):
+        for what, (kind, message) in errors.items():
+            assert kind == "ConfigurationError", f"rank {rank}, {what}: {kind}: {message}"
+            # Every rank raises rank 0's error: its first DTensor, 2 experts where torch.chunk puts 3.
+            assert re.search(r"DTensor 'layers.0.mlp.(experts.\w+|gate.weight)' on rank 0: its local shard is \[2, \d+(, \d+)?\], "
+                             r"but .* put \[3, \d+(, \d+)?\] at offset \[0, 0(, 0)?\]", message), message
+            assert "distribute_tensor" in message
+
+
+def test_per_expert_checkpoint_into_fused_targets_without_rules_names_the_fix(tmp_path):
+    tiny_qwen3_moe(seed=0).save_pretrained(str(tmp_path / "qwen"))
+    target = tiny_qwen3_moe(seed=1).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"'model.layers.0.mlp.experts.(gate_up|down)_proj'.*per expert.*SafetensorsLoadPlanner\(hf_experts=True\)"):
+        dcp_safetensors.load(target, tmp_path / "qwen")
+    tiny_moe("mixtral", seed=0).save_pretrained(str(tmp_path / "mixtral"))
+    target = tiny_moe("mixtral", seed=1).state_dict()
+    for planner in (SafetensorsLoadPlanner(), SafetensorsLoadPlanner(hf_experts=True)):
+        with pytest.raises(CheckpointMismatchError, match=r"block_sparse_moe.experts.0.w\d.weight.*hf_experts=dcp_safetensors.experts.MIXTRAL_EXPERTS"):
+            dcp_safetensors.load(target, tmp_path / "mixtral", planner=planner)

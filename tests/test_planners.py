@@ -18,7 +18,13 @@ from planner_cases import (
 from safetensors import safe_open
 
 import dcp_safetensors
-from dcp_safetensors import KeyMapping, SafetensorsSavePlanner, SafetensorsWriter
+from dcp_safetensors import (
+    KeyMapping,
+    SafetensorsLoadPlanner,
+    SafetensorsSavePlanner,
+    SafetensorsWriter,
+)
+from dcp_safetensors.errors import CheckpointMismatchError, ConfigurationError
 from dcp_safetensors.mapping import MappingError
 
 # --- KeyMapping, pure -------------------------------------------------------------------
@@ -90,6 +96,51 @@ def test_meta_tensors_are_an_error_listing_every_key_or_resolved(tmp_path):
     dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), planner=planner, no_dist=True)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert f.get_tensor("a").tolist() == [7.0, 7.0] and f.get_tensor("c").tolist() == [8.0] * 3
+
+
+def test_meta_check_runs_on_what_is_saved_after_the_mapping(tmp_path):
+    """A meta buffer the mapping excludes is neither refused nor resolved."""
+    state = {"model.w": torch.ones(2), "model.rotary.inv_freq": torch.empty(4, device="meta")}
+    planner = SafetensorsSavePlanner(mapping=KeyMapping(exclude=["*.rotary.*"], strip_prefix="model"))
+    dcp_safetensors.save(state, tmp_path, planner=planner)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["w"]
+    # A kept meta tensor is still an error, named by its key in the caller's state dict.
+    planner = SafetensorsSavePlanner(mapping=KeyMapping(strip_prefix="model"))
+    with pytest.raises(ConfigurationError, match=r"on the meta device and have no data to save: model\.rotary\.inv_freq;"):
+        dcp_safetensors.save(state, tmp_path / "kept", planner=planner)
+
+
+def test_submodule_export_resolves_only_the_submodules_meta_tensors(tmp_path):
+    """Offloaded (meta) weights inside and outside the submodule: the resolver is asked about its own only."""
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"base": torch.nn.Linear(2, 2), "draft": torch.nn.Linear(2, 3)})
+    offloaded = {"draft.weight": torch.arange(6.0).reshape(3, 2), "draft.bias": torch.arange(3.0)}
+    asked = []
+
+    def resolver(key, meta):
+        asked.append(key)
+        return offloaded[key]
+
+    dcp_safetensors.save_submodule(model, "draft", tmp_path, meta_resolver=resolver, dtype=torch.bfloat16)
+    assert sorted(asked) == ["draft.bias", "draft.weight"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["bias", "weight"]
+        assert torch.equal(f.get_tensor("weight"), offloaded["draft.weight"].bfloat16())
+
+
+def test_missing_and_resized_keys_are_our_error_naming_the_key_and_its_neighbours(tmp_path):
+    dcp_safetensors.save({"model.layers.0.attn.weight": torch.ones(2), "model.layers.0.mlp.weight": torch.ones(3)}, tmp_path)
+    target = {"model.layers.0.mlp.weight": torch.zeros(3), "model.layers.0.mlp.bias": torch.zeros(3)}
+    with pytest.raises(CheckpointMismatchError, match=r"1 target keys are not in the checkpoint: 'model.layers.0.mlp.bias' \(the checkpoint has near it: 'model.layers.0.mlp.weight'\).*allow_partial_load=True"):
+        dcp_safetensors.load(target, tmp_path)
+    dcp_safetensors.load(target, tmp_path, planner=SafetensorsLoadPlanner(allow_partial_load=True))
+    assert target["model.layers.0.mlp.weight"].tolist() == [1.0] * 3
+    # Nothing shares a parent: the nearest by spelling (here a prefix the checkpoint lacks).
+    with pytest.raises(CheckpointMismatchError, match=r"'layers.0.attn.weight' \(the checkpoint has near it: 'model.layers.0.attn.weight'"):
+        dcp_safetensors.load({"layers.0.attn.weight": torch.zeros(2)}, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"'model.layers.0.mlp.weight' \(\[3\] in the checkpoint, \[4\] in the target\)"):
+        dcp_safetensors.load({"model.layers.0.mlp.weight": torch.zeros(4)}, tmp_path)
 
 
 def test_submodule_export_without_gather_loads_into_another_sharding(ranks, tmp_path):
