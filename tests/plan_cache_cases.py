@@ -29,9 +29,10 @@ Spec = dict[str, tuple[tuple[int, ...], str, str, int]]
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64", "int32", "uint8")}
 
+# A dtype of the same size and another kind, so a cast on save does not make the two alike.
 _SAME_SIZE = {
-    torch.float32: torch.int32, torch.int32: torch.float32, torch.bfloat16: torch.float16,
-    torch.float16: torch.bfloat16, torch.float64: torch.int64, torch.uint8: torch.int8,
+    torch.float32: torch.int32, torch.int32: torch.float32, torch.bfloat16: torch.int16,
+    torch.float16: torch.int16, torch.float64: torch.int64, torch.uint8: torch.int8,
 }
 
 # One caching planner per slot on this rank, reused across saves as a training loop does.
@@ -102,7 +103,7 @@ def save_and_load(spec: Spec, options: dict[str, Any], path: str, diverged: str 
                      no_dist=not dist.is_initialized())
         else:
             dcp_safetensors.save(state, path, planner=planner, **writer_options)
-    except Exception as e:  # noqa: BLE001 - the test decides whether it was expected
+    except BaseException as e:  # noqa: BLE001 - the test decides whether it was expected (DCP's is a BaseException)
         return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     finally:
         log.removeHandler(reuses)
