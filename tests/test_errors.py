@@ -14,6 +14,7 @@ from cases import (
     mixed_state,
     save_failing_on_rank1,
     save_mixed,
+    save_with_meta_on_rank1,
     save_with_shape_clash,
 )
 from torch.distributed.checkpoint.api import CheckpointException
@@ -140,6 +141,19 @@ def test_failed_write_on_one_rank_keeps_the_previous_checkpoint(ranks, tmp_path)
     assert after == before
     ckpt = read_checkpoint(str(tmp_path))
     assert set(ckpt.tensors) == set(mixed_state())
+
+
+@pytest.mark.parametrize(("kind", "key"), [("dtensor", "even"), ("plain", "rank1.extra")])
+def test_meta_tensor_under_dcps_default_planner_is_named_on_every_rank(ranks, tmp_path, kind, key):
+    ranks(2).run(save_mixed, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for failures in ranks(2).run(save_with_meta_on_rank1, str(tmp_path), kind):
+        name, message = failures[1]
+        assert name == "ConfigurationError", failures
+        assert message.startswith(f"rank 1: these tensors are on the meta device and hold no data to save: {key!r};")
+        assert "SafetensorsSavePlanner(meta_resolver=...)" in message and "to_empty" in message
+        assert failures[0][0] == "RankFailedError" and "rank 1" in failures[0][1] and repr(key) in failures[0][1]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
