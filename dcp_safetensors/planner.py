@@ -72,6 +72,7 @@ from dcp_safetensors.experts import (
 from dcp_safetensors.global_plan import PlannedSave, build_metadata, collect_chunks, validate
 from dcp_safetensors.mapping import KeyMapping
 from dcp_safetensors.plan_cache import GlobalRecord, LocalPlanData, SaveCache, expand_local_plans
+from dcp_safetensors.reader import TiedTensorStorageMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -537,6 +538,7 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         self.broadcast_keys: list[str] = []
         self.broadcasting = False  # this load reads plain tensors on rank 0 and broadcasts them
         self._replace: set[str] = set()
+        self._twins: dict[str, list[str]] = {}
         self.expert_rules = resolve_rules(hf_experts)
         self.strict = strict
         self._fused: dict[str, tuple[FusedExperts, str, torch.Tensor]] = {}
@@ -567,16 +569,11 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
             if renames:
                 _rename(self, KeyMapping(rename=renames).names(self.state_dict))
                 was_meta = {renames.get(k, k) for k in was_meta}
+            # Before the broadcast split, which leaves ranks other than 0 without the pair's twin.
+            self._read_tied_once(metadata)
         if self.broadcast_from_rank0 and metadata is not None and _distributed(self.process_group):
             self._plan_broadcast(metadata, was_meta)
         if metadata is not None:
-            # A tied target key the checkpoint lacks (save_pretrained drops lm_head.weight when
-            # tie_word_embeddings=True) is filled through the memory it shares with its twin.
-            for alias, kept in tied_keys(self.state_dict).items():
-                if alias not in present and kept in present:
-                    del self.state_dict[alias]
-                elif kept not in present and alias in present:
-                    del self.state_dict[kept]
             self._take_fused(metadata, fused)
         if self.dtype_policy == "error" and metadata is not None:
             clashes = []
@@ -623,6 +620,28 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         )
         _agree_on_broadcast([p.planner_data.broadcast_keys for p in global_plan])
         return super().create_global_plan(global_plan)
+
+    def _read_tied_once(self, metadata: Metadata) -> None:
+        """Of a pair tied in the target (one tensor under both keys), plan only the key the checkpoint stores.
+
+        The other key (``lm_head.weight`` of a ``save_pretrained`` checkpoint with
+        ``tie_word_embeddings``) is absent from the checkpoint, or our reader lists
+        it as a :class:`TiedTensorStorageMetadata` of its twin, confirmed or not:
+        reading the twin fills both, once. ``_twins`` keeps the pairs for a
+        broadcast that replaces the twin's tensor.
+        """
+        md = metadata.state_dict_metadata
+
+        def stored(key: str) -> bool:
+            return key in md and not isinstance(md[key], TiedTensorStorageMetadata)
+
+        self._twins = {}
+        for alias, kept in tied_keys(self.state_dict).items():
+            for drop, keep in ((alias, kept), (kept, alias)):
+                if stored(keep) and not stored(drop) and drop in self.state_dict:
+                    del self.state_dict[drop]
+                    self._twins.setdefault(keep, []).append(drop)
+                    break
 
     # -- fused MoE experts from per-expert keys ------------------------------------------
 
@@ -771,11 +790,16 @@ class SafetensorsLoadPlanner(DefaultLoadPlanner):
         broadcast_bytes(buffer, group)
         for key, tmd, pos, n in layout:
             value = buffer[pos : pos + n].view(tmd.properties.dtype).reshape(tmd.size).clone()
-            path = self.mappings[key] if self.flatten_state_dict else (key,)
             if key in self._replace:
-                set_element(self.original_state_dict, path, value)
+                # A replaced tensor replaces its tied twins too, so the pair stays one tensor.
+                for name in (key, *self._twins.get(key, ())):
+                    set_element(self.original_state_dict, self._path(name), value)
             elif not is_source:
-                self.state_dict_target(path).copy_(value)
+                self.state_dict_target(self._path(key)).copy_(value)
+
+    def _path(self, key: str) -> Any:
+        """Where ``key`` sits in the caller's (possibly nested) state dict."""
+        return self.mappings[key] if self.flatten_state_dict else (key,)
 
     def state_dict_target(self, path: Any) -> torch.Tensor:
         """The caller's tensor at ``path`` (loaded in place when its dtype and shape already match)."""

@@ -18,6 +18,14 @@ DCP calls the methods in this order (``dcp.load``)::
 Every tensor is described to DCP as one chunk of its full shape, so
 ``dcp.load`` reshards to any world size or mesh.
 
+A tied key saved once (``lm_head.weight`` of a ``save_pretrained`` checkpoint
+with ``tie_word_embeddings``, or an alias our index records) is described as a
+:class:`TiedTensorStorageMetadata` whose bytes are its twin's, so any planner,
+DCP's default included, loads it. One the reader cannot confirm (the
+checkpoint has no ``config.json``) is described too, and reading it raises
+:class:`~dcp_safetensors.errors.CheckpointMismatchError` saying why and what
+to do, rather than DCP's bare "Missing key" error.
+
 Why ``read_metadata`` defers errors: DCP catches an ``Exception`` from it and
 re-raises it as ``AssertionError("metadata is None ...")``, losing its type.
 Returning an empty ``Metadata`` and raising the original error from
@@ -43,6 +51,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,14 +70,18 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
-from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, _read_checkpoint
+from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, _read_checkpoint, infer_ties
 from dcp_safetensors.dtypes import to_torch_dtype
-from dcp_safetensors.errors import CheckpointCorruptError, DcpSafetensorsError
+from dcp_safetensors.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    DcpSafetensorsError,
+)
 from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.layout import Runs, chunk_runs
 from dcp_safetensors.storage import Storage, open_storage
 
-__all__ = ["SafetensorsReader"]
+__all__ = ["SafetensorsReader", "TiedTensorStorageMetadata"]
 
 logger = logging.getLogger("dcp_safetensors")
 
@@ -76,6 +89,30 @@ COALESCE_GAP = 1 << 20
 """Runs of one chunk closer than this are read as one span (fewer, larger reads)."""
 SPAN_LIMIT = 64 << 20
 """Most bytes of one coalesced span read at once: bounds the temporary buffer of a column shard."""
+
+
+@dataclass
+class TiedTensorStorageMetadata(TensorStorageMetadata):
+    """A key the checkpoint stores once, under ``same_as``: its chunks are that tensor's bytes.
+
+    ``unconfirmed`` says why the reader cannot tell whether the key is tied
+    (reading it then raises :class:`~dcp_safetensors.errors.CheckpointMismatchError`,
+    or, with ``allow_partial_load``, leaves the target as it is); ``None`` when
+    our index or the model's ``config.json`` says so. A planner that finds the
+    pair tied in its target (one tensor under both keys) reads it once, through
+    ``same_as``.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> path = tempfile.mkdtemp()
+        >>> safetensors.torch.save_file({"model.embed_tokens.weight": torch.ones(4, 2)}, path + "/model.safetensors")
+        >>> md = SafetensorsReader(path).read_metadata().state_dict_metadata["lm_head.weight"]
+        >>> md.same_as, md.unconfirmed.endswith("config.json does not exist")
+        ('model.embed_tokens.weight', True)
+    """
+
+    same_as: str = ""
+    unconfirmed: str | None = None
 
 
 class SafetensorsReader(StorageReader):
@@ -141,7 +178,9 @@ class SafetensorsReader(StorageReader):
 
     def _read_once(self) -> Checkpoint | DcpSafetensorsError | OSError:
         try:
-            return _read_checkpoint(self.path, self._storage(), self.model_prefix, None)
+            ckpt = _read_checkpoint(self.path, self._storage(), self.model_prefix, None)
+            infer_ties(ckpt, self._storage())
+            return ckpt
         except (DcpSafetensorsError, OSError) as e:
             return e
 
@@ -187,6 +226,7 @@ class SafetensorsReader(StorageReader):
         started = time.perf_counter()
         storage = self._storage()
         tensor_items = []
+        unconfirmed: set[str] = set()
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 buffer = io.BytesIO()
@@ -195,6 +235,8 @@ class SafetensorsReader(StorageReader):
                 torch.save(ckpt.objects[item.storage_index.fqn], buffer)
                 buffer.seek(0)
                 planner.load_bytes(item, buffer)
+            elif item.storage_index.fqn in ckpt.unconfirmed:
+                unconfirmed.add(item.storage_index.fqn)
             else:
                 tensor_items.append(item)
 
@@ -207,6 +249,9 @@ class SafetensorsReader(StorageReader):
         batches = _batches(ckpt, tensor_items, storage.read_batch)
         error: BaseException | None = None
         try:
+            # With allow_partial_load a key the checkpoint may lack is skipped, as DCP skips a missing one.
+            if unconfirmed and not getattr(planner, "allow_partial_load", False):
+                raise _unconfirmed_error(ckpt, sorted(unconfirmed))
             if self.read_threads > 1 and len(batches) > 1:
                 with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
                     list(pool.map(read_one, batches))
@@ -238,19 +283,42 @@ class SafetensorsReader(StorageReader):
         return fut
 
 
+def _unconfirmed_error(ckpt: Checkpoint, keys: list[str]) -> CheckpointMismatchError:
+    missing = "; ".join(
+        f"no tensor {k!r}, which may be tied to {ckpt.unconfirmed[k].twin!r} and saved once, as save_pretrained "
+        f"saves tied weights, but the reader cannot tell: {ckpt.unconfirmed[k].reason}"
+        for k in keys
+    )
+    return CheckpointMismatchError(
+        f"{ckpt.root}: {missing}. Put the model's config.json (it sets tie_word_embeddings) next to the weights; "
+        "or load with dcp_safetensors.load / SafetensorsLoadPlanner into a model whose tied keys share one tensor; "
+        "or leave the key out of the state dict and tie it after loading (model.tie_weights())"
+    )
+
+
 def _to_metadata(ckpt: Checkpoint) -> Metadata:
     sd: dict[str, Any] = {}
     for key, loc in ckpt.tensors.items():
-        size = torch.Size(loc.shape)
-        sd[key] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=to_torch_dtype(loc.dtype, source=loc.file)),
-            size=size,
-            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)],
-        )
+        sd[key] = _tensor_metadata(loc, ckpt.aliases.get(key), None)
+    for key, tie in ckpt.unconfirmed.items():
+        sd[key] = _tensor_metadata(ckpt.tensors[tie.twin], tie.twin, tie.reason)
     for key in ckpt.objects:
         sd[key] = BytesStorageMetadata()
     # storage_meta names the checkpoint in planners' messages (e.g. a missing expert key).
     return Metadata(state_dict_metadata=sd, storage_meta=StorageMeta(checkpoint_id=ckpt.root))
+
+
+def _tensor_metadata(loc: TensorLocation, same_as: str | None, unconfirmed: str | None) -> TensorStorageMetadata:
+    """One full-shape chunk of the tensor at ``loc``; for a tied key, marked with the key it is stored under."""
+    size = torch.Size(loc.shape)
+    fields: dict[str, Any] = {
+        "properties": TensorProperties(dtype=to_torch_dtype(loc.dtype, source=loc.file)),
+        "size": size,
+        "chunks": [ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)],
+    }
+    if same_as is None:
+        return TensorStorageMetadata(**fields)
+    return TiedTensorStorageMetadata(**fields, same_as=same_as, unconfirmed=unconfirmed)
 
 
 def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None:

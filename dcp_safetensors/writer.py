@@ -518,9 +518,14 @@ class SafetensorsWriter(StorageWriter):
     def _resolve(
         plan: SavePlan, planner: SavePlanner, writes: RankWritePlan, source: ByteSource, results: list[WriteResult]
     ) -> None:
-        """Put every byte this rank holds (headers, chunk runs) into ``source``; encode objects."""
+        """Put every byte this rank holds (headers, chunk runs) into ``source``; encode objects.
+
+        Raises :class:`ConfigurationError` naming every key of this rank whose
+        tensor is on the ``meta`` device, whatever the planner.
+        """
         for h in writes.headers:
             source.add(h.file, 0, memoryview(h.data))
+        meta: dict[str, None] = {}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 if not hasattr(planner, "lookup_object"):
@@ -538,6 +543,12 @@ class SafetensorsWriter(StorageWriter):
             tensor = planner.resolve_data(item)
             if not isinstance(tensor, torch.Tensor):
                 raise LayoutError(f"tensor {item.index.fqn!r}: planner resolved a {type(tensor).__name__}")
+            if tensor.is_meta:
+                # A meta tensor (a model built on the meta device, an offloaded or never
+                # materialised shard) has a shape but no bytes. DCP's own planner hands it
+                # over as it is; every such key of this rank is named at once below.
+                meta[item.index.fqn] = None
+                continue
             runs = write.runs
             if tensor.numel() * tensor.element_size() != runs.nbytes:
                 raise LayoutError(
@@ -548,6 +559,15 @@ class SafetensorsWriter(StorageWriter):
             view = memoryview(flat)  # type: ignore[arg-type]
             for i, off in enumerate(runs.offsets().tolist()):
                 source.add(write.file, off, view[i * runs.length : (i + 1) * runs.length])
+        if meta:
+            keys = list(meta)
+            raise ConfigurationError(
+                f"rank {writes.rank}: these tensors are on the meta device and hold no data to save: "
+                f"{', '.join(repr(k) for k in keys[:20])}{' ...' if len(keys) > 20 else ''}; materialise them first "
+                "(e.g. model.to_empty(device=...) and load or initialise the weights), or save with "
+                "planner=SafetensorsSavePlanner(meta_resolver=...) to supply their data "
+                "(dcp_safetensors.offload.accelerate_resolver(model) for accelerate's CPU offload)"
+            )
 
     def _write_parts(self, storage: Storage, data: _RankStorageData, source: ByteSource) -> list[WriteResult]:
         """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""

@@ -271,6 +271,19 @@ def save_failing_on_rank1(path: str, value: float):
     return error_summary(dcp.save, sd, storage_writer=SafetensorsWriter(path), planner=_FailingPlanner())
 
 
+def save_with_meta_on_rank1(path: str, kind: str):
+    """DCP's default planner; rank 1 holds a meta tensor: its shard of a DTensor, or a plain tensor only it has."""
+    sd = sharded_mixed_state()
+    if dist.get_rank() == 1:
+        if kind == "dtensor":
+            w = sd["even"]
+            local = torch.empty_like(w.to_local(), device="meta")
+            sd["even"] = DTensor.from_local(local, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride())
+        else:
+            sd["rank1.extra"] = torch.empty(4, 4, device="meta")
+    return error_summary(dcp.save, sd, storage_writer=SafetensorsWriter(path))
+
+
 def load_missing(path: str):
     target = {"w": torch.zeros(3)}
     return error_summary(dcp.load, target, storage_reader=SafetensorsReader(path))

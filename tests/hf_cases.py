@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import dcp_safetensors
+from dcp_safetensors import SafetensorsLoadPlanner, SafetensorsReader
 
 
 def tiny_llama(seed: int, tied: bool = False):
@@ -25,6 +27,23 @@ def tiny_llama(seed: int, tied: bool = False):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int):
+    """A tied model whose embedding is not under ``model.``: ``lm_head.weight`` <- ``transformer.wte.weight``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _sharded(model):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def save_fsdp_llama(path: str, tied: bool = False) -> None:
@@ -63,3 +82,44 @@ def save_fsdp_llama_distcp(path: str) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(path))
+
+
+# --- tied embeddings a save_pretrained wrote once, loaded without our planner ------------
+
+
+def load_pretrained_plain_into_fsdp(path: str) -> dict[str, bool]:
+    """DCP's own planner loads a tied save_pretrained directory into a tied FSDP2 Llama; per key, whether this rank's shard matches."""
+    from cases import local_matches
+
+    model = _sharded(tiny_llama(seed=1, tied=True))
+    sd = get_model_state_dict(model)
+    dcp.load(sd, storage_reader=SafetensorsReader(path))
+    reference = tiny_llama(seed=0, tied=True).state_dict()
+    return {k: local_matches(v, reference[k]) for k, v in sd.items()}
+
+
+def load_pretrained_broadcast(path: str, dtype: str) -> dict[str, bool]:
+    """Rank 0 reads a tied save_pretrained directory and broadcasts it into a tied (unsharded) Llama of ``dtype``."""
+    from cases import as_bytes
+
+    sd = tiny_llama(seed=1, tied=True).to(getattr(torch, dtype)).state_dict()
+    planner = SafetensorsLoadPlanner(broadcast_from_rank0=True, dtype_policy="cast")
+    dcp.load(sd, storage_reader=SafetensorsReader(path), planner=planner)
+    reference = tiny_llama(seed=0, tied=True).state_dict()
+    return {
+        "values": all(torch.equal(as_bytes(sd[k]), as_bytes(v)) for k, v in reference.items()),
+        "still tied": sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr(),
+    }
+
+
+def load_pretrained_into_meta(path: str, planner: str) -> bool:
+    """Meta placeholders of a tied Llama's keys (two tensors, no tie to see) load both keys' values."""
+    from cases import as_bytes
+
+    target = {k: torch.empty_like(v, device="meta") for k, v in tiny_llama(seed=1, tied=True).state_dict().items()}
+    if planner == "dcp":
+        dcp.load(target, storage_reader=SafetensorsReader(path))
+    else:
+        dcp_safetensors.load(target, path, planner=SafetensorsLoadPlanner(broadcast_from_rank0=planner == "broadcast"))
+    reference = tiny_llama(seed=0, tied=True).state_dict()
+    return all(torch.equal(as_bytes(target[k]), as_bytes(v)) for k, v in reference.items())

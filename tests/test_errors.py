@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -14,6 +15,7 @@ from cases import (
     mixed_state,
     save_failing_on_rank1,
     save_mixed,
+    save_with_meta_on_rank1,
     save_with_shape_clash,
 )
 from torch.distributed.checkpoint.api import CheckpointException
@@ -142,6 +144,19 @@ def test_failed_write_on_one_rank_keeps_the_previous_checkpoint(ranks, tmp_path)
     assert set(ckpt.tensors) == set(mixed_state())
 
 
+@pytest.mark.parametrize(("kind", "key"), [("dtensor", "even"), ("plain", "rank1.extra")])
+def test_meta_tensor_under_dcps_default_planner_is_named_on_every_rank(ranks, tmp_path, kind, key):
+    ranks(2).run(save_mixed, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for failures in ranks(2).run(save_with_meta_on_rank1, str(tmp_path), kind):
+        name, message = failures[1]
+        assert name == "ConfigurationError", failures
+        assert message.startswith(f"rank 1: these tensors are on the meta device and hold no data to save: {key!r};")
+        assert "SafetensorsSavePlanner(meta_resolver=...)" in message and "to_empty" in message
+        assert failures[0][0] == "RankFailedError" and "rank 1" in failures[0][1] and repr(key) in failures[0][1]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
     for failures in ranks(2).run(load_missing, str(tmp_path / "nope")):
         assert set(failures) == {0, 1}  # read once on rank 0, the same error raised on both
@@ -150,24 +165,42 @@ def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
 
 
 class _LosingWriter(SafetensorsWriter):
-    """Reports one run fewer than it wrote: finish must notice the hole and refuse to commit."""
+    """Reports one written part fewer than it wrote: finish must find the hole and refuse to commit.
+
+    Each rank reports its parts as one columnar record (one row per part); the
+    second part of the second file is dropped and remembered in ``lost``.
+    """
+
+    lost: tuple[str, int] | None = None
 
     def write_data(self, plan, planner):
-        fut = super().write_data(plan, planner)
-        results = fut.value()
-        fut2 = torch.futures.Future()
-        fut2.set_result(results[:-1])
-        return fut2
+        (result,) = super().write_data(plan, planner).value()
+        written = result.storage_data
+        rows = [i for i, row in enumerate(written.rows.tolist()) if row[0] == 1]
+        drop = rows[1]
+        self.lost = (written.files[1], int(written.rows[drop, 2]))
+        keep = [i for i in range(len(written.rows)) if i != drop]
+        trimmed = dataclasses.replace(
+            written, rows=written.rows[keep], tokens=tuple(written.tokens[i] for i in keep)
+        )
+        fut = torch.futures.Future()
+        fut.set_result([dataclasses.replace(result, storage_data=trimmed)])
+        return fut
 
 
-def test_finish_refuses_runs_that_do_not_tile_the_files(tmp_path):
+def test_finish_refuses_parts_that_leave_a_hole(tmp_path):
     save(tmp_path, 1.0)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     state = {f"layer.{i}.w": torch.full((64, 64), 5.0 + i) for i in range(4)}
+    # 4 files of 16 KiB of data; 4 KiB parts give each file several parts.
+    writer = _LosingWriter(str(tmp_path), max_shard_size=20000, max_part=4096)
     with pytest.raises(CheckpointException) as info:
-        dcp.save(state, storage_writer=_LosingWriter(str(tmp_path), max_shard_size=20000), no_dist=True)
+        dcp.save(state, storage_writer=writer, no_dist=True)
     (exc, _), = info.value.failures.values()
-    assert type(exc).__name__ == "LayoutError" and "refusing to commit" in str(exc)
+    name, start = writer.lost
+    assert start > 0
+    assert type(exc).__name__ == "LayoutError"
+    assert str(exc) == f"{name}: written parts leave a hole at byte {start}; refusing to commit"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 

@@ -34,7 +34,9 @@ from dcp_safetensors.layout import (
     Runs,
     TensorSpec,
     check_chunks_tile,
+    check_tiling,
     chunk_runs,
+    chunk_table,
     file_names,
     natural_key,
     parse_size,
@@ -296,8 +298,9 @@ def C(rank, offsets, sizes, key="w") -> ChunkSpec:
     ],
 )
 def test_check_chunks_tile_accepts_exact_tilings(shape, chunks) -> None:
-    check_chunks_tile(spec(shape), chunks)
-    check_chunks_tile(spec(shape), list(reversed(chunks)))
+    for order in (chunks, list(reversed(chunks))):
+        check_chunks_tile(spec(shape), order)
+        check_tiling(spec(shape), chunk_table(order).get("w"))
 
 
 REJECTED_CHUNKS = [
@@ -326,6 +329,18 @@ REJECTED_CHUNKS = [
             [r"overlaps", r"rank 0", r"rank 7"],
         ),
         (
+            "overlap-on-a-grid-of-as-many-cells",  # only the grid's one-cell-per-chunk check sees it
+            (4,),
+            [C(0, (0,), (3,)), C(1, (2,), (2,)), C(2, (3,), (1,))],
+            [r"rank 0 chunk offsets=\[0\] sizes=\[3\] overlaps rank 1 chunk offsets=\[2\] sizes=\[2\]"],
+        ),
+        (
+            "duplicate-cell-and-an-empty-one",  # as many cells as chunks, but two chunks share one
+            (3,),
+            [C(0, (0,), (1,)), C(1, (0,), (1,)), C(2, (2,), (1,))],
+            [r"overlaps", r"rank 0 chunk offsets=\[0\] sizes=\[1\]", r"rank 1 chunk offsets=\[0\] sizes=\[1\]"],
+        ),
+        (
             "hole",
             (4, 4),
             [C(0, (0, 0), (2, 4)), C(2, (2, 0), (1, 4))],
@@ -337,6 +352,18 @@ REJECTED_CHUNKS = [
             (4, 4),
             [C(0, (0, 0), (2, 4)), C(3, (2, 0), (3, 4))],
             [r"rank 3 chunk offsets=\[2, 0\] sizes=\[3, 4\] lies outside the global shape \[4, 4\]"],
+        ),
+        (
+            "out-of-bounds-past-the-end",  # a cell of its own beyond the end: only the bounds check sees it
+            (4,),
+            [C(0, (0,), (4,)), C(1, (4,), (1,))],
+            [r"rank 1 chunk offsets=\[4\] sizes=\[1\] lies outside the global shape \[4\]"],
+        ),
+        (
+            "out-of-bounds-before-the-start",
+            (4,),
+            [C(1, (-1,), (1,)), C(0, (0,), (4,))],
+            [r"rank 1 chunk offsets=\[-1\] sizes=\[1\] lies outside"],
         ),
         (
             "negative-offset",
@@ -355,6 +382,12 @@ REJECTED_CHUNKS = [
             (4, 4),
             [C(0, (0, 0), (2, 4)), C(6, (2,), (2,))],
             [r"rank 6 chunk offsets=\[2\] sizes=\[2\] does not have the tensor's 2 dims"],
+        ),
+        (
+            "wrong-ndim-every-chunk",  # a table of 1-D chunks for a 2-D tensor
+            (4, 4),
+            [C(0, (0,), (4,))],
+            [r"rank 0 chunk offsets=\[0\] sizes=\[4\] does not have the tensor's 2 dims"],
         ),
         (
             "wrong-ndim-sizes-only",
@@ -379,6 +412,23 @@ def test_check_chunks_tile_rejects(name, shape, chunks, patterns) -> None:
     for order in (chunks, list(reversed(chunks))):
         with pytest.raises(LayoutError, match=r"^tensor 'w': ") as info:
             check_chunks_tile(spec(shape), order)
+        for pattern in patterns:
+            assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "chunks", "patterns"), [pytest.param(*c, id=c[0]) for c in REJECTED_CHUNKS]
+)
+def test_check_tiling_rejects(name, shape, chunks, patterns) -> None:
+    """The fast path (a grid of cells) must refuse every rejected table; the sweep it falls back to names the fault."""
+    for order in (chunks, list(reversed(chunks))):
+        if len({len(c.offsets) for c in order} | {len(c.sizes) for c in order}) > 1:
+            # Chunks of mixed dims fit in no table: chunk_table refuses them before any check.
+            with pytest.raises(LayoutError, match=r"^tensor 'w': chunks with \[\d+, \d+\] dims"):
+                chunk_table(order)
+            continue
+        with pytest.raises(LayoutError, match=r"^tensor 'w': ") as info:
+            check_tiling(spec(shape), chunk_table(order).get("w"))
         for pattern in patterns:
             assert re.search(pattern, str(info.value)), (pattern, str(info.value))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -80,3 +81,78 @@ def test_header_longer_than_the_first_read_is_read_on(tmp_path, monkeypatch):
     reads.clear()
     read_checkpoint(str(small))
     assert [r[1] for r in reads] == [0]  # prefix and header in one read
+
+
+# --- tied keys a save_pretrained left out (infer_ties) -------------------------------------
+
+LLAMA = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,)}
+GPT2 = {"transformer.wte.weight": (8, 4), "transformer.ln_f.weight": (4,)}
+
+
+@pytest.mark.parametrize(
+    ("keys", "config", "aliases", "unconfirmed"),
+    [
+        # transformers' _tied_weights_keys of the config's architecture
+        (LLAMA, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+         {"lm_head.weight": "model.embed_tokens.weight"}, None),
+        (GPT2, {"architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True},
+         {"lm_head.weight": "transformer.wte.weight"}, None),
+        # a config saved before transformers 5 leaves out a value equal to the class default (GPT-2: tied)
+        (GPT2, {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+         {"lm_head.weight": "transformer.wte.weight"}, None),
+        (LLAMA, {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, {}, None),  # Llama: untied
+        (LLAMA, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}, {}, None),
+        # only the output embedding saved: tied the other way round, as from_pretrained does
+        ({"lm_head.weight": (8, 4), "model.norm.weight": (4,)},
+         {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+         {"model.embed_tokens.weight": "lm_head.weight"}, None),
+        # an architecture transformers does not know (custom code): lm_head.weight and the one input embedding
+        (LLAMA, {"architectures": ["MyOwnForCausalLM"], "tie_word_embeddings": True},
+         {"lm_head.weight": "model.embed_tokens.weight"}, None),
+        (GPT2, {"text_config": {"tie_word_embeddings": True}}, {"lm_head.weight": "transformer.wte.weight"}, None),
+        # the reader cannot tell
+        (LLAMA, None, {}, "config.json does not exist"),
+        (LLAMA, {"architectures": ["MyOwnForCausalLM"], "model_type": "my_own"}, {},
+         "config.json does not set tie_word_embeddings"),
+        (LLAMA, "{not json", {}, "config.json: not valid JSON"),
+    ],
+    ids=["llama", "gpt2", "gpt2-v4-config", "llama-v4-config", "untied", "reversed", "custom-code",
+         "text-config", "no-config", "no-tie-setting", "bad-config"],
+)
+def test_ties_inferred_from_the_config(tmp_path, keys, config, aliases, unconfirmed):
+    import json
+
+    import safetensors.torch
+
+    from dcp_safetensors.checkpoint import infer_ties, read_checkpoint
+    from dcp_safetensors.storage import open_storage
+
+    safetensors.torch.save_file({k: torch.ones(s) for k, s in keys.items()}, tmp_path / "model.safetensors")
+    if config is not None:
+        (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    ckpt = read_checkpoint(str(tmp_path))
+    infer_ties(ckpt, open_storage(str(tmp_path)))
+    assert ckpt.aliases == aliases
+    for alias, kept in aliases.items():
+        assert ckpt.tensors[alias] == ckpt.tensors[kept]
+    if unconfirmed is None:
+        assert ckpt.unconfirmed == {}
+    else:
+        ((key, tie),) = ckpt.unconfirmed.items()
+        assert (key, tie.twin) == ("lm_head.weight", "model.embed_tokens.weight")
+        assert tie.reason.startswith(f"{tmp_path}/config.json") and unconfirmed in tie.reason
+
+
+def test_our_checkpoints_are_taken_at_their_index_word(tmp_path):
+    """Our index records every tied key it left out; a config.json saying otherwise changes nothing."""
+    import json
+
+    from dcp_safetensors.checkpoint import infer_ties, read_checkpoint
+    from dcp_safetensors.storage import open_storage
+
+    state = {"model.embed_tokens.weight": torch.ones(8, 4)}
+    dcp.save(state, storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}))
+    ckpt = read_checkpoint(str(tmp_path))
+    infer_ties(ckpt, open_storage(str(tmp_path)))
+    assert ckpt.aliases == {} and ckpt.unconfirmed == {}

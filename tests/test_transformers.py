@@ -6,7 +6,15 @@ import json
 
 import pytest
 import torch
-from hf_cases import load_pretrained_into_fsdp, save_fsdp_llama, tiny_llama
+from hf_cases import (
+    load_pretrained_broadcast,
+    load_pretrained_into_fsdp,
+    load_pretrained_into_meta,
+    load_pretrained_plain_into_fsdp,
+    save_fsdp_llama,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -38,6 +46,92 @@ def test_save_pretrained_output_loads_into_fsdp2(ranks, tmp_path, tied):
         expected = reference(idx).logits
     for logits in ranks(2).run(load_pretrained_into_fsdp, str(tmp_path), tied):
         assert torch.equal(logits, expected)
+
+
+# --- tied embeddings saved once by save_pretrained, loaded with DCP's own planner ----------
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: tiny_llama(seed=0, tied=True), lambda: tiny_gpt2(seed=0)], ids=["llama", "gpt2-transformer.wte"]
+)
+def test_tied_save_pretrained_loads_with_dcps_own_planner(tmp_path, build):
+    import torch.distributed.checkpoint as dcp
+
+    import dcp_safetensors
+    from dcp_safetensors import SafetensorsReader
+
+    reference = build()
+    reference.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert "lm_head.weight" not in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    expected = reference.state_dict()
+    # One tensor per key, so lm_head.weight can only get its values from the embedding's bytes.
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    dcp.load(target, storage_reader=SafetensorsReader(str(tmp_path)), no_dist=True)
+    assert all(torch.equal(_as_bytes(target[k]), _as_bytes(v)) for k, v in expected.items())
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    dcp_safetensors.load(target, str(tmp_path))
+    assert all(torch.equal(_as_bytes(target[k]), _as_bytes(v)) for k, v in expected.items())
+
+
+def test_tied_save_pretrained_loads_with_dcps_own_planner_on_fsdp2(ranks, tmp_path):
+    tiny_llama(seed=0, tied=True).save_pretrained(str(tmp_path), max_shard_size="100KB")
+    for rank, matches in enumerate(ranks(2).run(load_pretrained_plain_into_fsdp, str(tmp_path))):
+        assert "lm_head.weight" in matches and all(matches.values()), (rank, matches)
+
+
+def test_tie_the_reader_cannot_confirm_is_our_error_naming_the_fix(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import dcp_safetensors
+    from dcp_safetensors import SafetensorsReader
+    from dcp_safetensors.errors import CheckpointMismatchError
+
+    reference = tiny_llama(seed=0, tied=True)
+    reference.save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").unlink()  # nothing left says the embeddings are tied
+    expected = reference.state_dict()
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    with pytest.raises(dcp.api.CheckpointException) as info:
+        dcp.load(target, storage_reader=SafetensorsReader(str(tmp_path)), no_dist=True)
+    ((error, _),) = info.value.failures.values()
+    assert isinstance(error, CheckpointMismatchError)
+    message = str(error)
+    assert "no tensor 'lm_head.weight', which may be tied to 'model.embed_tokens.weight'" in message
+    assert f"{tmp_path}/config.json does not exist" in message
+    assert "config.json (it sets tie_word_embeddings)" in message and "model.tie_weights()" in message
+    with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
+        dcp_safetensors.load(target, str(tmp_path))
+    # allow_partial_load skips it, as it skips a key the checkpoint lacks.
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+    dcp.load(target, storage_reader=SafetensorsReader(str(tmp_path)), planner=planner, no_dist=True)
+    assert not target["lm_head.weight"].any()
+    assert all(torch.equal(target[k], v) for k, v in expected.items() if k != "lm_head.weight")
+    # A target whose keys share one tensor says it is tied: it loads through the embedding.
+    tied = tiny_llama(seed=1, tied=True).state_dict()
+    dcp_safetensors.load(tied, str(tmp_path))
+    assert all(torch.equal(tied[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    ("config", "dtype"), [(True, "float32"), (False, "float32"), (True, "bfloat16")],
+    ids=["config", "no-config", "replaced-dtype"],
+)
+def test_tied_save_pretrained_loads_with_rank0_broadcast(ranks, tmp_path, config, dtype):
+    tiny_llama(seed=0, tied=True).save_pretrained(str(tmp_path))
+    if not config:
+        (tmp_path / "config.json").unlink()
+    for rank, result in enumerate(ranks(2).run(load_pretrained_broadcast, str(tmp_path), dtype)):
+        assert all(result.values()), (rank, result)
+
+
+@pytest.mark.parametrize("planner", ["dcp", "ours", "broadcast"])
+def test_tied_save_pretrained_loads_into_meta_placeholders(ranks, tmp_path, planner):
+    tiny_llama(seed=0, tied=True).save_pretrained(str(tmp_path))
+    assert all(ranks(2).run(load_pretrained_into_meta, str(tmp_path), planner))
 
 
 def test_cpu_offloaded_model_saves_its_real_weights(tmp_path):
