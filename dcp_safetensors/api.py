@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
-from dcp_safetensors.errors import ConfigurationError
+from dcp_safetensors.errors import ConfigurationError, RankFailedError
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
 
@@ -46,11 +46,16 @@ def _distributed() -> bool:
 
 @contextmanager
 def _our_errors() -> Iterator[None]:
-    """Re-raise DCP's CheckpointException as the lowest failing rank's own exception."""
+    """Re-raise DCP's CheckpointException as the lowest failing rank's own exception.
+
+    A rank that only learned of another's failure (``RankFailedError``) gives way to the
+    rank that failed: every rank then raises the cause's type (e.g. ``StorageAccessError``).
+    """
     try:
         yield
     except CheckpointException as e:
-        rank = min(e.failures)
+        ranks = sorted(e.failures)
+        rank = next((r for r in ranks if not isinstance(e.failures[r][0], RankFailedError)), ranks[0])
         original, _ = e.failures[rank]
         if isinstance(original, Exception):
             raise original from e

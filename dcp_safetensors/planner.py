@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     SavePlan,
+    SavePlanner,
     TensorWriteData,
     WriteItem,
     WriteItemType,
@@ -74,6 +75,9 @@ def _distributed(group: dist.ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 __all__ = ["SafetensorsSavePlanner", "SafetensorsLoadPlanner", "MetaResolver"]
+
+_UNFINISHED: set[str] = set()
+"""Plan-cache keys of saves on this rank that planned but got no final plan (see ``create_local_plan``)."""
 
 ALIASES_KEY = "__dcp_safetensors_aliases__"
 """Key in ``SavePlan.planner_data`` carrying ``{dropped tied key: kept key}`` to the writer's ``finish``."""
@@ -318,6 +322,16 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         return dataclasses.replace(item, tensor_data=dataclasses.replace(td, properties=properties))
 
     def create_local_plan(self) -> SavePlan:
+        if self._enable_plan_caching:
+            if self._cached_plans_key in _UNFINISHED:
+                # The last save with these plans failed after DCP cached its global plan but
+                # before this rank cached its final plan (the writer's global step failed, e.g.
+                # on a refused storage request): DCP would reuse plans of that save, or a final
+                # plan of an older one. Every rank saw that failure: all forget, all plan afresh.
+                for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans, SavePlanner._cached_global_plan,
+                              SavePlanner._cached_metadata, SavePlanner._cached_final_save_plan):  # fmt: skip
+                    cache.pop(self._cached_plans_key, None)
+            _UNFINISHED.add(self._cached_plans_key)
         plan = super().create_local_plan()
         if self.dtype is not None:
             plan = dataclasses.replace(plan, items=[self._cast(i) for i in plan.items])
@@ -349,6 +363,7 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         # what changes with every save (a snapshot's session) into it.
         refresh = getattr(new_plan.storage_data, "refresh", None) if not new_plan.usable else None
         plan = super().finish_plan(new_plan)
+        _UNFINISHED.discard(self._cached_plans_key)
         if refresh is not None:
             plan = dataclasses.replace(plan, storage_data=refresh(plan.storage_data))
             self.plan = plan
