@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
-from dcp_safetensors.errors import ConfigurationError
+from dcp_safetensors.errors import ConfigurationError, RankFailedError
 from dcp_safetensors.experts import FusedExperts
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
@@ -50,11 +51,16 @@ def _distributed() -> bool:
 
 @contextmanager
 def _our_errors() -> Iterator[None]:
-    """Re-raise DCP's CheckpointException as the lowest failing rank's own exception."""
+    """Re-raise DCP's CheckpointException as the lowest failing rank's own exception.
+
+    A rank that only learned of another's failure (``RankFailedError``) gives way to the
+    rank that failed: every rank then raises the cause's type (e.g. ``StorageAccessError``).
+    """
     try:
         yield
     except CheckpointException as e:
-        rank = min(e.failures)
+        ranks = sorted(e.failures)
+        rank = next((r for r in ranks if not isinstance(e.failures[r][0], RankFailedError)), ranks[0])
         original, _ = e.failures[rank]
         if isinstance(original, Exception):
             raise original from e
@@ -66,7 +72,8 @@ def _agreed(make: Callable[[], T], group: dist.ProcessGroup | None, what: str) -
 
     A rank whose options are refused at construction (or whose precondition
     fails) would otherwise leave the others waiting in DCP's first
-    collective until the process group's timeout: every rank raises now.
+    collective until the process group's timeout. Every rank raises the
+    lowest failing rank's error now, as after a failed save.
     """
     error: Exception | None = None
     made: T | None = None
@@ -75,10 +82,15 @@ def _agreed(make: Callable[[], T], group: dist.ProcessGroup | None, what: str) -
     except Exception as e:
         error = e
     if _distributed() and dist.get_world_size(group) > 1:
-        from dcp_safetensors.collectives import agree_on_errors
-
-        agree_on_errors(error, group, what)
-    elif error is not None:
+        if error is not None:
+            try:
+                pickle.dumps(error)
+            except Exception:  # an error that cannot travel goes as its text
+                error = RankFailedError(f"rank {dist.get_rank(group)} failed before {what}: {type(error).__name__}: {error}")
+        errors: list[Exception | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
         raise error
     return made  # type: ignore[return-value]
 

@@ -37,6 +37,14 @@ class StorageError(DcpSafetensorsError):
     """A storage request failed for good (after retries); the message names the object and request."""
 
 
+class StorageAccessError(StorageError):
+    """The object store refused the credentials (wrong key or secret, bad signature, expired token, none found) or the permission for a request; not retried."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket named in the URL does not exist at the storage endpoint; not retried."""
+
+
 class CheckpointNotFoundError(DcpSafetensorsError, FileNotFoundError):
     """No safetensors checkpoint at the path; the message says what was found instead."""
 

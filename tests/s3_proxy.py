@@ -1,9 +1,10 @@
-"""An HTTP proxy of our own in front of the moto S3 server: counts requests and bytes, injects faults.
+"""An HTTP proxy of our own in front of an S3 server (moto, SeaweedFS): counts requests and bytes, injects faults.
 
 Tests point s3fs at the proxy (``endpoint_url``); the proxy forwards every
-request to moto over loopback. ``Faults`` decides, per request, whether to
-answer 500 / 503 SlowDown or to drop the connection instead of forwarding.
-Nothing leaves 127.0.0.1.
+request to the server over loopback. ``Faults`` decides, per request, whether
+to answer 500 / 503 SlowDown / 403 AccessDenied or to drop the connection
+instead of forwarding. With ``max_uploads``, an unsigned ListMultipartUploads
+asks for AWS's page size (see :class:`S3Proxy`). Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def classify(method: str, path: str) -> str:
 
 @dataclass
 class Faults:
-    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503" or "drop" (n counts that operation)."""
+    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403" or "drop" (n counts that operation)."""
 
     rule: Callable[[str, int], str | None] | None = None
 
@@ -65,8 +66,19 @@ class Stats:
             self.injected.clear()
 
 
+ERRORS = {"500": (500, "InternalError"), "503": (503, "SlowDown"), "403": (403, "AccessDenied")}
+
+
 class S3Proxy:
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    """Forwards to ``upstream_host:upstream_port``.
+
+    ``max_uploads``: AWS lists at most 1,000 multipart uploads a page, SeaweedFS 10,000 and
+    moto all of them; a ListMultipartUploads that names no page size is forwarded asking
+    for this many, so paging shows at AWS's size. Only unsigned requests can be changed
+    (a signature covers the query string).
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, max_uploads: int | None = None) -> None:
         self.stats = Stats()
         self.faults = Faults()
         proxy = self
@@ -74,8 +86,15 @@ class S3Proxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            upstream: http.client.HTTPConnection | None = None
+
             def log_message(self, *args: object) -> None:
                 pass
+
+            def finish(self) -> None:
+                super().finish()
+                if self.upstream is not None:
+                    self.upstream.close()
 
             def _body(self) -> bytes:
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -106,7 +125,7 @@ class S3Proxy:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
-                    code, s3code = (503, "SlowDown") if fault == "503" else (500, "InternalError")
+                    code, s3code = ERRORS[fault]
                     payload = f"<Error><Code>{s3code}</Code><Message>injected</Message></Error>".encode()
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")
@@ -116,13 +135,28 @@ class S3Proxy:
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(upstream_host, upstream_port, timeout=120)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
+                path = self.path
+                if (
+                    max_uploads
+                    and op == "ListMultipartUploads"
+                    and "max-uploads" not in parse_qs(urlsplit(path).query, keep_blank_values=True)
+                    and "Authorization" not in self.headers
+                ):
+                    path += f"&max-uploads={max_uploads}"
+                # One upstream connection per client connection, kept alive: a new TCP
+                # connection per request to a real server costs more than the request.
+                for fresh in (False, True):
+                    if fresh or self.upstream is None:
+                        self.upstream = http.client.HTTPConnection(upstream_host, upstream_port, timeout=120)
+                    try:
+                        self.upstream.request(self.command, path, body=body, headers=headers)
+                        resp = self.upstream.getresponse()
+                        data = resp.read()
+                        break
+                    except (http.client.RemoteDisconnected, ConnectionError):
+                        self.upstream.close()
+                        if fresh:
+                            raise
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

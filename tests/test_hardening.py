@@ -183,10 +183,10 @@ def test_a_failed_s3_save_changes_none_of_the_previous_checkpoints_objects(s3, m
 
     original = ObjectStorage.retry
 
-    def failing_record_put(self, what, fn, *args, **kwargs):
-        if what.startswith("PUT") and what.endswith("COMMIT.json"):
-            raise dcp_safetensors.errors.StorageError(f"{what}: injected")
-        return original(self, what, fn, *args, **kwargs)
+    def failing_record_put(self, request, name, fn, *args, **kwargs):
+        if request == "PutObject" and name.endswith("COMMIT.json"):
+            raise dcp_safetensors.errors.StorageError(f"{request} of {self.path(name)}: injected")
+        return original(self, request, name, fn, *args, **kwargs)
 
     monkeypatch.setattr(ObjectStorage, "retry", failing_record_put)
     with pytest.raises(dcp_safetensors.errors.StorageError, match="COMMIT.json: injected"):

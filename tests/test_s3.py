@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import safetensors.torch
 from cases import big_state, load_big, load_mixed, mixed_state, save_big, save_mixed, try_save_big
 
@@ -218,3 +219,26 @@ def test_small_tensors_are_read_in_batched_ranged_gets(s3, monkeypatch):
     out, gets = load()
     assert all(same(out[k], v) for k, v in state.items())
     assert 2 + data_bytes // 1024 <= gets <= 2 + 3 * (data_bytes // 1024 + 1), (gets, data_bytes)
+
+
+def test_a_refusal_after_the_commit_point_keeps_the_committed_save(s3):
+    """The commit record is PUT, then deleting the old index is refused (a bucket policy without
+    s3:DeleteObject): the save raises naming that request, but its uploads belong to the record
+    now and are not aborted; the next reader completes the commit."""
+    import torch
+
+    import dcp_safetensors
+    from dcp_safetensors.errors import StorageAccessError
+
+    url = s3.url(s3.prefix)
+    dcp_safetensors.save({"w": torch.ones(4)}, url, storage_options=options(s3))
+    s3.proxy.faults.rule = lambda op, n: "403" if op == "DeleteObject" else None
+    with pytest.raises(StorageAccessError, match=r"DeleteObject of s3://ckpt/.*/model.safetensors.index.json .*AccessDenied"):
+        dcp_safetensors.save({"w": torch.full((4,), 2.0)}, url, storage_options=options(s3))
+    s3.proxy.faults.rule = None
+    assert len(s3.open_uploads(s3.prefix)) == 1  # the committed file's, left for the roll-forward
+    state = {"w": torch.zeros(4)}
+    dcp_safetensors.load(state, url, storage_options=options(s3))
+    assert state["w"].tolist() == [2.0] * 4
+    assert not s3.open_uploads(s3.prefix)
+    assert not [k for k in s3.keys(s3.prefix) if not k.startswith("model")]

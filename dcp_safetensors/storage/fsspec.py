@@ -20,6 +20,10 @@ writer per file (``min_part`` = the whole file), written in place with one
 Transient failures (throttling, 5xx, dropped connections) are retried with
 exponential backoff, on top of the client's own retries; a request that
 still fails raises :class:`~dcp_safetensors.errors.StorageError` naming it.
+A refusal no retry can change raises at once, naming the request, bucket and
+key: :class:`~dcp_safetensors.errors.StorageAccessError` for credentials and
+permissions (wrong secret, bad signature, access denied, no credentials),
+:class:`~dcp_safetensors.errors.BucketNotFoundError` for a missing bucket.
 
 Example:
     >>> ObjectStorage("s3://bucket/run/step-1", {"anon": True}).min_part
@@ -29,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import posixpath
@@ -45,9 +50,11 @@ from dcp_safetensors.commit import (
     stale_files,
 )
 from dcp_safetensors.errors import (
+    BucketNotFoundError,
     CheckpointCorruptError,
     ConfigurationError,
     MissingFileError,
+    StorageAccessError,
     StorageError,
 )
 from dcp_safetensors.layout import PartPlan
@@ -79,11 +86,12 @@ class _ObjectPartWriter:
         data = views[0].tobytes() if len(views) == 1 else b"".join(views)
         s = self._storage
         if not s.multipart:
-            s.retry(f"write {s.path(part.file)}", s.fs.pipe_file, s.path(part.file), data)
+            s.retry("PutObject", part.file, s.fs.pipe_file, s.path(part.file), data)
             return None
         bucket, key = s.bucket_key(part.file)
         response = s.retry(
-            f"UploadPart {part.number} of {s.path(part.file)}",
+            f"UploadPart {part.number}",
+            part.file,
             s.fs.call_s3,
             "upload_part",
             Bucket=bucket,
@@ -158,15 +166,27 @@ class ObjectStorage:
         bucket, key, _ = self.fs.split_path(self.path(name))
         return bucket, key
 
-    def retry(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` retried with exponential backoff on transient failures."""
+    def retry(self, request: str, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, the request ``request`` (its S3 operation) on object ``name``,
+        retried with exponential backoff on transient failures.
+
+        A refusal raises at once: retrying a bad signature or a missing bucket cannot help, and
+        the user should learn which request, bucket and key in seconds, not after the backoff.
+        A missing object raises ``FileNotFoundError`` for the caller to judge.
+        """
         delay = 0.1
         for attempt in range(1, self.retries + 1):
             try:
                 return fn(*args, **kwargs)
-            except (FileNotFoundError, PermissionError, ConfigurationError):
+            except ConfigurationError:
                 raise
             except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types for one transient fault
+                refused = self._refusal(request, name, e)
+                if refused is not None:
+                    raise refused from e
+                if isinstance(e, FileNotFoundError):
+                    raise
+                what = f"{request} of {self.path(name)}"
                 if attempt == self.retries:
                     raise StorageError(f"{what}: failed after {attempt} attempts: {type(e).__name__}: {e}") from e
                 logger.warning("%s: attempt %d failed (%s: %s); retrying", what, attempt, type(e).__name__, e)
@@ -174,20 +194,51 @@ class ObjectStorage:
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
+    def _refusal(self, request: str, name: str, e: Exception) -> StorageError | None:
+        """The error to raise for ``e`` if no retry can change it (credentials, a missing bucket), else None."""
+        # s3fs turns the server's answer into a builtin (PermissionError, FileNotFoundError)
+        # whose cause is botocore's ClientError: its code tells a missing bucket from a
+        # missing key, and its operation which request inside an fsspec call was refused.
+        cause = e if hasattr(e, "response") else e.__cause__
+        error = (getattr(cause, "response", None) or {}).get("Error", {})
+        operation = request.split()[0]
+        if isinstance(e, (PermissionError, *_credential_errors())):
+            kind: type[StorageError] = StorageAccessError
+            fix = (
+                "check the credentials (storage_options key/secret/token, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
+                f"AWS_SESSION_TOKEN/AWS_PROFILE), that they belong to this endpoint, and that they may {operation} here"
+            )
+        elif isinstance(e, FileNotFoundError) and error.get("Code") == "NoSuchBucket":
+            kind = BucketNotFoundError
+            fix = "check the bucket name in the URL and the endpoint (storage_options client_kwargs endpoint_url, region_name)"
+        else:
+            return None
+        where = f"{request} of {self.path(name)}"
+        if self.multipart:
+            bucket, key = self.bucket_key(name)
+            where += f" (bucket {bucket!r}, key {key!r}) at {self.fs.s3.meta.endpoint_url}"
+        if error.get("Code"):
+            # The request the server refused, where an fsspec call made another (HeadObject first).
+            refused = cause.operation_name  # type: ignore[union-attr]
+            said = f"{error['Code']}{'' if refused == operation else f' from {refused}'}: {error.get('Message') or e}"
+        else:
+            said = f"{type(e).__name__}: {e}"
+        return kind(f"{where}: {said.rstrip('.')}. Not retried: {fix}.")
+
     # -- reading ------------------------------------------------------------------------
 
     def exists(self, name: str) -> bool:
-        return bool(self.retry(f"HEAD {self.path(name)}", self.fs.exists, self.path(name)))
+        return bool(self.retry("HeadObject", name, self.fs.exists, self.path(name)))
 
     def size(self, name: str) -> int:
         try:
-            return int(self.retry(f"HEAD {self.path(name)}", self.fs.size, self.path(name)))
+            return int(self.retry("HeadObject", name, self.fs.size, self.path(name)))
         except FileNotFoundError:
             raise MissingFileError(f"{self.path(name)}: object is missing") from None
 
     def listdir(self, name: str = "") -> list[str]:
         try:
-            entries = self.retry(f"LIST {self.path(name)}", self.fs.ls, self.path(name), detail=False, refresh=True)
+            entries = self.retry("ListObjectsV2", name, self.fs.ls, self.path(name), detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -195,7 +246,7 @@ class ObjectStorage:
     def walk_files(self, name: str) -> list[str]:
         """Names (relative to the checkpoint) of every object under ``name``."""
         try:
-            found = self.retry(f"LIST {self.path(name)}", self.fs.find, self.path(name))
+            found = self.retry("ListObjectsV2", name, self.fs.find, self.path(name))
         except FileNotFoundError:
             return []
         root = self.fs._strip_protocol(self.url)
@@ -206,7 +257,8 @@ class ObjectStorage:
             return b""
         try:
             data = self.retry(
-                f"GET {self.path(name)} bytes {offset}-{offset + length - 1}",
+                f"GetObject bytes {offset}-{offset + length - 1}",
+                name,
                 self.fs.cat_file,
                 self.path(name),
                 start=offset,
@@ -232,19 +284,39 @@ class ObjectStorage:
         if not (discard_uncommitted and self.multipart):
             return
         bucket, prefix = self.bucket_key("")
-        response = self.retry(
-            f"ListMultipartUploads {self.url}", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/"
-        )
-        for upload in response.get("Uploads", []):
-            logger.warning("aborting multipart upload of %s left open by an interrupted save", upload["Key"])
+        uploads: list[dict[str, Any]] = []
+        markers: dict[str, str] = {}
+        while True:  # a page lists at most 1,000 uploads on S3
+            page = self.retry(
+                "ListMultipartUploads", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/", **markers
+            )
+            uploads += page.get("Uploads", [])
+            # Exactly the markers the server returned: SeaweedFS returns no NextKeyMarker, and
+            # a KeyMarker made up from the last key makes it list nothing more.
+            markers = {m: page[f"Next{m}"] for m in ("KeyMarker", "UploadIdMarker") if page.get(f"Next{m}")}
+            if not (page.get("IsTruncated") and markers):
+                break
+        if uploads:
+            logger.warning("aborting %d multipart uploads under %s left open by an interrupted save", len(uploads), self.url)
+        # Every abort is a round trip: thousands of them one after another would take minutes.
+        _each(lambda u: self._abort(u["Key"][len(prefix) + 1 :], u["UploadId"]), uploads)
+
+    def _abort(self, name: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already aborted or completed is fine."""
+        bucket, key = self.bucket_key(name)
+        try:
             self.retry(
-                f"AbortMultipartUpload {upload['Key']}",
+                "AbortMultipartUpload",
+                name,
                 self.fs.call_s3,
                 "abort_multipart_upload",
                 Bucket=bucket,
-                Key=upload["Key"],
-                UploadId=upload["UploadId"],
+                Key=key,
+                UploadId=upload_id,
             )
+        except FileNotFoundError:
+            # Every rank aborts a failed save's uploads; the first one to get there wins.
+            logger.debug("upload of %s already aborted or completed", self.path(name))
 
     # -- saving -------------------------------------------------------------------------
 
@@ -256,9 +328,7 @@ class ObjectStorage:
 
         def create(f: str) -> None:
             bucket, key = self.bucket_key(f)
-            response = self.retry(
-                f"CreateMultipartUpload {self.path(f)}", self.fs.call_s3, "create_multipart_upload", Bucket=bucket, Key=key
-            )
+            response = self.retry("CreateMultipartUpload", f, self.fs.call_s3, "create_multipart_upload", Bucket=bucket, Key=key)
             # Recorded as each is made: a failure part-way aborts the ones already made.
             session["uploads"][f] = response["UploadId"]
 
@@ -277,7 +347,7 @@ class ObjectStorage:
         if self.multipart:
             session["small"][name] = data  # published from the commit record, never before it
         else:
-            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
+            self.retry("PutObject", name, self.fs.pipe_file, self.path(name), data)
 
     def commit_save(
         self, session: dict[str, Any], files: Sequence[str], tokens: dict[str, list[tuple[int, str]]], index: bytes
@@ -296,10 +366,13 @@ class ObjectStorage:
         }
         try:
             name = posixpath.join(staging, COMMIT_RECORD)
-            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), json.dumps(record).encode())
+            self.retry("PutObject", name, self.fs.pipe_file, self.path(name), json.dumps(record).encode())
         except BaseException:
             self.abort_save(session)
             raise
+        # Past the commit point the uploads belong to the record: a failure while rolling
+        # forward leaves them for the next reader or writer to complete, never to abort.
+        session["committed"] = True
         self._roll_forward(staging, dict(record, index_bytes=index, small_bytes=dict(session["small"])))
 
     def _read_record(self, staging: str) -> dict[str, Any]:
@@ -325,14 +398,15 @@ class ObjectStorage:
         # Without an index no tool mixes old and new files while uploads complete. A fresh
         # commit's index is new (a new snapshot id); a resumed one may find its own published.
         if not resumed or (self.exists(INDEX_NAME) and self.read_range(INDEX_NAME, 0, self.size(INDEX_NAME)) != index):
-            self.retry(f"DELETE {self.path(INDEX_NAME)}", self.fs.rm_file, self.path(INDEX_NAME))
+            self.retry("DeleteObject", INDEX_NAME, self.fs.rm_file, self.path(INDEX_NAME))
 
         def complete(f: str, upload: dict[str, Any]) -> None:
             bucket, key = self.bucket_key(f)
             parts = [{"PartNumber": n, "ETag": etag} for n, etag in upload["parts"]]
             try:
                 self.retry(
-                    f"CompleteMultipartUpload {self.path(f)}",
+                    "CompleteMultipartUpload",
+                    f,
                     self.fs.call_s3,
                     "complete_multipart_upload",
                     Bucket=bucket,
@@ -340,6 +414,8 @@ class ObjectStorage:
                     UploadId=upload["upload_id"],
                     MultipartUpload={"Parts": parts},
                 )
+            except (StorageAccessError, BucketNotFoundError):
+                raise  # asking whether it completed would be refused too
             except (FileNotFoundError, StorageError):
                 if not self.exists(f):  # not completed by an earlier roll-forward either
                     raise
@@ -347,39 +423,40 @@ class ObjectStorage:
         # S3 assembles each file on CompleteMultipartUpload (seconds for a multi-GB file).
         _each(lambda fu: complete(*fu), list(record["uploads"].items()))
         for name, data in record["small_bytes"].items():
-            self.retry(f"PUT {self.path(name)}", self.fs.pipe_file, self.path(name), data)
+            self.retry("PutObject", name, self.fs.pipe_file, self.path(name), data)
         self._publish_index(index, record["files"])
         # The record is the staging prefix's only object.
         name = posixpath.join(staging, COMMIT_RECORD)
-        self.retry(f"DELETE {self.path(name)}", self.fs.rm_file, self.path(name))
+        self.retry("DeleteObject", name, self.fs.rm_file, self.path(name))
         self.fs.invalidate_cache(self.url)
 
     def _publish_index(self, index: bytes, files: Sequence[str]) -> None:
         """PUT the index, then delete files of older snapshots the new one does not list."""
-        self.retry(f"PUT {self.path(INDEX_NAME)}", self.fs.pipe_file, self.path(INDEX_NAME), index)
+        self.retry("PutObject", INDEX_NAME, self.fs.pipe_file, self.path(INDEX_NAME), index)
         self.fs.invalidate_cache(self.url)
         for f in stale_files(self, files):
-            self.retry(f"DELETE {self.path(f)}", self.fs.rm_file, self.path(f))
+            self.retry("DeleteObject", f, self.fs.rm_file, self.path(f))
         self.fs.invalidate_cache(self.url)
 
     def abort_save(self, session: dict[str, Any]) -> None:
-        """Abort every multipart upload of the session (idempotent; an unknown upload is fine)."""
+        """Abort every multipart upload of an uncommitted session (idempotent; an unknown upload is fine)."""
+        if session.get("committed"):
+            return
         for f, upload_id in session.get("uploads", {}).items():
-            bucket, key = self.bucket_key(f)
             try:
-                self.retry(
-                    f"AbortMultipartUpload {self.path(f)}",
-                    self.fs.call_s3,
-                    "abort_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                )
-            except FileNotFoundError:
-                # Every rank aborts a failed save's uploads; the first one to get there wins.
-                logger.debug("upload of %s already aborted or completed", self.path(f))
-            except StorageError as e:
-                logger.warning("could not abort the upload of %s: %s", self.path(f), e)
+                self._abort(f, upload_id)
+            except StorageError as e:  # the save's own error is the one to raise
+                logger.warning("could not abort an upload: %s", e)
+
+
+@functools.cache
+def _credential_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors for credentials it could not find (not a server's answer, so s3fs passes them on)."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:  # another fsspec backend: it reports credentials as PermissionError
+        return ()
+    return (NoCredentialsError, PartialCredentialsError)
 
 
 def _each(fn: Callable[[T], Any], items: Sequence[T]) -> None:

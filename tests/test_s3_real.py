@@ -1,0 +1,195 @@
+"""S3 against SeaweedFS, a real object store that checks every request's signature (moto does not).
+
+Errors a user meets on a real server (a wrong secret, no credentials, a missing bucket) raise
+our types at once, naming the request, bucket and key, on every rank; round trips compare
+bytes, so this tier checks correctness too.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pytest
+import safetensors.torch
+import torch
+from botocore import UNSIGNED
+from botocore.config import Config
+from cases import api_load_big, api_save_big, as_bytes, big_state, load_big, random_tensor, save_big
+
+import dcp_safetensors
+from dcp_safetensors import verify
+from dcp_safetensors.errors import BucketNotFoundError, StorageAccessError, StorageError
+
+MiB = 1 << 20
+SHAPES = [(2048, 1024)] * 2  # two 8 MiB tensors, row-sharded: each of 2 ranks uploads parts of its own
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    return request.node.name.replace("[", "-").replace("]", "")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def test_a_wrong_secret_fails_save_and_load_at_once_naming_request_bucket_and_key(seaweed, prefix):
+    url = seaweed.url(prefix)
+    state = {"w": torch.arange(6.0)}
+    started = time.perf_counter()
+    with pytest.raises(StorageAccessError) as saving:
+        dcp_safetensors.save(state, url, storage_options=seaweed.options(secret="wrong"))
+    assert time.perf_counter() - started < 10
+    dcp_safetensors.save(state, url, storage_options=seaweed.options())
+    started = time.perf_counter()
+    with pytest.raises(StorageAccessError) as loading:
+        dcp_safetensors.load({"w": torch.zeros(6)}, url, storage_options=seaweed.options(secret="wrong"))
+    assert time.perf_counter() - started < 10
+    for error in (saving.value, loading.value):
+        message = str(error)
+        assert isinstance(error, StorageError)
+        assert f"ListObjectsV2 of {url} (bucket 'ckpt', key '{prefix}') at {seaweed.endpoint}" in message, message
+        assert "SignatureDoesNotMatch" in message and "Not retried: check the credentials" in message
+        print(message)
+
+
+def test_no_credentials_at_all_fail_at_once(seaweed, prefix, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # botocore would ask 169.254.169.254 next
+    options = {k: v for k, v in seaweed.options().items() if k not in ("key", "secret")}
+    started = time.perf_counter()
+    with pytest.raises(StorageAccessError, match="NoCredentialsError: Unable to locate credentials") as info:
+        dcp_safetensors.save({"w": torch.ones(2)}, seaweed.url(prefix), storage_options=options)
+    assert time.perf_counter() - started < 10
+    assert "bucket 'ckpt'" in str(info.value) and "AWS_ACCESS_KEY_ID" in str(info.value)
+
+
+def test_a_missing_bucket_fails_save_and_load_naming_the_bucket(seaweed, prefix):
+    url = seaweed.url(prefix, bucket="no-such-bucket")
+    started = time.perf_counter()
+    with pytest.raises(BucketNotFoundError) as saving:
+        dcp_safetensors.save({"w": torch.ones(2)}, url, storage_options=seaweed.options())
+    with pytest.raises(BucketNotFoundError) as loading:
+        dcp_safetensors.load({"w": torch.zeros(2)}, url, storage_options=seaweed.options())
+    assert time.perf_counter() - started < 10
+    for error in (saving.value, loading.value):
+        message = str(error)
+        assert f"(bucket 'no-such-bucket', key '{prefix}') at {seaweed.endpoint}" in message, message
+        assert "NoSuchBucket: The specified bucket does not exist. Not retried: check the bucket name" in message
+        print(message)
+    assert "no-such-bucket" not in [b["Name"] for b in seaweed.client.list_buckets()["Buckets"]]
+
+
+def test_saves_after_a_refused_one_plan_afresh(seaweed, prefix):
+    """DCP caches a save's global plan before the writer's global step, and each rank's final
+    plan only after it: once that step is refused (a missing bucket here), saves of the earlier
+    state dict and of the refused one must not reuse either plan."""
+    earlier, refused = {"w": torch.arange(4.0)}, {"w": torch.arange(6.0), "b": torch.ones(2)}
+    dcp_safetensors.save(earlier, seaweed.url(f"{prefix}/1"), storage_options=seaweed.options())
+    with pytest.raises(BucketNotFoundError):
+        dcp_safetensors.save(refused, seaweed.url(prefix, bucket="no-such-bucket"), storage_options=seaweed.options())
+    dcp_safetensors.save(earlier, seaweed.url(f"{prefix}/2"), storage_options=seaweed.options())
+    dcp_safetensors.save(refused, seaweed.url(f"{prefix}/3"), storage_options=seaweed.options())
+    for n, state in ((1, earlier), (2, earlier), (3, refused)):
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp_safetensors.load(out, seaweed.url(f"{prefix}/{n}"), storage_options=seaweed.options())
+        assert all(same(out[k], v) for k, v in state.items()), n
+
+
+def test_a_2_rank_save_with_a_wrong_secret_raises_on_both_ranks(ranks, seaweed, prefix):
+    url = seaweed.url(prefix)
+    bad = seaweed.options(secret="wrong")
+    for rank, (seconds, kind, message) in enumerate(ranks(2).run(api_save_big, url, SHAPES, [bad, bad], timeout=60)):
+        assert kind == "StorageAccessError", (rank, kind, message)
+        assert f"ListObjectsV2 of {url} (bucket 'ckpt', key '{prefix}')" in message and seconds < 10
+    assert seaweed.keys(prefix) == [] and not seaweed.open_uploads(prefix)
+
+
+def test_a_wrong_secret_on_one_rank_fails_its_uploads_and_reads_on_both_ranks_and_keeps_the_checkpoint(ranks, seaweed, prefix):
+    """Rank 0 plans and commits with good credentials, rank 1 uploads (then reads) with a wrong
+    secret: the status exchange makes both ranks raise rank 1's error, every upload is aborted,
+    and the checkpoint saved before is untouched and still loads."""
+    url = seaweed.url(prefix)
+    good, bad = seaweed.options(), seaweed.options(secret="wrong")
+    ranks(2).run(save_big, url, SHAPES, {"storage_options": good})
+    before = {k: seaweed.get(prefix, k) for k in seaweed.keys(prefix)}
+    for run, request in ((api_save_big, "UploadPart"), (api_load_big, "GetObject")):
+        for rank, (seconds, kind, message) in enumerate(ranks(2).run(run, url, SHAPES, [good, bad], timeout=60)):
+            assert kind == "StorageAccessError", (run.__name__, rank, kind, message)
+            assert f"{request} " in message and "(bucket 'ckpt', key " in message and seconds < 10, message
+            assert "SignatureDoesNotMatch" in message
+            print(f"{run.__name__} rank {rank}: {message}")
+    assert not seaweed.open_uploads(prefix)
+    assert {k: seaweed.get(prefix, k) for k in seaweed.keys(prefix)} == before
+    assert all(ranks(2).run(load_big, url, SHAPES, {"storage_options": good}))
+
+
+def test_roundtrip_1_rank_bytes_in_the_file_and_back(seaweed, prefix):
+    url = seaweed.url(prefix)
+    state = {
+        "embed": random_tensor((3072, 1024), torch.float32, 1),  # 12 MiB: three 6 MiB parts
+        "norm": random_tensor((1024,), torch.bfloat16, 2),
+        "codes": random_tensor((77, 3), torch.int8, 3),
+        "mask": random_tensor((5,), torch.bool, 4),
+        "fp8": random_tensor((16, 16), torch.float8_e4m3fn, 5),
+    }
+    dcp_safetensors.save(state, url, storage_options=seaweed.options(), max_part=6 * MiB)
+    stored = safetensors.torch.load(seaweed.get(prefix, "model.safetensors"))
+    assert stored.keys() == state.keys() and all(same(stored[k], v) for k, v in state.items())
+    verify(url, storage_options=seaweed.options())
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp_safetensors.load(out, url, storage_options=seaweed.options())
+    assert all(same(out[k], v) for k, v in state.items())
+    assert not seaweed.open_uploads(prefix)
+
+
+def test_roundtrip_2_ranks_bytes_in_the_files_and_back(ranks, seaweed, prefix):
+    url = seaweed.url(prefix)
+    kwargs = {"storage_options": seaweed.options(), "max_part": 6 * MiB, "max_shard_size": 9 * MiB}
+    ranks(2).run(save_big, url, SHAPES, kwargs)
+    files = [k for k in seaweed.keys(prefix) if k.endswith(".safetensors")]
+    assert len(files) == 2
+    stored = {k: v for f in files for k, v in safetensors.torch.load(seaweed.get(prefix, f)).items()}
+    full = big_state(SHAPES)
+    assert stored.keys() == full.keys() and all(same(stored[k], v) for k, v in full.items())
+    verify(url, storage_options=seaweed.options())
+    assert all(ranks(2).run(load_big, url, SHAPES, {"storage_options": seaweed.options()}))
+    assert not seaweed.open_uploads(prefix)
+
+
+def test_a_save_aborts_every_upload_left_open_beyond_the_first_page(seaweed, prefix):
+    """1,003 uploads an interrupted save left open under the checkpoint, more than one page of
+    ListMultipartUploads (1,000 on AWS; the paging proxy asks SeaweedFS for AWS's page size):
+    the next save aborts them all, and none under a neighbouring prefix."""
+    bucket = seaweed.open_bucket
+    # Unsigned requests (the bucket is open): a thousand of them need no signing.
+    anon = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1", config=Config(signature_version=UNSIGNED))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        keys = [f"{prefix}/model-{i % 7 + 1:05d}-of-00007.safetensors" for i in range(1003)] + [f"{prefix}-next/model.safetensors"]
+        list(pool.map(lambda key: anon.create_multipart_upload(Bucket=bucket, Key=key), keys))
+    created = time.perf_counter() - started
+    proxy = seaweed.paging_proxy
+    proxy.stats.reset()
+    options = {
+        "anon": True,
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+        "skip_instance_cache": True,
+    }
+    started = time.perf_counter()
+    dcp_safetensors.save({"w": torch.arange(4.0)}, seaweed.url(prefix, bucket), storage_options=options)
+    print(f"created 1,004 uploads in {created:.1f} s; the save aborted 1,003 in {time.perf_counter() - started:.1f} s")
+    assert seaweed.open_uploads(prefix, bucket) == []
+    assert [u["Key"] for u in seaweed.open_uploads(f"{prefix}-next", bucket)] == [f"{prefix}-next/model.safetensors"]
+    assert proxy.stats.requests["ListMultipartUploads"] == 2  # pages of 1,000 and 3
+    assert proxy.stats.requests["AbortMultipartUpload"] == 1003
+    out = {"w": torch.zeros(4)}
+    dcp_safetensors.load(out, seaweed.url(prefix, bucket), storage_options=options)
+    assert out["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
