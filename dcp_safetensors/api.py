@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["save", "load", "async_save", "save_submodule"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("dcp_safetensors")
 
 _async_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
@@ -81,18 +84,24 @@ def _agreed(make: Callable[[], T], group: dist.ProcessGroup | None, what: str) -
         made = make()
     except Exception as e:
         error = e
-    if _distributed() and dist.get_world_size(group) > 1:
-        if error is not None:
-            try:
-                pickle.dumps(error)
-            except Exception:  # an error that cannot travel goes as its text
-                error = RankFailedError(f"rank {dist.get_rank(group)} failed before {what}: {type(error).__name__}: {error}")
-        errors: list[Exception | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(errors, error, group=group)
-        error = next((e for e in errors if e is not None), None)
+    if error is not None and _distributed():
+        try:
+            pickle.dumps(error)
+        except Exception:  # an error that cannot travel goes as its text
+            error = RankFailedError(f"rank {dist.get_rank(group)} failed before {what}: {type(error).__name__}: {error}")
+    error = next((e for e in _from_every_rank(error, group) if e is not None), None)
     if error is not None:
         raise error
     return made  # type: ignore[return-value]
+
+
+def _from_every_rank(value: T, group: dist.ProcessGroup | None) -> list[T]:
+    """``value`` of every rank of ``group``, in rank order (``[value]`` without a process group)."""
+    if not _distributed() or dist.get_world_size(group) == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
 
 
 def _call(fn: Callable[..., T], **kwargs: Any) -> T:
@@ -183,8 +192,10 @@ def save_submodule(
     """Save only submodule ``name`` of a (sharded) model, its prefix stripped; no rank gathers anything.
 
     Every rank writes its own shards of the submodule's tensors, and every rank
-    must call it (also ranks holding no bytes of it). ``name`` is matched as a
-    whole path component: ``"draft"`` never takes ``"draft_head"``'s keys.
+    must call it (also ranks holding no bytes of it). With pipeline stages the
+    submodule may exist on some ranks only: the others take part with nothing
+    to write; on no rank, it is an error on every rank. ``name`` is matched as
+    a whole path component: ``"draft"`` never takes ``"draft_head"``'s keys.
     ``meta_resolver``, ``dtype``, ``hf_experts`` and ``strict`` are
     :class:`SafetensorsSavePlanner`'s; the resolver is asked only about the
     submodule's keys, under their full names (``"draft.weight"``), as the
@@ -206,8 +217,15 @@ def save_submodule(
 
     try:
         model.get_submodule(name)
+        here = True
     except AttributeError:
-        raise ConfigurationError(f"model has no submodule {name!r}") from None
+        here = False
+    # Agreed before any collective: a rank raising alone would leave the others in DCP's.
+    holders = [r for r, has in enumerate(_from_every_rank(here, process_group)) if has]
+    if not holders:
+        raise ConfigurationError(f"model has no submodule {name!r} (on any rank)")
+    if not here:
+        logger.debug("save_submodule: %r is not on this rank (a pipeline stage); ranks %s hold it", name, holders)
     # The full state dict of a sharded model holds each rank's shards (views), not a gather.
     state = get_model_state_dict(model)
     planner = SafetensorsSavePlanner(

@@ -87,7 +87,25 @@ SAVES: dict[str, Callable[[str], None]] = {
                                                   os.path.join(r, "ckpt")),
     "key mapping collision": lambda r: _save(r, planner=SafetensorsSavePlanner(
         mapping=KeyMapping(rename=_odd_value({}, {"model.b": "model.w"})))),
+    "save_submodule of a submodule on no rank": lambda r: dcp_safetensors.save_submodule(
+        _stages(), "head", os.path.join(r, "sub")),
 }
+
+
+def _stages() -> torch.nn.ModuleDict:
+    """Two pipeline stages: ``body`` everywhere, ``draft`` on the last rank only."""
+    torch.manual_seed(0)
+    modules = {"body": torch.nn.Linear(4, 4)}
+    if _odd():
+        modules["draft"] = torch.nn.Linear(4, 2)
+    return torch.nn.ModuleDict(modules)
+
+
+def save_submodule_of_one_stage(root: str) -> dict[str, Any]:
+    """``draft`` lives on the last stage only: saved from there, the other ranks take part."""
+    model = _stages()
+    dcp_safetensors.save_submodule(model, "draft", os.path.join(root, "draft"))
+    return {k: v.clone() for k, v in model["draft"].state_dict().items()} if _odd() else {}
 
 LOADS: dict[str, Callable[[str], None]] = {
     "path": lambda r: _load(r, path=_odd_value("ckpt", "old")),

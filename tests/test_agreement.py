@@ -25,6 +25,7 @@ NAMED = {
     "key mapping collision": "both map to",
     "broadcast, key mapping collision": "both map to",
     "broadcast, other plain tensors": "other plain tensors",
+    "save_submodule of a submodule on no rank": "no submodule 'head' (on any rank)",
 }
 
 
@@ -43,6 +44,17 @@ def test_an_option_on_one_rank_is_one_error_everywhere(ranks, root, kind: str, n
         assert NAMED.get(name, name) in result["error"], f"rank {rank}: {result['error']}"
         assert "Timeout" not in result["error"] and result["seconds"] < 10, result
         assert result["all_reduce"] == 2.0
+
+
+def test_save_submodule_of_a_pipeline_stage(ranks, tmp_path) -> None:
+    """A submodule on some ranks only (pipeline stages) is saved from them; the others take part."""
+    import safetensors.torch
+    import torch
+
+    out = ranks(2).run(cases.save_submodule_of_one_stage, str(tmp_path))
+    saved = safetensors.torch.load_file(str(tmp_path / "draft" / "model.safetensors"))
+    assert sorted(saved) == sorted(out[1]) == ["bias", "weight"]
+    assert all(torch.equal(saved[k], out[1][k]) for k in saved)
 
 
 def test_local_knobs_may_differ(ranks, root) -> None:
