@@ -20,6 +20,7 @@ from cases import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
+import dcp_safetensors
 from dcp_safetensors import SafetensorsReader, SafetensorsWriter, read_checkpoint, verify
 from dcp_safetensors.errors import (
     CheckpointNotFoundError,
@@ -216,3 +217,23 @@ def test_pickled_weights_directory_gets_a_conversion_hint(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointNotFoundError, match=r"pytorch_model\.bin.*safe_serialization=True"):
         read_checkpoint(str(tmp_path))
+
+
+def test_a_failed_roll_forward_keeps_the_committed_save(tmp_path):
+    """Past the commit point a failure is completed by the next load, never undone (local storage).
+
+    A directory in the way of the data file makes publishing fail after the
+    commit record is durable: the save raises, its staging (the committed
+    snapshot) stays, and the next load rolls it forward once the way is clear.
+    """
+    dcp_safetensors.save({"w": torch.zeros(4)}, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors").mkdir()
+    (tmp_path / "model.safetensors" / "in-the-way").write_text("x")
+    with pytest.raises(OSError):
+        dcp_safetensors.save({"w": torch.arange(4.0)}, tmp_path)
+    assert [p.name for p in tmp_path.glob(".dcp_safetensors-staging-*/COMMIT.json")] == ["COMMIT.json"]
+    shutil.rmtree(tmp_path / "model.safetensors")
+    out = {"w": torch.zeros(4)}
+    dcp_safetensors.load(out, tmp_path)
+    assert out["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -223,6 +223,12 @@ class LocalStorage:
         commit_protocol.commit(self, session["snapshot"], files, index)
 
     def abort_save(self, session: dict[str, Any]) -> None:
+        # Past the commit point (a durable record) the save is the checkpoint: a failed
+        # roll-forward is completed by the next writer or reader, never undone.
+        if self.exists(posixpath.join(session["staging"], commit_protocol.COMMIT_RECORD)):
+            logger.warning("%s: the save committed but was not fully published; the next save or load completes it",
+                           self.path(session["staging"]))
+            return
         self.remove_tree(session["staging"])
 
     # -- primitives of the commit protocol ----------------------------------------------
