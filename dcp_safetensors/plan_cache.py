@@ -94,14 +94,18 @@ class LocalPlanData:
 class PlanRefresh(Protocol):
     """``SavePlan.storage_data`` the writer sends a rank whose plan it reuses.
 
-    ``apply`` takes the storage data of the rank's cached final plan (``None``
-    if the rank has none) and returns the storage data of this save: the
-    cached plan with the new snapshot's session and headers, or something the
-    writer's ``write_data`` refuses on every rank together, never a stale plan.
+    ``applies_to`` says whether the storage data of the rank's cached final
+    plan is the one the coordinator reused; ``apply`` then returns this
+    save's: the cached plan with the new snapshot's session and headers. A
+    refresh that applies to nothing the rank holds is passed on unapplied,
+    and the writer's ``write_data`` refuses it on every rank together.
     """
 
+    def applies_to(self, cached: Any) -> bool:
+        """Whether ``cached`` (storage data of the rank's cached final plan) is the plan reused."""
+
     def apply(self, cached: Any) -> Any:
-        """The storage data for this save, made from the rank's cached one."""
+        """This save's storage data, made from ``cached``."""
 
 
 @dataclass(frozen=True)
@@ -225,10 +229,12 @@ class SaveCache:
         """This rank's final plan from the coordinator's ``central`` one; confirms what this save planned."""
         pending, self._pending = self._pending, _Pending()
         final = central
-        if isinstance(central.storage_data, PlanRefresh):
+        refresh = central.storage_data
+        if isinstance(refresh, PlanRefresh):
             base = pending.final
-            cached = base.storage_data if base is not None else None
-            final = replace(base or central, storage_data=central.storage_data.apply(cached), usable=True)
+            if base is None or not refresh.applies_to(base.storage_data):
+                return central  # nothing confirmed: write_data refuses it, the next save plans afresh
+            final = replace(base, storage_data=refresh.apply(base.storage_data))
         if pending.digest is not None:
             self._digest, self._final = pending.digest, final
         if pending.global_record is not None:

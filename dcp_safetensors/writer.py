@@ -115,23 +115,12 @@ class _Refresh:
     layout_id: str
     options: dict[str, Any]
 
-    def apply(self, cached: Any) -> _RankStorageData | _StalePlan:
-        if not isinstance(cached, _RankStorageData):
-            return _StalePlan(self.session, "this rank has no cached plan (its planner was not the one of the last save)")
-        if cached.layout_id != self.layout_id:
-            return _StalePlan(
-                self.session, f"this rank's cached plan is of layout {cached.layout_id}, the coordinator reused {self.layout_id}"
-            )
+    def applies_to(self, cached: Any) -> bool:
+        return isinstance(cached, _RankStorageData) and cached.layout_id == self.layout_id
+
+    def apply(self, cached: _RankStorageData) -> _RankStorageData:
         writes = dataclasses.replace(cached.writes, headers=self.headers)
         return _RankStorageData(self.session, writes, self.layout_id, self.options)
-
-
-@dataclass(frozen=True)
-class _StalePlan:
-    """A reused plan this rank cannot apply; ``write_data`` refuses it on every rank together."""
-
-    session: dict[str, Any]
-    reason: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -601,8 +590,11 @@ class SafetensorsWriter(StorageWriter):
 
 def _unusable_plan(data: Any) -> LayoutError:
     """The error for a plan ``write_data`` cannot carry out; the next save plans from scratch."""
-    if isinstance(data, _StalePlan):
-        return LayoutError(f"plan caching: {data.reason}; refusing to write. The next save plans from scratch")
+    if isinstance(data, _Refresh):
+        return LayoutError(
+            f"plan caching: the coordinator reused the plan of layout {data.layout_id}, which this rank's planner "
+            "does not hold (use one planner per rank for every save); refusing to write. The next save plans from scratch"
+        )
     return LayoutError(
         f"write_data got a plan without this writer's storage data ({type(data).__name__}): the plan was not "
         "made by SafetensorsWriter.prepare_global_plan"

@@ -152,3 +152,23 @@ def new_planner_on_one_rank(root: str) -> list[str | None]:
         except Exception as e:  # noqa: BLE001 - returned to the test
             errors.append(f"{type(e).__name__}: {e}")
     return errors
+
+
+def two_planners_on_one_rank(root: str) -> list[str | None]:
+    """The last rank switches between two caching planners of the same options, the others keep one.
+
+    Save 3 sends the digest of a plan whose layout the coordinator replaced in
+    save 2: the reused layout's id is not the rank's, and every rank refuses
+    before writing; save 4 plans from scratch.
+    """
+    ours = SafetensorsSavePlanner(enable_plan_caching=True)
+    other = SafetensorsSavePlanner(enable_plan_caching=True) if dist.get_rank() == world() - 1 else ours
+    state = {"w": torch.arange(6.0)}
+    errors = []
+    for step, planner in enumerate((ours, other, ours, ours)):
+        try:
+            dcp_safetensors.save(state, f"{root}/step{step}", planner=planner)
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors

@@ -316,3 +316,14 @@ def test_a_layout_serves_every_directory(tmp_path: Path) -> None:
     machine.new_directory()
     machine.new_directory()
     assert machine.reused == before + 2
+
+
+def test_a_reused_layout_the_rank_does_not_hold_is_refused(ranks, tmp_path: Path) -> None:
+    """Every rank checks the id of the layout the coordinator reused against its own cached plan."""
+    out = ranks(2).run(cases.two_planners_on_one_rank, str(tmp_path))
+    for errors in out:
+        assert errors[0] is None and errors[1] is None and errors[3] is None, errors
+        assert errors[2] is not None, errors
+    assert "does not hold" in out[1][2]
+    assert not (tmp_path / "step2" / "model.safetensors").exists()
+    assert (tmp_path / "step3" / "model.safetensors").exists()
