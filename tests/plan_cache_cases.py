@@ -137,21 +137,25 @@ class _Count(logging.Handler):
         self.count += record.getMessage().startswith(self.prefix)
 
 
-def new_planner_on_one_rank(root: str) -> list[str | None]:
-    """Rank 0 starts a new caching planner for the second save while the others reuse theirs:
-    that save is refused on every rank (their digests are unknown to it), the third works."""
-    planner = SafetensorsSavePlanner(enable_plan_caching=True)
+def _saves(root: str, planners: list[SafetensorsSavePlanner]) -> list[str | None]:
+    """Save the same state once per planner, each into its own directory: the error of each, or None."""
     state = {"w": torch.arange(6.0)}
-    errors = []
-    for step in range(3):
-        if step == 1 and dist.get_rank() == 0:
-            planner = SafetensorsSavePlanner(enable_plan_caching=True)
+    errors: list[str | None] = []
+    for step, planner in enumerate(planners):
         try:
             dcp_safetensors.save(state, f"{root}/step{step}", planner=planner)
             errors.append(None)
         except Exception as e:  # noqa: BLE001 - returned to the test
             errors.append(f"{type(e).__name__}: {e}")
     return errors
+
+
+def new_planner_on_one_rank(root: str) -> list[str | None]:
+    """Rank 0 starts a new caching planner for the second save while the others reuse theirs:
+    that save is refused on every rank (their digests are unknown to it), the third works."""
+    planner = SafetensorsSavePlanner(enable_plan_caching=True)
+    fresh = SafetensorsSavePlanner(enable_plan_caching=True) if dist.get_rank() == 0 else planner
+    return _saves(root, [planner, fresh, fresh])
 
 
 def two_planners_on_one_rank(root: str) -> list[str | None]:
@@ -163,12 +167,4 @@ def two_planners_on_one_rank(root: str) -> list[str | None]:
     """
     ours = SafetensorsSavePlanner(enable_plan_caching=True)
     other = SafetensorsSavePlanner(enable_plan_caching=True) if dist.get_rank() == world() - 1 else ours
-    state = {"w": torch.arange(6.0)}
-    errors = []
-    for step, planner in enumerate((ours, other, ours, ours)):
-        try:
-            dcp_safetensors.save(state, f"{root}/step{step}", planner=planner)
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001 - returned to the test
-            errors.append(f"{type(e).__name__}: {e}")
-    return errors
+    return _saves(root, [ours, other, ours, ours])
