@@ -118,6 +118,7 @@ def torchrun_job(path: str, result: str) -> None:
     # Leave together: a rank tearing its group down while another still talks to the
     # store aborts in gloo's destructor.
     dist.barrier()
+    print(f"rank {rank}: done, tearing down", flush=True)  # tells a crash in teardown from one in the job
     dist.destroy_process_group()
 
 

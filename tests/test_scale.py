@@ -127,10 +127,13 @@ def test_two_torchrun_nodes_save_and_load(tmp_path):
     """Two torchrun agents as two nodes of two ranks (rendezvous on 127.0.0.1): save, load, compare."""
     result = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    # A torchrun worker on this 2-core VM sometimes dies with SIGABRT in gloo ("terminate called
-    # without an active exception", about 1 run in 5, not from our code's Python): the job is
-    # started again, on a fresh port, up to 3 times; every attempt's logs are kept for the report.
+           "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    # A torchrun worker on this 2-core VM has died with SIGABRT in gloo ("terminate called
+    # without an active exception"): 1 run in ~120 measured on 2026-12-01 (1 in 5 earlier), in
+    # teardown, after every rank wrote its result; its agent then fails and the other node's
+    # agent waits in torchrun's exit barrier. The cause is not found yet (the job's own work
+    # always completed): the job is started again, on a fresh port, up to 3 times, and every
+    # attempt's logs (Python stacks at the abort: PYTHONFAULTHANDLER) are kept for the report.
     failures = []
     for attempt in range(3):
         codes, logs = _two_node_job(tmp_path / f"attempt{attempt}", free_port(), result, env)
