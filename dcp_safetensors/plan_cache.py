@@ -42,16 +42,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 
 from dcp_safetensors.agreement import check_agreement
 from dcp_safetensors.errors import ConfigurationError
+from dcp_safetensors.hooks import PlanRefresh
 from dcp_safetensors.layout import CheckpointLayout, ChunkArrays
 
-__all__ = ["SaveCache", "LocalPlanData", "PlanRefresh", "plan_digest", "expand_local_plans"]
+__all__ = ["SaveCache", "LocalPlanData", "plan_digest", "expand_local_plans"]
 
 
 def plan_digest(plan: SavePlan, options: str) -> str:
@@ -88,24 +89,6 @@ class LocalPlanData:
     digest: str | None = None
     unchanged: bool = False
     planner_data: Any = None
-
-
-@runtime_checkable
-class PlanRefresh(Protocol):
-    """``SavePlan.storage_data`` the writer sends a rank whose plan it reuses.
-
-    ``applies_to`` says whether the storage data of the rank's cached final
-    plan is the one the coordinator reused; ``apply`` then returns this
-    save's: the cached plan with the new snapshot's session and headers. A
-    refresh that applies to nothing the rank holds is passed on unapplied,
-    and the writer's ``write_data`` refuses it on every rank together.
-    """
-
-    def applies_to(self, cached: Any) -> bool:
-        """Whether ``cached`` (storage data of the rank's cached final plan) is the plan reused."""
-
-    def apply(self, cached: Any) -> Any:
-        """This save's storage data, made from ``cached``."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -78,6 +79,7 @@ from dcp_safetensors.errors import (
     DcpSafetensorsError,
 )
 from dcp_safetensors.format import DTYPE_ITEMSIZE
+from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Runs, chunk_runs
 from dcp_safetensors.storage import Storage, open_storage
 
@@ -250,7 +252,7 @@ class SafetensorsReader(StorageReader):
         error: BaseException | None = None
         try:
             # With allow_partial_load a key the checkpoint may lack is skipped, as DCP skips a missing one.
-            if unconfirmed and not getattr(planner, "allow_partial_load", False):
+            if unconfirmed and not (isinstance(planner, DefaultLoadPlanner) and planner.allow_partial_load):
                 raise _unconfirmed_error(ckpt, sorted(unconfirmed))
             if self.read_threads > 1 and len(batches) > 1:
                 with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
@@ -262,8 +264,8 @@ class SafetensorsReader(StorageReader):
             error = e
         # A planner that reads plain tensors on rank 0 only broadcasts them now; every rank
         # takes part, failed or not, so none waits alone in the collective.
-        if getattr(planner, "broadcast_keys", None):
-            planner.broadcast_after_read(error)  # type: ignore[attr-defined]
+        if isinstance(planner, RankZeroBroadcast) and planner.broadcast_keys:
+            planner.broadcast_after_read(error)
         elif error is not None:
             raise error
         if self._is_coordinator:

@@ -65,6 +65,7 @@ from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
+from dcp_safetensors.hooks import ObjectSource
 from dcp_safetensors.layout import (
     MODEL_GROUP,
     CheckpointLayout,
@@ -106,7 +107,7 @@ class _Refresh:
     """A reused plan (plan caching): the new snapshot's session and this rank's headers.
 
     The planner applies it to the rank's cached final plan
-    (:class:`~dcp_safetensors.plan_cache.PlanRefresh`), whose session and
+    (:class:`~dcp_safetensors.hooks.PlanRefresh`), whose session and
     headers belong to the last save's snapshot.
     """
 
@@ -517,10 +518,10 @@ class SafetensorsWriter(StorageWriter):
         meta: dict[str, None] = {}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
-                if not hasattr(planner, "lookup_object"):
+                if not isinstance(planner, ObjectSource):
                     raise ConfigurationError(
-                        f"planner {type(planner).__name__} has no lookup_object(): cannot store "
-                        f"{item.index.fqn!r} without pickle; use a DefaultSavePlanner subclass"
+                        f"planner {type(planner).__name__} has no lookup_object() (hooks.ObjectSource): cannot "
+                        f"store {item.index.fqn!r} without pickle; use a DefaultSavePlanner subclass"
                     )
                 value = planner.lookup_object(item.index)
                 results.append(WriteResult(item.index, 0, _WrittenObject(encode_object(value))))
