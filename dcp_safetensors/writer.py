@@ -354,7 +354,10 @@ class SafetensorsWriter(StorageWriter):
                 raise error
             try:
                 # Every rank checks its options against the coordinator's, also for a reused plan.
-                check_against_coordinator("SafetensorsWriter", data.writes.rank, self._agreed_options(), data.options)
+                mine, coordinator = self._agreed_options(), dict(data.options)
+                if not self._extra_files:  # the coordinator writes config.json: other ranks may pass none
+                    mine.pop("config files"), coordinator.pop("config files")
+                check_against_coordinator("SafetensorsWriter", data.writes.rank, mine, coordinator)
                 storage = self._storage()
                 self._resolve(plan, planner, data.writes, source, results)
             except Exception as e:

@@ -145,6 +145,7 @@ def run_case(kind: str, name: str, root: str) -> dict[str, Any]:
 
 
 def local_knobs(root: str) -> None:
-    """Options that only shape one rank's own work may differ."""
+    """Options that only shape one rank's own work may differ; a config may be passed on rank 0 only."""
     _save(root, writer={"write_threads": _odd_value(8, 1)})
+    _save(root, writer={"hf_config": {"vocab_size": 3} if dist.get_rank() == 0 else None})
     _load(root, reader={"read_threads": _odd_value(8, 1)})
