@@ -438,9 +438,13 @@ class SafetensorsSavePlanner(DefaultSavePlanner):
         return dataclasses.replace(plan, planner_data=LocalPlanData(self.options(), planner_data=plan.planner_data))
 
     def options(self) -> dict[str, Any]:
-        """The options that shape a plan, as every rank must pass them (compared by the coordinator)."""
+        """The options that shape a plan, as every rank must pass them (compared by the coordinator).
+
+        Not ``meta_resolver``: it only supplies this rank's meta tensors, so a
+        rank without any may leave it out.
+        """
         return describe({
-            "mapping": self.mapping, "dtype": self.dtype, "meta_resolver": self.meta_resolver,
+            "mapping": self.mapping, "dtype": self.dtype,
             "hf_experts": self.expert_rules, "strict": self.strict, "enable_plan_caching": self.cache is not None,
             "dedup_save_to_lowest_rank": self.dedup_save_to_lowest_rank,
             "flatten_state_dict": self.flatten_state_dict, "flatten_sharded_tensors": self.flatten_sharded_tensors,

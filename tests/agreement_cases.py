@@ -81,7 +81,6 @@ SAVES: dict[str, Callable[[str], None]] = {
     "strict": lambda r: _save(r, planner=SafetensorsSavePlanner(strict=_odd())),
     "enable_plan_caching": lambda r: _save(r, planner=SafetensorsSavePlanner(enable_plan_caching=_odd())),
     "dedup_save_to_lowest_rank": lambda r: _save(r, planner=SafetensorsSavePlanner(dedup_save_to_lowest_rank=_odd())),
-    "meta_resolver": lambda r: _save(r, planner=SafetensorsSavePlanner(meta_resolver=_odd_value(None, lambda k, t: t))),
     "planner class": lambda r: _plain_save(r, planner=_odd_value(SafetensorsSavePlanner(), DefaultSavePlanner())),
     "meta tensor": lambda r: dcp_safetensors.save({**_state(), "model.b": _odd_value(torch.ones(4), torch.empty(4, device="meta"))},
                                                   os.path.join(r, "ckpt")),
@@ -145,7 +144,9 @@ def run_case(kind: str, name: str, root: str) -> dict[str, Any]:
 
 
 def local_knobs(root: str) -> None:
-    """Options that only shape one rank's own work may differ; a config may be passed on rank 0 only."""
+    """Options that only shape one rank's own work may differ: thread counts, a config passed on
+    rank 0 only, a meta resolver on the ranks that have meta tensors."""
     _save(root, writer={"write_threads": _odd_value(8, 1)})
     _save(root, writer={"hf_config": {"vocab_size": 3} if dist.get_rank() == 0 else None})
+    _save(root, planner=SafetensorsSavePlanner(meta_resolver=_odd_value(None, lambda k, t: t)))
     _load(root, reader={"read_threads": _odd_value(8, 1)})
