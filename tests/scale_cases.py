@@ -118,8 +118,19 @@ def torchrun_job(path: str, result: str) -> None:
     # Leave together: a rank tearing its group down while another still talks to the
     # store aborts in gloo's destructor.
     dist.barrier()
-    print(f"rank {rank}: done, tearing down", flush=True)  # tells a crash in teardown from one in the job
     dist.destroy_process_group()
+    # Then leave without finalizing the interpreter. gloo's worker threads outlive
+    # destroy_process_group (torch 2.14 keeps the group alive in C++) and destroy each
+    # finished work after the caller's wait() returned; the barrier's work holds the last
+    # all_gather's tensors, whose Python objects need the GIL to be released. If that
+    # happens once Py_FinalizeEx has begun, CPython ends the thread with pthread_exit,
+    # whose unwinding through a noexcept C++ frame calls std::terminate: "terminate called
+    # without an active exception", SIGABRT (core dump, 2026-12-01: a pt_gloo_runloop
+    # thread in ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil
+    # -> PyThread_exit_thread, the main thread in Py_FinalizeEx). Nothing is left to flush.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

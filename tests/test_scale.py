@@ -128,22 +128,11 @@ def test_two_torchrun_nodes_save_and_load(tmp_path):
     result = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    # A torchrun worker on this 2-core VM has died with SIGABRT in gloo ("terminate called
-    # without an active exception"): 1 run in ~120 measured on 2026-12-01 (1 in 5 earlier), in
-    # teardown, after every rank wrote its result; its agent then fails and the other node's
-    # agent waits in torchrun's exit barrier. The cause is not found yet (the job's own work
-    # always completed): the job is started again, on a fresh port, up to 3 times, and every
-    # attempt's logs (Python stacks at the abort: PYTHONFAULTHANDLER) are kept for the report.
-    failures = []
-    for attempt in range(3):
-        codes, logs = _two_node_job(tmp_path / f"attempt{attempt}", free_port(), result, env)
-        if codes == [0, 0]:
-            break
-        failures.append(f"attempt {attempt}: exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs))
-    else:
-        raise AssertionError("\n\n".join(failures))
-    if failures:
-        print(f"two-node job: {len(failures)} failed attempt(s) before it passed:\n" + failures[0][:500])
+    # One attempt, no retry: the job's workers leave with os._exit after destroying their
+    # group (scale_cases.torchrun_job says why: gloo threads releasing finished work during
+    # interpreter finalization aborted ~1 run in 100). Faulthandler stacks land in the logs.
+    codes, logs = _two_node_job(tmp_path / "job", free_port(), result, env)
+    assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(log[-3000:] for log in logs)
     ranks_seen = json.loads(result.read_text())
     assert [r["rank"] for r in ranks_seen] == [0, 1, 2, 3]
     assert [(r["node"], r["local_rank"]) for r in ranks_seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
