@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import warnings
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -99,7 +100,27 @@ def _rank_main(rank: int, world: int, port: int, path: str, hidden: int) -> None
         )
     dist.destroy_process_group()
     if mismatched:
-        raise SystemExit(f"rank {rank}: tensors differ after load: {mismatched}")
+        print(f"rank {rank}: tensors differ after load: {mismatched}", file=sys.stderr)
+    _exit_without_finalizing(1 if mismatched else 0)
+
+
+def _exit_without_finalizing(code: int) -> NoReturn:
+    """End a gloo rank's process after ``destroy_process_group`` without finalizing the interpreter.
+
+    gloo's worker threads outlive ``destroy_process_group`` (torch 2.14 keeps
+    the group alive in C++) and release each finished work after the caller's
+    ``wait()`` has returned; a barrier's work holds the works before it, whose
+    tensors' Python objects need the GIL to be released. If that happens once
+    ``Py_FinalizeEx`` has begun, CPython ends the thread with ``pthread_exit``,
+    whose unwinding through a noexcept C++ frame calls ``std::terminate``:
+    "terminate called without an active exception", SIGABRT, about once in a
+    hundred runs here (a core dump showed a ``pt_gloo_runloop`` thread in
+    ``~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
+    PyThread_exit_thread`` while the main thread was in ``Py_FinalizeEx``).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:
