@@ -317,25 +317,15 @@ def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> b
     return all(local_matches(target[k], full[k]) for k in full)
 
 
-def api_save_big(path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
-    """``dcp_safetensors.save`` with this rank's storage options: (seconds, error type or None, message)."""
+def api_big(call: str, path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
+    """``dcp_safetensors.save`` (``call="save"``) or ``load`` with this rank's storage options:
+    (seconds, error type or None, message)."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    sd = {k: shard(v, mesh, [Shard(0)]) for k, v in big_state(shapes).items()}
+    placement = [Shard(0)] if call == "save" else [Shard(1)]
+    state = {k: shard(v if call == "save" else torch.zeros_like(v), mesh, placement) for k, v in big_state(shapes).items()}
     started = time.perf_counter()
     try:
-        dcp_safetensors.save(sd, path, storage_options=options_by_rank[dist.get_rank()])
-    except DcpSafetensorsError as e:
-        return time.perf_counter() - started, type(e).__name__, str(e)
-    return time.perf_counter() - started, None, ""
-
-
-def api_load_big(path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
-    """``dcp_safetensors.load`` with this rank's storage options: (seconds, error type or None, message)."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    target = {k: shard(torch.zeros_like(v), mesh, [Shard(1)]) for k, v in big_state(shapes).items()}
-    started = time.perf_counter()
-    try:
-        dcp_safetensors.load(target, path, storage_options=options_by_rank[dist.get_rank()])
+        getattr(dcp_safetensors, call)(state, path, storage_options=options_by_rank[dist.get_rank()])
     except DcpSafetensorsError as e:
         return time.perf_counter() - started, type(e).__name__, str(e)
     return time.perf_counter() - started, None, ""

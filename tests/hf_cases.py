@@ -38,7 +38,8 @@ def tiny_gpt2(seed: int):
     return GPT2LMHeadModel(config).eval()
 
 
-def _sharded(model):
+def fsdp_layers(model):
+    """``model`` with FSDP2 over every decoder layer and the whole, on a 1-D mesh of all ranks."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -47,11 +48,7 @@ def _sharded(model):
 
 
 def save_fsdp_llama(path: str, tied: bool = False) -> None:
-    model = tiny_llama(seed=0, tied=tied)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp_layers(tiny_llama(seed=0, tied=tied))
     dcp_safetensors.save(get_model_state_dict(model), path, hf_config=model.config, max_shard_size="100KB")
 
 
@@ -91,7 +88,7 @@ def load_pretrained_plain_into_fsdp(path: str) -> dict[str, bool]:
     """DCP's own planner loads a tied save_pretrained directory into a tied FSDP2 Llama; per key, whether this rank's shard matches."""
     from cases import local_matches
 
-    model = _sharded(tiny_llama(seed=1, tied=True))
+    model = fsdp_layers(tiny_llama(seed=1, tied=True))
     sd = get_model_state_dict(model)
     dcp.load(sd, storage_reader=SafetensorsReader(path))
     reference = tiny_llama(seed=0, tied=True).state_dict()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from hf_cases import fsdp_layers
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import dcp_safetensors
@@ -82,16 +82,8 @@ def moe_logits(model) -> torch.Tensor:
         return model(idx).logits
 
 
-def _fsdp(model):
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def save_fsdp_moe(path: str) -> None:
-    model = _fsdp(tiny_qwen3_moe(seed=0))
+    model = fsdp_layers(tiny_qwen3_moe(seed=0))
     dcp_safetensors.save(
         get_model_state_dict(model),
         path,
@@ -106,7 +98,7 @@ def load_into_fsdp_moe(path: str) -> dict[str, bool]:
 
     Returns, per parameter, whether it now equals the seed-0 model's exactly.
     """
-    model = _fsdp(tiny_qwen3_moe(seed=1))
+    model = fsdp_layers(tiny_qwen3_moe(seed=1))
     sd = get_model_state_dict(model)
     dcp_safetensors.load(sd, path, planner=SafetensorsLoadPlanner(hf_experts=True))
     set_model_state_dict(model, sd)

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from botocore import UNSIGNED
 from botocore.config import Config
-from cases import api_load_big, api_save_big, as_bytes, big_state, load_big, random_tensor, save_big
+from cases import api_big, as_bytes, big_state, load_big, random_tensor, save_big
 
 import dcp_safetensors
 from dcp_safetensors import verify
@@ -105,7 +105,7 @@ def test_saves_after_a_refused_one_plan_afresh(seaweed, prefix):
 def test_a_2_rank_save_with_a_wrong_secret_raises_on_both_ranks(ranks, seaweed, prefix):
     url = seaweed.url(prefix)
     bad = seaweed.options(secret="wrong")
-    for rank, (seconds, kind, message) in enumerate(ranks(2).run(api_save_big, url, SHAPES, [bad, bad], timeout=60)):
+    for rank, (seconds, kind, message) in enumerate(ranks(2).run(api_big, "save", url, SHAPES, [bad, bad], timeout=60)):
         assert kind == "StorageAccessError", (rank, kind, message)
         assert f"ListObjectsV2 of {url} (bucket 'ckpt', key '{prefix}')" in message and seconds < 10
     assert seaweed.keys(prefix) == [] and not seaweed.open_uploads(prefix)
@@ -119,12 +119,12 @@ def test_a_wrong_secret_on_one_rank_fails_its_uploads_and_reads_on_both_ranks_an
     good, bad = seaweed.options(), seaweed.options(secret="wrong")
     ranks(2).run(save_big, url, SHAPES, {"storage_options": good})
     before = {k: seaweed.get(prefix, k) for k in seaweed.keys(prefix)}
-    for run, request in ((api_save_big, "UploadPart"), (api_load_big, "GetObject")):
-        for rank, (seconds, kind, message) in enumerate(ranks(2).run(run, url, SHAPES, [good, bad], timeout=60)):
-            assert kind == "StorageAccessError", (run.__name__, rank, kind, message)
+    for call, request in (("save", "UploadPart"), ("load", "GetObject")):
+        for rank, (seconds, kind, message) in enumerate(ranks(2).run(api_big, call, url, SHAPES, [good, bad], timeout=60)):
+            assert kind == "StorageAccessError", (call, rank, kind, message)
             assert f"{request} " in message and "(bucket 'ckpt', key " in message and seconds < 10, message
             assert "SignatureDoesNotMatch" in message
-            print(f"{run.__name__} rank {rank}: {message}")
+            print(f"{call} rank {rank}: {message}")
     assert not seaweed.open_uploads(prefix)
     assert {k: seaweed.get(prefix, k) for k in seaweed.keys(prefix)} == before
     assert all(ranks(2).run(load_big, url, SHAPES, {"storage_options": good}))
