@@ -13,10 +13,11 @@ Options that only change one rank's own work (thread counts) may differ.
 Pure functions: no torch.distributed.
 
 Example:
-    >>> check_agreement("SafetensorsLoadPlanner", [{"broadcast_from_rank0": True}, {"broadcast_from_rank0": False}])
-    Traceback (most recent call last):
-      ...
-    dcp_safetensors.errors.ConfigurationError: SafetensorsLoadPlanner: options differ between ranks (every rank must pass the same): broadcast_from_rank0 is True on rank 0, False on rank 1
+    >>> try:
+    ...     check_agreement("SafetensorsLoadPlanner", [{"broadcast_from_rank0": True}, {"broadcast_from_rank0": False}])
+    ... except ConfigurationError as e:
+    ...     print(e)
+    SafetensorsLoadPlanner: options differ between ranks (every rank must pass the same): broadcast_from_rank0 is True on rank 0, False on rank 1
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ def check_against_coordinator(role: str, rank: int, mine: Mapping[str, Any], coo
     cached plan is checked too).
 
     Example:
-        >>> check_against_coordinator("SafetensorsWriter", 1, {"max_shard_size": 10}, {"max_shard_size": 20})
-        Traceback (most recent call last):
-          ...
-        dcp_safetensors.errors.ConfigurationError: SafetensorsWriter: options differ between ranks (every rank must pass the same): max_shard_size is 10 on rank 1, 20 on the coordinator
+        >>> try:
+        ...     check_against_coordinator("SafetensorsWriter", 1, {"max_shard_size": 10}, {"max_shard_size": 20})
+        ... except ConfigurationError as e:
+        ...     print(e)
+        SafetensorsWriter: options differ between ranks (every rank must pass the same): max_shard_size is 10 on rank 1, 20 on the coordinator
     """
     lines = [
         f"{name} is {mine.get(name)!r} on rank {rank}, {coordinator.get(name)!r} on the coordinator"
