@@ -13,7 +13,7 @@ Example:
     ['w']
 """
 
-from dcp_safetensors.api import async_save, load, save, save_submodule
+from dcp_safetensors.api import AsyncSaver, async_save, load, save, save_submodule
 from dcp_safetensors.checkpoint import read_checkpoint, verify
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
@@ -32,6 +32,7 @@ __all__ = [
     "save",
     "load",
     "async_save",
+    "AsyncSaver",
     "save_submodule",
     "SafetensorsSavePlanner",
     "SafetensorsLoadPlanner",

@@ -20,8 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
-from dcp_safetensors.errors import ConfigurationError, RankFailedError
+from dcp_safetensors.errors import CheckpointChangedError, ConfigurationError, RankFailedError
 from dcp_safetensors.experts import FusedExperts
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
@@ -39,14 +42,14 @@ from dcp_safetensors.writer import SafetensorsWriter
 if TYPE_CHECKING:
     from dcp_safetensors.planner import MetaResolver
 
-__all__ = ["save", "load", "async_save", "save_submodule"]
+__all__ = ["save", "load", "async_save", "AsyncSaver", "save_submodule"]
 
 T = TypeVar("T")
 
+LOAD_ATTEMPTS = 3
+"""Loads of one ``load()`` call when saves keep replacing the checkpoint under it."""
+
 logger = logging.getLogger("dcp_safetensors")
-
-_async_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -174,7 +177,15 @@ def load(
 
     reader = _agreed(lambda: SafetensorsReader(path, process_group=process_group, **reader_options), process_group, "loading")
     planner = planner or SafetensorsLoadPlanner()
-    _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            _call(dcp.load, state_dict=state_dict, storage_reader=reader, planner=planner, process_group=process_group)
+            return
+        except CheckpointChangedError as e:
+            # Raised on every rank together (DCP gathers read_data's outcome): all load again.
+            if attempt == LOAD_ATTEMPTS:
+                raise
+            logger.info("%s: a save replaced the checkpoint during the load (%s); loading again", path, e)
 
 
 def save_submodule(
@@ -238,17 +249,130 @@ def save_submodule(
     save(state, path, planner=planner, process_group=process_group, **writer_options)
 
 
-def _save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """A gloo group over the same ranks, made once: a background save must not share the training group."""
-    if not _distributed():
-        return None
-    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
-    if ranks not in _async_groups:
-        group = dist.new_group(list(ranks), backend="gloo")
-        if not isinstance(group, dist.ProcessGroup):
-            raise RuntimeError(f"this rank is not in the process group {list(ranks)}")
-        _async_groups[ranks] = group
-    return _async_groups[ranks]
+class AsyncSaver:
+    """Background saves that run one at a time, in call order, on a gloo group of their own.
+
+    ``save()`` copies the state to CPU memory and returns a future at once;
+    training may then change the live tensors. Saves run in a background
+    thread strictly one after another, so two saves never mix their
+    collectives (DCP's own ``async_save`` starts each save at once, and
+    overlapping ones hang). Each save gets the state at its call, also when
+    it waits behind another, to the same directory or a new one.
+
+    Args:
+        process_group: the ranks that save (default: every rank). Each of
+            them calls :meth:`save` for the same checkpoints in the same order.
+        max_pending: staged saves that may wait behind the running one; each
+            holds a CPU copy of the state. A save beyond it waits in
+            :meth:`save` for the oldest to finish. Waiting saves mean saves
+            take longer than the interval between them: each is logged as a
+            WARNING.
+
+    The gloo group is made by the first :meth:`save` (a collective over the
+    default group); :meth:`close` waits for every save and frees it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> saver = AsyncSaver()
+        >>> futures = [saver.save({"w": torch.full((2,), float(step))}, tempfile.mkdtemp()) for step in range(3)]
+        >>> [f.result() is not None for f in futures]
+        [True, True, True]
+        >>> saver.close()
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, *, max_pending: int = 1) -> None:
+        if max_pending < 0:
+            raise ConfigurationError(f"max_pending must be >= 0, got {max_pending}")
+        self.process_group = process_group
+        self.max_pending = max_pending
+        self._group: dist.ProcessGroup | None = None
+        self._world: dist.ProcessGroup | None = None  # the default group the save group was made in
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp-safetensors-async-save")
+        self._pending: deque[tuple[Future[Any], str, float]] = deque()
+
+    def save(
+        self,
+        state_dict: dict[str, Any],
+        path: str | os.PathLike[str],
+        *,
+        planner: SavePlanner | None = None,
+        **writer_options: Any,
+    ) -> Future[Any]:
+        """Stage ``state_dict`` to CPU and queue its save to ``path``; returns the save's future.
+
+        ``future.result()`` returns once the checkpoint is committed, or raises
+        our error (the same on every rank). ``writer_options`` and ``planner``
+        are :func:`save`'s; a caching planner may serve every save of one
+        saver, as they never overlap.
+        """
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.stateful import Stateful
+
+        from dcp_safetensors.planner import SafetensorsSavePlanner
+
+        group = self._save_group()
+        # Agreed on the caller's group: the save group may be busy with a running save.
+        writer = _agreed(lambda: SafetensorsWriter(path, process_group=group, **writer_options), self.process_group, "saving")
+        self._make_room(os.fspath(path))
+        # A copy now: the checkpoint holds the state at this call, whenever the save runs.
+        state = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+        stager = DefaultStager(StagingOptions(False, False, False, False))
+        try:
+            staged = stager.stage(state)
+        finally:
+            stager.close()
+        future = self._executor.submit(
+            _call, dcp.save, state_dict=staged, storage_writer=writer, planner=planner or SafetensorsSavePlanner(),
+            process_group=group,
+        )
+        self._pending.append((future, os.fspath(path), time.monotonic()))
+        return future
+
+    def _make_room(self, path: str) -> None:
+        while self._pending and self._pending[0][0].done():
+            self._pending.popleft()
+        if not self._pending:
+            return
+        _, oldest, started = self._pending[0]
+        logger.warning(
+            "async save to %s waits behind %d earlier save(s) (the oldest, to %s, started %.1f s ago): saves take "
+            "longer than the interval between them", path, len(self._pending), oldest, time.monotonic() - started,
+        )
+        while len(self._pending) > self.max_pending:
+            wait([self._pending[0][0]])
+            self._pending.popleft()
+
+    def _save_group(self) -> dist.ProcessGroup | None:
+        if not _distributed():
+            return None
+        world = dist.group.WORLD
+        if self._group is None or self._world is not world:
+            # Made (a collective) on the first save, and again after the default group was re-created.
+            ranks = dist.get_process_group_ranks(self.process_group or world)
+            group = dist.new_group(ranks, backend="gloo")
+            if not isinstance(group, dist.ProcessGroup):
+                raise ConfigurationError(f"this rank is not in the process group {ranks}")
+            self._group, self._world = group, world
+        return self._group
+
+    def wait(self) -> None:
+        """Wait until every queued save has finished (their errors stay in their futures)."""
+        wait([f for f, _, _ in self._pending])
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Wait for every save, then free the thread and the save group."""
+        self.wait()
+        self._executor.shutdown()
+        if self._group is not None and _distributed() and self._world is dist.group.WORLD:
+            dist.destroy_process_group(self._group)
+        self._group = None
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def async_save(
@@ -257,18 +381,18 @@ def async_save(
     *,
     planner: SavePlanner | None = None,
     process_group: dist.ProcessGroup | None = None,
+    saver: AsyncSaver | None = None,
     **writer_options: Any,
-) -> Any:
-    """Stage ``state_dict`` to CPU, then save it in a background thread; returns a future.
+) -> Future[Any]:
+    """Stage ``state_dict`` to CPU, then save it in the background; returns a future.
 
-    Training may go on (and change the live tensors) as soon as this returns:
-    the checkpoint holds the state at the call. The save and its collectives
-    run on a dedicated gloo group over the same ranks, never on the training
-    group. ``future.result()`` returns once the checkpoint is committed (or
-    raises our error). Every rank must call it, and the first call on a group
-    creates the save group (a collective). The default planner is
-    ``SafetensorsSavePlanner()``; a caching planner passed here must not serve
-    two saves in flight at once (it holds one save's state at a time).
+    The saves of one :class:`AsyncSaver` run one at a time, in call order, on
+    a gloo group of their own, never on the training group: training may go on
+    (and change the live tensors) as soon as this returns, and the checkpoint
+    holds the state at the call, also when saves overlap. Without ``saver``,
+    the saves of one process group share one saver, made by the first call
+    (a collective); pass your own to choose ``max_pending`` or to free it with
+    :meth:`AsyncSaver.close`. Every rank must call it.
 
     Example:
         >>> import tempfile, torch
@@ -276,29 +400,14 @@ def async_save(
         >>> fut.result() is not None
         True
     """
-    from dcp_safetensors.planner import SafetensorsSavePlanner
-
-    group = _save_group(process_group)
-    writer = _agreed(lambda: SafetensorsWriter(path, process_group=group, **writer_options), group, "saving")
-    # Our planner for its near-linear global step.
-    planner = planner or SafetensorsSavePlanner()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        future = dcp.async_save(
-            state_dict, storage_writer=writer, planner=planner, process_group=group, no_dist=not _distributed()
-        )
-    return _UnwrappingFuture(future)
+    if saver is None:
+        key = (id(dist.group.WORLD) if _distributed() else 0, id(process_group))
+        saver = _DEFAULT_SAVERS.get(key)
+        if saver is None or saver.process_group is not process_group:
+            saver = _DEFAULT_SAVERS[key] = AsyncSaver(process_group)
+    return saver.save(state_dict, path, planner=planner, **writer_options)
 
 
-class _UnwrappingFuture:
-    """A future whose ``result()`` raises our error types rather than CheckpointException."""
-
-    def __init__(self, future: Any) -> None:
-        self._future = future
-
-    def done(self) -> bool:
-        return bool(self._future.done())
-
-    def result(self, timeout: float | None = None) -> Any:
-        with _our_errors():
-            return self._future.result(timeout)
+_DEFAULT_SAVERS: dict[tuple[int, int], AsyncSaver] = {}
+"""``async_save``'s savers, by (default group, process group): the one piece of state this
+module keeps, as saves of one group must queue behind each other."""

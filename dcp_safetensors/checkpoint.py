@@ -27,20 +27,23 @@ import json
 import logging
 import posixpath
 import re
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_safetensors.checksum import crc32, format_crc32
-from dcp_safetensors.commit import INDEX_NAME, TRAINING_STATE_DIR
+from dcp_safetensors.commit import INDEX_NAME, STAGING_PREFIX, TRAINING_STATE_DIR
 from dcp_safetensors.errors import (
+    CheckpointChangedError,
     CheckpointCorruptError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
     DcpSafetensorsError,
     FileSizeMismatchError,
     InvalidIndexError,
+    MissingFileError,
     MissingKeyError,
     SnapshotMismatchError,
     UnsafePathError,
@@ -54,7 +57,11 @@ from dcp_safetensors.format import (
 )
 from dcp_safetensors.layout import natural_key
 from dcp_safetensors.objects import decode_object, is_json_exact
+from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
+
+Files = Storage | PinnedFiles
+"""What the functions here read a checkpoint through: a backend, or one load's pinned view of it."""
 
 __all__ = [
     "FORMAT_VERSION",
@@ -134,6 +141,10 @@ class Checkpoint:
     """Tied keys saved once: ``{alias DCP key: DCP key of the stored tensor}`` (both are in ``tensors``)."""
     unconfirmed: dict[str, UnconfirmedTie] = field(default_factory=dict)
     """Keys that are not in ``tensors`` but may be tied keys saved once (see :func:`infer_ties`)."""
+    staging: str | None = None
+    """The staging directory this snapshot was read through: a live save was publishing it."""
+    etags: dict[str, str] = field(default_factory=dict)
+    """The version of each file that was read (object stores): other ranks read that version or fail."""
 
 
 def build_index(
@@ -193,7 +204,7 @@ def _safe_name(name: object, root: str) -> str:
     return name
 
 
-def _describe_directory(storage: Storage) -> str:
+def _describe_directory(storage: Files) -> str:
     entries = storage.listdir()
     if not entries:
         return f"{storage.path('')}: no checkpoint here (the directory is empty or missing)"
@@ -210,7 +221,7 @@ def _describe_directory(storage: Storage) -> str:
     return f"{storage.path('')}: no {INDEX_NAME} or {SINGLE_FILE}; found {', '.join(entries[:10])}"
 
 
-def _read_json(storage: Storage, name: str) -> Any:
+def _read_json(storage: Files, name: str) -> Any:
     raw = storage.read_range(name, 0, storage.size(name))
     try:
         return json.loads(raw)
@@ -225,7 +236,7 @@ HEADER_READ = 256 << 10
 """First read of a file: its length prefix and, for all but the largest headers, the header too."""
 
 
-def read_header(storage: Storage, name: str, size: int | None = None) -> Header:
+def read_header(storage: Files, name: str, size: int | None = None) -> Header:
     """Read and validate one file's header (``size``: the file's, when already known).
 
     One read of the file's first :data:`HEADER_READ` bytes holds the length
@@ -251,7 +262,61 @@ def read_checkpoint(
     Raises the first problem found (a :class:`~dcp_safetensors.errors.DcpSafetensorsError`
     subclass naming the file); :func:`verify_all` reports every problem.
     """
-    return _read_checkpoint(path, open_storage(path, storage_options), model_prefix, None)
+    ckpt, files = open_checkpoint(path, open_storage(path, storage_options), model_prefix)
+    files.close()
+    return ckpt
+
+
+RETRY_SECONDS = 30.0
+"""How long opening a checkpoint goes on retrying while a save replaces it (one publish, even on S3)."""
+
+_CHANGING = (SnapshotMismatchError, MissingFileError, FileSizeMismatchError, CheckpointNotFoundError, CheckpointChangedError)
+"""What a reader meets when a save publishes while it opens the checkpoint."""
+
+
+def open_snapshot(storage: Storage) -> PinnedFiles:
+    """The current snapshot of ``storage``'s checkpoint, for one load.
+
+    Commits whose writer died are rolled forward first; a committed save whose
+    writer still publishes it is read through its staging copy.
+    """
+    return PinnedFiles(storage, staging=storage.recover(writer=False))
+
+
+def open_checkpoint(path: str, storage: Storage, model_prefix: str | None) -> tuple[Checkpoint, PinnedFiles]:
+    """:func:`read_checkpoint`, and the open files every later read of it must go through.
+
+    A save that publishes while the checkpoint is opened makes one attempt meet
+    files of two snapshots; the open is then retried (for up to
+    :data:`RETRY_SECONDS`) while the directory shows a save under way or the
+    index changed, so the result is one whole snapshot, the old or the new.
+    """
+    deadline = time.monotonic() + RETRY_SECONDS
+    delay = 0.01
+    while True:
+        files = open_snapshot(storage)
+        try:
+            return _read_checkpoint(path, files, model_prefix, None), files
+        except _CHANGING as e:
+            changing = _being_replaced(storage, files)
+            files.close()
+            if not changing or time.monotonic() > deadline:
+                raise
+            logger.debug("%s: a save replaced the checkpoint while it was opened (%s); opening it again", path, e)
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
+
+
+def _being_replaced(storage: Storage, files: PinnedFiles) -> bool:
+    """Whether a save is under way in the directory, or replaced the index ``files`` read."""
+    if any(e.startswith(STAGING_PREFIX) for e in storage.listdir()):
+        return True
+    if files.staging is None and files.is_open(INDEX_NAME):
+        try:
+            return bool(storage.read_range(INDEX_NAME, 0, storage.size(INDEX_NAME)) != files.read_range(INDEX_NAME, 0, files.size(INDEX_NAME)))
+        except (DcpSafetensorsError, OSError):
+            return True
+    return False
 
 
 _Problem = DcpSafetensorsError | OSError
@@ -260,14 +325,13 @@ _Problem = DcpSafetensorsError | OSError
 
 def _read_checkpoint(
     path: str,
-    storage: Storage,
+    storage: PinnedFiles,
     model_prefix: str | None,
     problems: list[_Problem] | None,
 ) -> Checkpoint:
-    """:func:`read_checkpoint` through ``storage`` (opened on ``path``, so its client is reused);
-    with a ``problems`` list, per-file problems are appended there and the file skipped,
-    instead of raised. Index-level problems always raise."""
-    storage.recover(discard_uncommitted=False)
+    """:func:`read_checkpoint` through one load's ``files``; with a ``problems`` list, per-file
+    problems are appended there and the file skipped, instead of raised. Index-level problems
+    always raise."""
     block: dict[str, Any] = {}
     known: dict[str, Header] = {}  # headers already read
     if storage.exists(INDEX_NAME):
@@ -398,10 +462,14 @@ def _read_checkpoint(
                     raise
                 problems.append(e)
     version = block.get("format_version") if ours else None
-    return Checkpoint(path, tensors, objects, headers, snapshot, ours, checksums, model_prefix, version, alias_keys)
+    etags = {f: tag for f in headers if (tag := storage.etag(f)) is not None}
+    return Checkpoint(
+        path, tensors, objects, headers, snapshot, ours, checksums, model_prefix, version, alias_keys,
+        staging=storage.staging, etags=etags,
+    )
 
 
-def infer_ties(ckpt: Checkpoint, storage: Storage) -> None:
+def infer_ties(ckpt: Checkpoint, storage: Files) -> None:
     """Add to ``ckpt`` the tied keys a transformers ``save_pretrained`` left out of its files.
 
     ``save_pretrained`` writes a tied pair once (no ``lm_head.weight`` when
@@ -462,7 +530,7 @@ def infer_ties(ckpt: Checkpoint, storage: Storage) -> None:
             ckpt.unconfirmed[alias] = UnconfirmedTie(kept, reason)
 
 
-def _read_config(storage: Storage) -> tuple[dict[str, Any] | None, str]:
+def _read_config(storage: Files) -> tuple[dict[str, Any] | None, str]:
     """The checkpoint's ``config.json``, or None and why there is none to use."""
     if not storage.exists(CONFIG_FILE):
         return None, f"{storage.path(CONFIG_FILE)} does not exist"
@@ -546,7 +614,7 @@ class VerifyReport:
 
 def _check_checksums(
     ckpt: Checkpoint,
-    storage: Storage,
+    storage: PinnedFiles,
     chunk_size: int,
     progress: ProgressCallback | None,
     problems: list[_Problem] | None,
@@ -612,9 +680,11 @@ def verify(
         >>> sorted(verify(d).headers)
         ['model.safetensors']
     """
-    storage = open_storage(path, storage_options)
-    ckpt = _read_checkpoint(path, storage, None, None)
-    _check_checksums(ckpt, storage, chunk_size, progress, None)
+    ckpt, files = open_checkpoint(path, open_storage(path, storage_options), None)
+    try:
+        _check_checksums(ckpt, files, chunk_size, progress, None)
+    finally:
+        files.close()
     return ckpt
 
 
@@ -647,13 +717,16 @@ def verify_all(
         ['ChecksumMismatchError', 'ChecksumMismatchError']
     """
     problems: list[_Problem] = []
-    storage = open_storage(path, storage_options)
+    files = open_snapshot(open_storage(path, storage_options))
     try:
-        ckpt = _read_checkpoint(path, storage, None, problems)
-    except (DcpSafetensorsError, OSError) as e:
-        return VerifyReport(None, [e])
-    files, nbytes = _check_checksums(ckpt, storage, chunk_size, progress, problems)
-    return VerifyReport(ckpt, problems, files, nbytes)
+        try:
+            ckpt = _read_checkpoint(path, files, None, problems)
+        except (DcpSafetensorsError, OSError) as e:
+            return VerifyReport(None, [e])
+        count, nbytes = _check_checksums(ckpt, files, chunk_size, progress, problems)
+    finally:
+        files.close()
+    return VerifyReport(ckpt, problems, count, nbytes)
 
 
 def summarize(ckpt: Checkpoint) -> dict[str, Any]:

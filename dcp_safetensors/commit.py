@@ -18,8 +18,10 @@ Renaming N files is not atomic, so the commit does not depend on it:
 
 A crash before step 2 leaves the old checkpoint untouched (the next save
 deletes the abandoned staging); a crash after it is rolled forward by the next
-writer or reader (:func:`recover`). Readers only roll forward committed
-staging, never delete another writer's work in progress.
+writer or reader (:func:`recover`). The writer holds a ``flock`` on its staging
+directory until it is done, so nobody rolls forward, or deletes, the work of a
+save whose process still lives; a reader meeting a live publish reads the new
+snapshot through its record instead (:class:`~dcp_safetensors.pinned.PinnedFiles`).
 
 Example:
     >>> import tempfile, os
@@ -38,10 +40,11 @@ import json
 import logging
 import posixpath
 import re
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dcp_safetensors.errors import CheckpointCorruptError
+from dcp_safetensors.errors import CheckpointCorruptError, ConcurrentSaveError
 
 if TYPE_CHECKING:
     from dcp_safetensors.storage.local import LocalStorage
@@ -52,20 +55,16 @@ logger = logging.getLogger("dcp_safetensors")
 
 INDEX_NAME = "model.safetensors.index.json"
 STAGING_PREFIX = ".dcp_safetensors-staging-"
+BUILDING_PREFIX = ".dcp_safetensors-building-"
+"""A staging directory while its writer creates and claims it, before it is renamed into place."""
 COMMIT_RECORD = "COMMIT.json"
+LOCK_FILE = "WRITER.lock"
+"""In a staging directory: ``flock``ed by the process writing or publishing it; says who that is."""
+PUBLISH_WAIT = 120.0
+"""Seconds a writer waits for another live save to finish publishing before it gives up."""
 TRAINING_STATE_DIR = "training_state"
 # Files a save owns and replaces, as save_pretrained replaces its shards; nothing else is deleted.
 _OWNED_TOP_LEVEL = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-
-
-def is_owned_file(name: str) -> bool:
-    """Whether a top-level file belongs to a save (replaced or removed by the next one).
-
-    Example:
-        >>> is_owned_file("model-00001-of-00002.safetensors"), is_owned_file("config.json")
-        (True, False)
-    """
-    return bool(_OWNED_TOP_LEVEL.match(name)) or name == INDEX_NAME
 
 
 def stale_files(storage: Any, published: Sequence[str]) -> list[str]:
@@ -129,18 +128,86 @@ def roll_forward(storage: LocalStorage, staging: str) -> None:
     logger.debug("published %s; removed %d stale files", staging, len(stale))
 
 
-def recover(storage: LocalStorage, *, discard_uncommitted: bool) -> None:
-    """Finish every committed save left by a crash; with ``discard_uncommitted``, delete abandoned staging.
+def recover(storage: LocalStorage, *, writer: bool, own: str | None = None) -> str | None:
+    """Finish what crashed saves left, and find the saves still running.
 
-    Writers pass ``discard_uncommitted=True`` (one writer per directory at a
-    time); readers pass False so they never delete a save still in progress.
+    Whether a save's process lives is told by the ``flock`` it holds on its
+    staging directory's lock file (the kernel drops it when the process dies):
+
+    ============================  ===============================  ===============================
+    staging directory             its process died                 its process lives
+    ============================  ===============================  ===============================
+    committed (has the record)    rolled forward, by whoever       readers read through it (the
+                                  claims it first                  name is returned); writers wait
+                                                                   for the publish to end
+    uncommitted                   writers delete it                writers raise
+                                                                   ConcurrentSaveError
+    ============================  ===============================  ===============================
+
+    ``own`` is the calling writer's staging, skipped. Where the filesystem
+    cannot lock, writers act as if every other save were dead (one writer per
+    directory) and readers as if it were alive (they never publish).
     """
+    publishing: str | None = None
     for entry in storage.listdir():
-        if not entry.startswith(STAGING_PREFIX):
+        if entry.startswith(BUILDING_PREFIX):
+            if writer:
+                _remove_if_abandoned(storage, entry)
             continue
-        if storage.exists(posixpath.join(entry, COMMIT_RECORD)):
-            logger.warning("completing the commit of %s left by an interrupted save", entry)
-            roll_forward(storage, entry)
-        elif discard_uncommitted:
-            logger.warning("removing %s left by an interrupted save that never committed", entry)
-            storage.remove_tree(entry)
+        if not entry.startswith(STAGING_PREFIX) or entry == own:
+            continue
+        claim = storage.claim(entry)
+        if claim is not None and not claim.certain and not writer:
+            claim.release()
+            claim = None
+        if claim is None:
+            if writer:
+                _wait_for_publish(storage, entry)
+            elif storage.exists(posixpath.join(entry, COMMIT_RECORD)):
+                publishing = entry
+            continue
+        try:
+            # Checked under the claim: a writer may have committed, then died, since the listing.
+            if storage.exists(posixpath.join(entry, COMMIT_RECORD)):
+                logger.warning("completing the commit of %s left by an interrupted save", entry)
+                roll_forward(storage, entry)
+            elif writer:
+                logger.warning("removing %s left by an interrupted save that never committed", entry)
+                storage.remove_tree(entry)
+        finally:
+            claim.release()
+    return publishing
+
+
+def _remove_if_abandoned(storage: LocalStorage, entry: str) -> None:
+    claim = storage.claim(entry)
+    if claim is not None:
+        storage.remove_tree(entry)
+        claim.release()
+
+
+def _wait_for_publish(storage: LocalStorage, staging: str) -> None:
+    """A writer meeting another live save: wait while that one publishes; raise while it writes."""
+    deadline = time.monotonic() + PUBLISH_WAIT
+    delay = 0.01
+    while True:
+        if not storage.exists(posixpath.join(staging, COMMIT_RECORD)):
+            if not storage.exists(staging):
+                return  # published meanwhile
+            raise ConcurrentSaveError(
+                f"{storage.path(staging)}: another save ({storage.owner(staging)}) is writing this checkpoint "
+                "directory; this save stopped before touching it. Save to another directory, or wait for that "
+                "save to finish (if its job is gone, its staging directory is removed by the next save)"
+            )
+        claim = storage.claim(staging)
+        if claim is not None:
+            claim.release()
+            recover(storage, writer=True)  # its process died while publishing: finish it
+            return
+        if time.monotonic() > deadline:
+            raise ConcurrentSaveError(
+                f"{storage.path(staging)}: another save ({storage.owner(staging)}) has been publishing this "
+                f"checkpoint for over {PUBLISH_WAIT:.0f} s; this save stopped before touching it"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)

@@ -45,6 +45,14 @@ class BucketNotFoundError(StorageError):
     """The bucket named in the URL does not exist at the storage endpoint; not retried."""
 
 
+class ConcurrentSaveError(StorageError):
+    """Another live save is writing to the same checkpoint directory; this one stops before touching it."""
+
+
+class CheckpointChangedError(DcpSafetensorsError):
+    """A save replaced the checkpoint while this load read it: nothing mixed was returned; load again."""
+
+
 class CheckpointNotFoundError(DcpSafetensorsError, FileNotFoundError):
     """No safetensors checkpoint at the path; the message says what was found instead."""
 

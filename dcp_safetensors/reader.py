@@ -71,9 +71,16 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
-from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, _read_checkpoint, infer_ties
+from dcp_safetensors.checkpoint import (
+    Checkpoint,
+    TensorLocation,
+    infer_ties,
+    open_checkpoint,
+    read_header,
+)
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import (
+    CheckpointChangedError,
     CheckpointCorruptError,
     CheckpointMismatchError,
     DcpSafetensorsError,
@@ -81,6 +88,7 @@ from dcp_safetensors.errors import (
 from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Runs, chunk_runs
+from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
 
 __all__ = ["SafetensorsReader", "TiedTensorStorageMetadata"]
@@ -153,11 +161,13 @@ class SafetensorsReader(StorageReader):
         self._deferred_error: BaseException | None = None
         self._is_coordinator = False
         self._store: Storage | None = None
+        self._files: PinnedFiles | None = None  # the files rank 0 read the headers through
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["process_group"] = None  # a group handle does not travel between processes
         state["_store"] = None
+        state["_files"] = None
         return state
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -166,6 +176,12 @@ class SafetensorsReader(StorageReader):
         self._checkpoint = None
         self._deferred_error = None
         self._store = None
+        self._close_files()
+
+    def _close_files(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
     def _storage(self) -> Storage:
         # One per load: the storage's client (an S3 session, its connection pool) is made
@@ -179,12 +195,19 @@ class SafetensorsReader(StorageReader):
         return True
 
     def _read_once(self) -> Checkpoint | DcpSafetensorsError | OSError:
+        self._close_files()
         try:
-            ckpt = _read_checkpoint(self.path, self._storage(), self.model_prefix, None)
-            infer_ties(ckpt, self._storage())
-            return ckpt
+            ckpt, files = open_checkpoint(self.path, self._storage(), self.model_prefix)
         except (DcpSafetensorsError, OSError) as e:
             return e
+        try:
+            infer_ties(ckpt, files)
+        except (DcpSafetensorsError, OSError) as e:
+            files.close()
+            return e
+        # Kept open until read_data: this rank then reads the very files whose headers it checked.
+        self._files = files
+        return ckpt
 
     def read_metadata(self) -> Metadata:
         group = self.process_group
@@ -226,7 +249,6 @@ class SafetensorsReader(StorageReader):
         if ckpt is None:
             raise CheckpointCorruptError(f"{self.path}: read_data() before read_metadata()")
         started = time.perf_counter()
-        storage = self._storage()
         tensor_items = []
         unconfirmed: set[str] = set()
         for item in plan.items:
@@ -242,18 +264,25 @@ class SafetensorsReader(StorageReader):
             else:
                 tensor_items.append(item)
 
+        files = self._files
+        if files is None:
+            sizes = {name: header.file_size for name, header in ckpt.headers.items()}
+            files = PinnedFiles(self._storage(), staging=ckpt.staging, etags=ckpt.etags, sizes=sizes)
+
         def read_one(batch: list[_Chunk]) -> None:
             if len(batch) == 1:
-                _read_tensor(storage, batch[0], planner)
+                _read_tensor(files, batch[0], planner)
             else:
-                _read_batch(storage, batch, planner)
+                _read_batch(files, batch, planner)
 
-        batches = _batches(ckpt, tensor_items, storage.read_batch)
+        batches = _batches(ckpt, tensor_items, files.read_batch)
         error: BaseException | None = None
         try:
             # With allow_partial_load a key the checkpoint may lack is skipped, as DCP skips a missing one.
             if unconfirmed and not (isinstance(planner, DefaultLoadPlanner) and planner.allow_partial_load):
                 raise _unconfirmed_error(ckpt, sorted(unconfirmed))
+            if files is not self._files:
+                _check_same_files(ckpt, files, sorted({chunk[0].file for batch in batches for chunk in batch}))
             if self.read_threads > 1 and len(batches) > 1:
                 with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
                     list(pool.map(read_one, batches))
@@ -262,6 +291,9 @@ class SafetensorsReader(StorageReader):
                     read_one(batch)
         except Exception as e:
             error = e
+        finally:
+            files.close()
+            self._files = None
         # A planner that reads plain tensors on rank 0 only broadcasts them now; every rank
         # takes part, failed or not, so none waits alone in the collective.
         if isinstance(planner, RankZeroBroadcast) and planner.broadcast_keys:
@@ -283,6 +315,23 @@ class SafetensorsReader(StorageReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+
+def _check_same_files(ckpt: Checkpoint, files: PinnedFiles, names: list[str]) -> None:
+    """Check that this rank opened the versions of ``names`` whose headers rank 0 read.
+
+    On object stores the ETag pins it (every read is ``If-Match``). On POSIX
+    the header is read again and compared: ours carry the snapshot id, so a
+    file of another save never matches.
+    """
+    for name in names:
+        if name in ckpt.etags:
+            continue  # every read of it is conditional on the ETag rank 0 saw
+        if read_header(files, name) != ckpt.headers[name]:
+            raise CheckpointChangedError(
+                f"{files.path(name)}: replaced by another save since rank 0 of this load read its header "
+                "(a save is overwriting this checkpoint while it loads); nothing mixed was loaded: load again"
+            )
 
 
 def _unconfirmed_error(ckpt: Checkpoint, keys: list[str]) -> CheckpointMismatchError:
@@ -323,7 +372,7 @@ def _tensor_metadata(loc: TensorLocation, same_as: str | None, unconfirmed: str 
     return TiedTensorStorageMetadata(**fields, same_as=same_as, unconfirmed=unconfirmed)
 
 
-def _read_runs(storage: Storage, file: str, runs: Runs, out: np.ndarray) -> None:
+def _read_runs(storage: PinnedFiles, file: str, runs: Runs, out: np.ndarray) -> None:
     """Fill ``out`` (uint8, ``runs.nbytes``) with the runs' bytes, coalescing runs closer than COALESCE_GAP."""
     if runs.count == 1:
         storage.readinto(file, runs.start, out)
@@ -388,7 +437,7 @@ def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_
     return batched + alone
 
 
-def _read_batch(storage: Storage, batch: list[_Chunk], planner: LoadPlanner) -> None:
+def _read_batch(storage: PinnedFiles, batch: list[_Chunk], planner: LoadPlanner) -> None:
     """One read of the range holding every chunk of ``batch`` (one file, sorted), then each chunk from it."""
     file, first = batch[0][0].file, batch[0][2].start
     block = np.empty(max(runs.start + runs.nbytes for _, _, runs in batch) - first, dtype=np.uint8)
@@ -402,7 +451,7 @@ def _read_batch(storage: Storage, batch: list[_Chunk], planner: LoadPlanner) -> 
 
 
 def _read_tensor(
-    storage: Storage,
+    storage: PinnedFiles,
     chunk: _Chunk,
     planner: LoadPlanner,
     span: tuple[int, np.ndarray] | None = None,

@@ -122,13 +122,13 @@ def load_buffers_broadcast(path: str, order: str) -> dict:
     from dcp_safetensors.storage import local as local_storage
 
     reads: list[int] = []
-    original = local_storage.LocalStorage.readinto
+    original = local_storage.ReadableFile.readinto  # every read of a load goes through one
 
-    def counting(self, name, offset, buffer):
+    def counting(self, offset, buffer):
         reads.append(memoryview(buffer).nbytes)
-        return original(self, name, offset, buffer)
+        return original(self, offset, buffer)
 
-    local_storage.LocalStorage.readinto = counting
+    local_storage.ReadableFile.readinto = counting
     try:
         keys = sorted(buffers_state(), reverse=(order == "reversed" and dist.get_rank() == 1))
         if order == "different" and dist.get_rank() == 1:
@@ -141,7 +141,7 @@ def load_buffers_broadcast(path: str, order: str) -> dict:
             planner=SafetensorsLoadPlanner(broadcast_from_rank0=True),
         )
     finally:
-        local_storage.LocalStorage.readinto = original
+        local_storage.ReadableFile.readinto = original
     if failures:
         return {"failures": failures}
     expected = buffers_state()

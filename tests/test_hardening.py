@@ -241,13 +241,15 @@ def test_data_files_and_directories_are_durable_before_the_commit_and_nothing_pu
     monkeypatch.undo()
 
     commit = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith("COMMIT.json"))
-    staging = next(what for kind, what in events if kind == "open-write").rsplit("/", 1)[0]
+    staging = next(what for kind, what in events if kind == "open-write" and what.endswith(".safetensors")).rsplit("/", 1)[0]
     before, after = events[:commit], events[commit + 1 :]
     written = {what for kind, what in before if kind == "open-write" and what.endswith(".safetensors")}
     assert len(written) == 4 and all(w.startswith(staging) for w in written)
     assert written <= {what for kind, what in before if kind == "fsync"}, "a data file was not fsynced before the commit"
-    # Before the commit point nothing outside staging is written or renamed.
-    assert all(what.startswith(staging) for kind, what in before if kind in ("open-write", "replace"))
+    # Before the commit point nothing outside staging (and the directory it is built in, then
+    # renamed from) is written or renamed.
+    assert all(what.startswith(staging) or "/.dcp_safetensors-building-" in what
+               for kind, what in before if kind in ("open-write", "replace"))
     # The commit record's rename is made durable (staging fsynced) before anything is published.
     first_publish = next(i for i, (kind, what) in enumerate(after) if kind == "replace")
     assert ("fsync", staging) in after[:first_publish]

@@ -53,20 +53,20 @@ def test_header_longer_than_the_first_read_is_read_on(tmp_path, monkeypatch):
     import safetensors.torch
 
     from dcp_safetensors import checkpoint, read_checkpoint
-    from dcp_safetensors.storage.local import LocalStorage
+    from dcp_safetensors.pinned import PinnedFiles
 
     tensors = {f"layers.{i}.norm.weight": torch.full((3,), float(i)) for i in range(6000)}
     safetensors.torch.save_file(tensors, tmp_path / "model.safetensors")
     n = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
     assert n > checkpoint.HEADER_READ  # the case under test
     reads = []
-    original = LocalStorage.read_range
+    original = PinnedFiles.read_range
 
     def counting(self, name, offset, length):
         reads.append((name, offset, length))
         return original(self, name, offset, length)
 
-    monkeypatch.setattr(LocalStorage, "read_range", counting)
+    monkeypatch.setattr(PinnedFiles, "read_range", counting)
     ckpt = read_checkpoint(str(tmp_path))
     assert reads == [("model.safetensors", 0, checkpoint.HEADER_READ),
                      ("model.safetensors", checkpoint.HEADER_READ, 8 + n - checkpoint.HEADER_READ)]

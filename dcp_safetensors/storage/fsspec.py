@@ -33,10 +33,14 @@ Example:
 from __future__ import annotations
 
 import base64
+import email.utils
 import functools
 import json
 import logging
+import math
+import os
 import posixpath
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +55,9 @@ from dcp_safetensors.commit import (
 )
 from dcp_safetensors.errors import (
     BucketNotFoundError,
+    CheckpointChangedError,
     CheckpointCorruptError,
+    ConcurrentSaveError,
     ConfigurationError,
     MissingFileError,
     StorageAccessError,
@@ -74,7 +80,53 @@ FILE_THREADS = 16
 """Files whose multipart uploads are created, or completed, at once: a checkpoint of
 dozens of files would otherwise wait dozens of round trips in a row."""
 
+PUBLISH_LEASE = 20.0
+"""Seconds after its commit record's PUT during which a reader leaves a save's publish to its
+writer (an object store cannot tell whether that process lives); after it, a reader takes over."""
+
 T = TypeVar("T")
+
+
+class _ObjectFile:
+    """An object opened for reading: size and ETag from one HEAD, then ranged GETs ``If-Match`` that ETag."""
+
+    def __init__(self, storage: ObjectStorage, name: str, etag: str | None, size: int | None = None) -> None:
+        self._storage = storage
+        self.name = name
+        self.path = storage.path(name)
+        self.etag: str | None
+        if etag is not None and size is not None:
+            self.size, self.etag = size, etag  # known: the first GET, If-Match, checks it
+        else:
+            self.size, self.etag = storage.head(name, etag)
+
+    def readinto(self, offset: int, buffer: Any) -> None:
+        view = memoryview(buffer).cast("B")
+        if view.nbytes:
+            view[:] = self._storage.read_range(self.name, offset, view.nbytes, etag=self.etag)
+
+    def close(self) -> None:
+        """Nothing to release: each read is its own request."""
+
+
+class _StagedBytes:
+    """A small file a committed save holds in its record until it is published (the index, config.json)."""
+
+    etag: str | None = None
+
+    def __init__(self, path: str, data: bytes) -> None:
+        self.path = path
+        self.size = len(data)
+        self._data = data
+
+    def readinto(self, offset: int, buffer: Any) -> None:
+        view = memoryview(buffer).cast("B")
+        if offset + view.nbytes > self.size:
+            raise EOFError(f"{self.path}: ends before byte {offset + view.nbytes}")
+        view[:] = self._data[offset : offset + view.nbytes]
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class _ObjectPartWriter:
@@ -89,17 +141,26 @@ class _ObjectPartWriter:
             s.retry("PutObject", part.file, s.fs.pipe_file, s.path(part.file), data)
             return None
         bucket, key = s.bucket_key(part.file)
-        response = s.retry(
-            f"UploadPart {part.number}",
-            part.file,
-            s.fs.call_s3,
-            "upload_part",
-            Bucket=bucket,
-            Key=key,
-            PartNumber=part.number,
-            UploadId=self._uploads[part.file],
-            Body=data,
-        )
+        try:
+            response = s.retry(
+                f"UploadPart {part.number}",
+                part.file,
+                s.fs.call_s3,
+                "upload_part",
+                Bucket=bucket,
+                Key=key,
+                PartNumber=part.number,
+                UploadId=self._uploads[part.file],
+                Body=data,
+            )
+        except FileNotFoundError as e:
+            if _error_code(e) != "NoSuchUpload":
+                raise
+            raise ConcurrentSaveError(
+                f"{s.path(part.file)}: the multipart upload of this save was aborted by someone else: another save "
+                "to this checkpoint (a restarted job?) began and cleaned up uploads it took for abandoned. This save "
+                "stopped; nothing of it was published"
+            ) from None
         return response["ETag"]
 
     def close(self) -> None:
@@ -181,6 +242,11 @@ class ObjectStorage:
             except ConfigurationError:
                 raise
             except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types for one transient fault
+                if _error_code(e) in ("PreconditionFailed", "412"):
+                    raise CheckpointChangedError(
+                        f"{self.path(name)}: replaced by another save while this load read it (its ETag changed); "
+                        "nothing mixed was loaded: load again"
+                    ) from e
                 refused = self._refusal(request, name, e)
                 if refused is not None:
                     raise refused from e
@@ -252,37 +318,93 @@ class ObjectStorage:
         root = self.fs._strip_protocol(self.url)
         return sorted(posixpath.relpath(self.fs._strip_protocol(f), root) for f in found)
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
+    def read_range(self, name: str, offset: int, length: int, *, etag: str | None = None) -> bytes:
+        """Bytes ``[offset, offset + length)`` of ``name``; with ``etag``, of that version only."""
         if length == 0:
             return b""
+        request = f"GetObject bytes {offset}-{offset + length - 1}"
         try:
-            data = self.retry(
-                f"GetObject bytes {offset}-{offset + length - 1}",
-                name,
-                self.fs.cat_file,
-                self.path(name),
-                start=offset,
-                end=offset + length,
-            )
+            if etag is not None and self.multipart:
+                data = self.retry(request, name, self._get_if_match, name, offset, length, etag)
+            else:
+                data = self.retry(request, name, self.fs.cat_file, self.path(name), start=offset, end=offset + length)
         except FileNotFoundError:
             raise MissingFileError(f"{self.path(name)}: object is missing") from None
         if len(data) != length:
             raise EOFError(f"{self.path(name)}: object ends before byte {offset + length}")
         return data
 
+    def _get_if_match(self, name: str, offset: int, length: int, etag: str) -> bytes:
+        import fsspec.asyn
+
+        bucket, key = self.bucket_key(name)
+
+        async def get() -> bytes:
+            response = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=etag
+            )
+            try:
+                return bytes(await response["Body"].read())
+            finally:
+                response["Body"].close()
+
+        return bytes(fsspec.asyn.sync(self.fs.loop, get))
+
+    def head(self, name: str, etag: str | None = None) -> tuple[int, str | None]:
+        """``(size, ETag)`` of ``name``; with ``etag``, CheckpointChangedError if it is another version."""
+        try:
+            if not self.multipart:
+                return self.size(name), None
+            bucket, key = self.bucket_key(name)
+            condition = {"IfMatch": etag} if etag is not None else {}
+            response = self.retry("HeadObject", name, self.fs.call_s3, "head_object", Bucket=bucket, Key=key, **condition)
+        except FileNotFoundError:
+            raise MissingFileError(f"{self.path(name)}: object is missing") from None
+        return int(response["ContentLength"]), response["ETag"]
+
     def readinto(self, name: str, offset: int, buffer: Any) -> None:
         view = memoryview(buffer).cast("B")
         view[:] = self.read_range(name, offset, view.nbytes)
 
-    def recover(self, *, discard_uncommitted: bool) -> None:
-        """Finish commits a crash interrupted; writers also abort uploads an uncommitted save left open."""
+    def open_read(self, name: str, etag: str | None = None, size: int | None = None) -> _ObjectFile:
+        """Open ``name`` for reads that all see one version of it (``etag``: that version, else the
+        current; with its ``size`` too, no request is made until the first read)."""
+        return _ObjectFile(self, name, etag, size)
+
+    def open_staged(self, staging: str, name: str) -> _StagedBytes:
+        """The copy of ``name`` that the committed save ``staging`` holds in its record, before publishing it.
+
+        Only the index and the small files live there; a data file is an upload completed into its
+        final key (MissingFileError here: read it there).
+        """
+        record = self._read_record(staging)
+        data = record["index_bytes"] if name == INDEX_NAME else record["small_bytes"].get(name)
+        if data is None:
+            raise MissingFileError(f"{self.path(name)}: not in the commit record of {staging}")
+        return _StagedBytes(self.path(posixpath.join(staging, name)), data)
+
+    def recover(self, *, writer: bool) -> str | None:
+        """Finish commits a crash interrupted; writers also abort uploads an uncommitted save left open.
+
+        An object store cannot tell whether a writer lives: readers leave a commit younger than
+        :data:`PUBLISH_LEASE` to its writer and return its staging prefix (they read the new
+        snapshot through its record); writers, and readers after the lease, roll it forward.
+        """
         self.fs.invalidate_cache()
+        publishing = None
         for entry in self.listdir():
-            if entry.startswith(STAGING_PREFIX) and self.exists(posixpath.join(entry, COMMIT_RECORD)):
+            if not entry.startswith(STAGING_PREFIX):
+                continue
+            age = self._age(posixpath.join(entry, COMMIT_RECORD))
+            if age is None:
+                continue
+            if writer or age > PUBLISH_LEASE or self._writer_died(entry):
                 logger.warning("completing the commit of %s left by an interrupted save", entry)
                 self._roll_forward(entry)
-        if not (discard_uncommitted and self.multipart):
-            return
+            else:
+                publishing = entry
+        if not (writer and self.multipart):
+            return publishing
         bucket, prefix = self.bucket_key("")
         uploads: list[dict[str, Any]] = []
         markers: dict[str, str] = {}
@@ -300,6 +422,37 @@ class ObjectStorage:
             logger.warning("aborting %d multipart uploads under %s left open by an interrupted save", len(uploads), self.url)
         # Every abort is a round trip: thousands of them one after another would take minutes.
         _each(lambda u: self._abort(u["Key"][len(prefix) + 1 :], u["UploadId"]), uploads)
+        return publishing
+
+    def _writer_died(self, staging: str) -> bool:
+        """Whether the process that committed ``staging`` is known dead: it ran on this host and is gone."""
+        try:
+            owner = self._read_record(staging).get("writer") or {}
+        except (CheckpointCorruptError, MissingFileError, FileNotFoundError):
+            return False
+        if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+            return False  # another host: only the lease tells
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def _age(self, name: str) -> float | None:
+        """Seconds since ``name`` was written, by the server's clock (None if it does not exist)."""
+        if not self.multipart:
+            return math.inf if self.exists(name) else None
+        bucket, key = self.bucket_key(name)
+        try:
+            response = self.retry("HeadObject", name, self.fs.call_s3, "head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        now = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if now is None:
+            return math.inf
+        return (email.utils.parsedate_to_datetime(now) - response["LastModified"]).total_seconds()
 
     def _abort(self, name: str, upload_id: str) -> None:
         """Abort one multipart upload; one already aborted or completed is fine."""
@@ -321,7 +474,7 @@ class ObjectStorage:
     # -- saving -------------------------------------------------------------------------
 
     def begin_save(self, snapshot: str, files: Sequence[str]) -> dict[str, Any]:
-        self.recover(discard_uncommitted=True)
+        self.recover(writer=True)
         session: dict[str, Any] = {"snapshot": snapshot, "uploads": {}, "small": {}}
         if not self.multipart:
             return session
@@ -359,6 +512,7 @@ class ObjectStorage:
         staging = staging_name(session["snapshot"])
         record = {
             "snapshot": session["snapshot"],
+            "writer": {"host": socket.gethostname(), "pid": os.getpid()},
             "files": list(files),
             "uploads": {f: {"upload_id": u, "parts": sorted(tokens.get(f, []))} for f, u in session["uploads"].items()},
             "small": {name: base64.b64encode(data).decode() for name, data in session["small"].items()},
@@ -447,6 +601,13 @@ class ObjectStorage:
                 self._abort(f, upload_id)
             except StorageError as e:  # the save's own error is the one to raise
                 logger.warning("could not abort an upload: %s", e)
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code behind ``e`` (s3fs raises builtins whose cause is botocore's ClientError)."""
+    cause = e if hasattr(e, "response") else e.__cause__
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    return str(code) if code is not None else None
 
 
 @functools.cache

@@ -6,6 +6,13 @@ file never clobber each other and nothing moves between ranks
 :mod:`dcp_safetensors.commit`. Reads are ``preadv`` straight into the
 caller's buffer.
 
+A load reads every file through one open descriptor (:meth:`LocalStorage.open_read`):
+a save that replaces the file by rename leaves the old inode readable, so the
+load keeps the bytes of the version whose header it checked. Whoever writes or
+publishes a staging directory holds an exclusive ``flock`` on its lock file
+(:meth:`LocalStorage.claim`): the kernel drops it when the process dies, which is
+how a reader or another writer tells a live save from a crashed one.
+
 Each written part is handed to the kernel's writeback at once
 (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on Linux), so the disk works
 while the rank copies and checksums its next parts; the final ``fsync`` then
@@ -24,20 +31,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
+import json
 import logging
 import os
 import posixpath
 import shutil
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from dcp_safetensors import commit as commit_protocol
-from dcp_safetensors.errors import MissingFileError
+from dcp_safetensors.errors import ConcurrentSaveError, MissingFileError
 from dcp_safetensors.layout import PartPlan
 
-__all__ = ["LocalStorage", "WritableFile"]
+__all__ = ["LocalStorage", "WritableFile", "ReadableFile", "StagingClaim"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +120,77 @@ class WritableFile:
         self.close()
 
 
+class ReadableFile:
+    """A file opened once for reading: every read comes from the version opened.
+
+    A save that replaces the file (rename over it) or removes it does not change
+    what this handle reads: the old inode stays readable until it is closed.
+    ``preadv`` keeps no file position, so threads may read one handle at once.
+    """
+
+    etag: str | None = None
+    """No version tag on POSIX: the open descriptor is the pin."""
+
+    _fd = -1
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise MissingFileError(f"{path}: file is missing") from None
+        self.size = os.fstat(self._fd).st_size
+
+    def readinto(self, offset: int, buffer: Any) -> None:
+        """Fill ``buffer`` with the bytes from ``offset``; EOFError if the file is shorter."""
+        view = memoryview(buffer).cast("B")
+        while view.nbytes:
+            n = os.preadv(self._fd, [view], offset)
+            if n == 0:
+                raise EOFError(f"{self.path}: file ends before byte {offset + view.nbytes}")
+            view = view[n:]
+            offset += n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> ReadableFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF})
+"""What ``flock`` fails with where the filesystem cannot lock (Lustre mounted ``noflock``, some FUSE)."""
+
+
+class StagingClaim:
+    """This process's exclusive ``flock`` on a staging directory's lock file, until :meth:`release`.
+
+    ``certain`` is False where the filesystem cannot lock: the claim then
+    proves nothing about other processes (see the user guide, "Concurrent
+    readers and writers").
+    """
+
+    def __init__(self, fd: int, certain: bool) -> None:
+        self._fd = fd
+        self.certain = certain
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.release()
+
+
 class _LocalPartWriter:
     """A rank's writes of one save: files in staging opened once, fsynced at close."""
 
@@ -150,6 +233,12 @@ class LocalStorage:
     def __init__(self, root: str | os.PathLike[str], *, max_part: int | None = 64 << 20) -> None:
         self.root = os.fspath(root)
         self.max_part = max_part
+        self._claims: dict[str, StagingClaim] = {}  # staging directories this save holds
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_claims"] = {}  # a lock belongs to the process that took it
+        return state
 
     # -- reading ------------------------------------------------------------------------
 
@@ -179,34 +268,98 @@ class LocalStorage:
 
     def readinto(self, name: str, offset: int, buffer: Any) -> None:
         """Fill ``buffer`` with the file's bytes from ``offset``; EOFError if the file is shorter."""
-        view = memoryview(buffer).cast("B")
-        try:
-            fd = os.open(self.path(name), os.O_RDONLY)
-        except FileNotFoundError:
-            raise MissingFileError(f"{self.path(name)}: file is missing") from None
-        try:
-            while view.nbytes:
-                n = os.preadv(fd, [view], offset)
-                if n == 0:
-                    raise EOFError(f"{self.path(name)}: file ends before byte {offset + view.nbytes}")
-                view = view[n:]
-                offset += n
-        finally:
-            os.close(fd)
+        with self.open_read(name) as f:
+            f.readinto(offset, buffer)
 
-    def recover(self, *, discard_uncommitted: bool) -> None:
-        """Complete a commit a crash interrupted (and, for writers, drop abandoned staging)."""
-        commit_protocol.recover(self, discard_uncommitted=discard_uncommitted)
+    def open_read(self, name: str, etag: str | None = None, size: int | None = None) -> ReadableFile:
+        """Open ``name`` for reads that all see this version of it (``etag``, ``size``: unused on POSIX)."""
+        return ReadableFile(self.path(name))
+
+    def open_staged(self, staging: str, name: str) -> ReadableFile:
+        """Open the copy of ``name`` that the committed save in ``staging`` has not published yet."""
+        return ReadableFile(self.path(posixpath.join(staging, name)))
+
+    def recover(self, *, writer: bool) -> str | None:
+        """Complete commits whose writer died (writers also drop abandoned staging); see :func:`commit.recover`.
+
+        Returns the staging directory of a committed save a live process is publishing, if any.
+        """
+        return commit_protocol.recover(self, writer=writer)
+
+    # -- who holds a staging directory --------------------------------------------------
+
+    def claim(self, staging: str) -> StagingClaim | None:
+        """Take the lock of ``staging``: a claim if no live process holds it, else None."""
+        path = self.path(posixpath.join(staging, commit_protocol.LOCK_FILE))
+        try:
+            # Read-write: NFS emulates flock with POSIX locks, which need it for an exclusive lock.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # the directory is gone: published or removed by its owner meanwhile
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A reader without write access: lock read-only where the filesystem allows it.
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return StagingClaim(-1, certain=False)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                os.close(fd)
+                raise
+            logger.warning(
+                "%s: cannot flock here (%s): a live save cannot be told from a crashed one; readers leave "
+                "committed saves to writers, and writers assume they are alone in the directory",
+                self.path(staging), os.strerror(e.errno or 0),
+            )
+            return StagingClaim(fd, certain=False)
+        return StagingClaim(fd, certain=True)
+
+    def owner(self, staging: str) -> str:
+        """Who created ``staging`` (host, pid, age), as its lock file says; for messages."""
+        try:
+            with open(self.path(posixpath.join(staging, commit_protocol.LOCK_FILE))) as f:
+                o = json.load(f)
+            return f"host {o['host']}, pid {o['pid']}, started {time.time() - o['started']:.0f} s ago"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown process"
 
     # -- saving -------------------------------------------------------------------------
 
     def begin_save(self, snapshot: str, files: Sequence[str]) -> dict[str, Any]:
-        """Coordinator, before any rank writes: clean up, create staging. Returns the session."""
+        """Coordinator, before any rank writes: clean up, create and claim staging. Returns the session.
+
+        Raises :class:`~dcp_safetensors.errors.ConcurrentSaveError` if another
+        live save writes to this directory (nothing of either is touched).
+        """
         os.makedirs(self.root, exist_ok=True)
-        self.recover(discard_uncommitted=True)
         staging = commit_protocol.staging_name(snapshot)
+        # Built and claimed under another name, then renamed into place: a staging
+        # directory is never visible unclaimed while its writer lives.
+        building = commit_protocol.BUILDING_PREFIX + snapshot
         for d in {posixpath.dirname(f) for f in files} | {""}:
-            os.makedirs(self.path(posixpath.join(staging, d)), exist_ok=True)
+            os.makedirs(self.path(posixpath.join(building, d)), exist_ok=True)
+        claim = self.claim(building)
+        if claim is None:
+            raise ConcurrentSaveError(f"{self.path(building)}: claimed by another process while being created")
+        with open(self.path(posixpath.join(building, commit_protocol.LOCK_FILE)), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+        os.rename(self.path(building), self.path(staging))
+        self._claims[staging] = claim
+        try:
+            # Listed after this save's staging exists: of two racing writers each sees the
+            # other's staging, or the later one sees the earlier's, so both may stop but
+            # never both go on.
+            commit_protocol.recover(self, writer=True, own=staging)
+        except BaseException:
+            self._drop(staging)
+            raise
         return {"snapshot": snapshot, "staging": staging}
 
     def part_writer(self, session: dict[str, Any]) -> _LocalPartWriter:
@@ -221,20 +374,31 @@ class LocalStorage:
         """Coordinator, after every rank's writes are durable: the commit (see :mod:`dcp_safetensors.commit`)."""
         self.fsync_dir(session["staging"])
         commit_protocol.commit(self, session["snapshot"], files, index)
+        self._release(session["staging"])
 
     def abort_save(self, session: dict[str, Any]) -> None:
         # Past the commit point (a durable record) the save is the checkpoint: a failed
         # roll-forward is completed by the next writer or reader, never undone.
-        if self.exists(posixpath.join(session["staging"], commit_protocol.COMMIT_RECORD)):
+        staging = session["staging"]
+        if self.exists(posixpath.join(staging, commit_protocol.COMMIT_RECORD)):
             logger.warning("%s: the save committed but was not fully published; the next save or load completes it",
-                           self.path(session["staging"]))
+                           self.path(staging))
+            self._release(staging)
             return
-        self.remove_tree(session["staging"])
+        self._drop(staging)
+
+    def _drop(self, staging: str) -> None:
+        """Remove an uncommitted staging directory, then give up its claim (in that order: no one
+        else may take a claimed directory for abandoned while it is being removed)."""
+        self.remove_tree(staging)
+        self._release(staging)
+
+    def _release(self, staging: str) -> None:
+        claim = self._claims.pop(staging, None)
+        if claim is not None:
+            claim.release()
 
     # -- primitives of the commit protocol ----------------------------------------------
-
-    def makedirs(self, name: str) -> None:
-        os.makedirs(self.path(name), exist_ok=True)
 
     def open_for_write(self, name: str) -> WritableFile:
         os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
