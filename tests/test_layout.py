@@ -9,8 +9,12 @@ must be byte-identical to ``safetensors.torch.save_file`` of the full tensors.
 from __future__ import annotations
 
 import math
+import os
+import pkgutil
 import random
 import re
+import subprocess
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
+import dcp_safetensors
+from dcp_safetensors import layout as layout_package
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.format import DTYPE_ITEMSIZE, parse_header
 from dcp_safetensors.layout import (
@@ -65,6 +71,47 @@ TORCH_DTYPES = {
     "U64": torch.uint64,
     "C64": torch.complex64,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Purity: the layout imports no torch
+# --------------------------------------------------------------------------------------------
+
+PURE_MODULES = [
+    "dcp_safetensors.format",
+    "dcp_safetensors.layout",
+    *(f"dcp_safetensors.layout.{m.name}" for m in pkgutil.iter_modules(layout_package.__path__)),
+]
+
+# Imports one module in a fresh interpreter with its parent packages stubbed out (their
+# __init__ would run instead: dcp_safetensors' imports the torch-facing API), then names
+# every torch module loaded.
+PURITY_PROBE = """
+import importlib, sys, types
+root, name = sys.argv[1], sys.argv[2]
+parts = name.split(".")
+for i in range(1, len(parts)):
+    package = ".".join(parts[:i])
+    stub = types.ModuleType(package)
+    stub.__path__ = [root + "/" + "/".join(parts[1:i])]
+    sys.modules[package] = stub
+importlib.import_module(name)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_every_layout_module_is_checked_for_purity() -> None:
+    assert {"geometry", "tiling", "files", "parts", "plan"} <= {m.rsplit(".", 1)[-1] for m in PURE_MODULES}
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_module_imports_no_torch(module) -> None:
+    """format and every layout module stay pure: no torch, let alone torch.distributed."""
+    root = os.path.dirname(dcp_safetensors.__file__)
+    out = subprocess.run(
+        [sys.executable, "-c", PURITY_PROBE, root, module], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
 
 
 # --------------------------------------------------------------------------------------------
