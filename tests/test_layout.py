@@ -39,7 +39,6 @@ from dcp_safetensors.layout import (
     ChunkSpec,
     Runs,
     TensorSpec,
-    check_chunks_tile,
     check_tiling,
     chunk_runs,
     chunk_table,
@@ -48,6 +47,7 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.layout.tiling import _check_by_sweep
 
 META = {"format": "pt"}
 TRAINING = "training_state/state"
@@ -316,7 +316,7 @@ def test_chunk_runs_gather_the_box(box) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# check_chunks_tile
+# check_tiling: the grid check on tables and lists, and the sweep it falls back to
 # --------------------------------------------------------------------------------------------
 
 
@@ -344,9 +344,10 @@ def C(rank, offsets, sizes, key="w") -> ChunkSpec:
         ((4, 4), [C(0, (0, 0), (1, 4)), C(1, (1, 0), (3, 1)), C(2, (1, 1), (3, 3))]),
     ],
 )
-def test_check_chunks_tile_accepts_exact_tilings(shape, chunks) -> None:
+def test_check_tiling_accepts_exact_tilings(shape, chunks) -> None:
     for order in (chunks, list(reversed(chunks))):
-        check_chunks_tile(spec(shape), order)
+        _check_by_sweep(spec(shape), order)
+        check_tiling(spec(shape), order)
         check_tiling(spec(shape), chunk_table(order).get("w"))
 
 
@@ -455,12 +456,16 @@ REJECTED_CHUNKS = [
 @pytest.mark.parametrize(
     ("name", "shape", "chunks", "patterns"), [pytest.param(*c, id=c[0]) for c in REJECTED_CHUNKS]
 )
-def test_check_chunks_tile_rejects(name, shape, chunks, patterns) -> None:
+def test_check_tiling_rejects_chunk_lists(name, shape, chunks, patterns) -> None:
+    """A list of chunks, of any dims, gets the same verdict and message from check_tiling as from the sweep."""
     for order in (chunks, list(reversed(chunks))):
         with pytest.raises(LayoutError, match=r"^tensor 'w': ") as info:
-            check_chunks_tile(spec(shape), order)
+            _check_by_sweep(spec(shape), order)
         for pattern in patterns:
             assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+        with pytest.raises(LayoutError) as listed:
+            check_tiling(spec(shape), order)
+        assert str(listed.value) == str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -478,6 +483,52 @@ def test_check_tiling_rejects(name, shape, chunks, patterns) -> None:
             check_tiling(spec(shape), chunk_table(order).get("w"))
         for pattern in patterns:
             assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+@st.composite
+def grid_chunks(draw):
+    """The cells of a random grid over a random shape, then maybe spoiled: a cell dropped, doubled, moved or grown."""
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
+    cuts = [sorted({0, d, *draw(st.lists(st.integers(0, d), max_size=3))}) for d in shape]
+    cells = [[]]
+    for c in cuts:
+        cells = [cell + [(a, b)] for cell in cells for a, b in zip(c, c[1:])]
+    chunks = [C(r, [a for a, _ in cell], [b - a for a, b in cell]) for r, cell in enumerate(cells)]
+    if chunks and draw(st.booleans()):
+        i = draw(st.integers(0, len(chunks) - 1))
+        d = draw(st.integers(0, len(shape) - 1))
+        offsets, sizes = list(chunks[i].offsets), list(chunks[i].sizes)
+        spoil = draw(st.sampled_from(["drop", "double", "move", "grow"]))
+        if spoil == "drop":
+            del chunks[i]
+        elif spoil == "double":
+            chunks.append(C(len(chunks), offsets, sizes))
+        elif spoil == "move":
+            offsets[d] += draw(st.integers(-1, 1))
+            chunks[i] = C(i, offsets, sizes)
+        else:
+            sizes[d] += draw(st.integers(-1, 1))
+            chunks[i] = C(i, offsets, sizes)
+    return shape, draw(st.permutations(chunks))
+
+
+@settings(max_examples=300, deadline=None)
+@given(grid_chunks())
+def test_check_tiling_agrees_with_the_sweep(case) -> None:
+    """The grid check only ever accepts what the sweep accepts; everything else gets the sweep's own message."""
+    shape, chunks = case
+    outcomes = []
+    for check in (
+        lambda: _check_by_sweep(spec(shape), chunks),
+        lambda: check_tiling(spec(shape), chunks),
+        lambda: check_tiling(spec(shape), chunk_table(chunks).get("w")),
+    ):
+        try:
+            check()
+            outcomes.append(None)
+        except LayoutError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1] == outcomes[2]
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from dcp_safetensors.layout.plan import (
     plan_layout,
     restamp,
 )
-from dcp_safetensors.layout.tiling import check_chunks_tile, check_tiling
+from dcp_safetensors.layout.tiling import check_tiling
 
 __all__ = [
     "MODEL_GROUP",
@@ -91,7 +91,6 @@ __all__ = [
     "parse_size",
     "natural_key",
     "chunk_runs",
-    "check_chunks_tile",
     "plan_layout",
     "plan_parts",
     "plan_rounds",
