@@ -47,6 +47,7 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.layout.geometry import chunk_run_arrays
 from dcp_safetensors.layout.tiling import _check_by_sweep
 
 META = {"format": "pt"}
@@ -313,6 +314,35 @@ def test_chunk_runs_gather_the_box(box) -> None:
     # Runs are maximal: no run ends where the next begins (those would be one run).
     starts = runs.offsets().tolist()
     assert all(a + runs.length < b for a, b in zip(starts, starts[1:]))
+
+
+@st.composite
+def box_sets(draw):
+    """Random boxes (any overlap, empty ones included) of one random shape, held by random ranks."""
+    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
+    chunks = []
+    for _ in range(draw(st.integers(0, 6))):
+        offsets = [draw(st.integers(0, d)) for d in shape]
+        sizes = [draw(st.integers(0, d - o)) for o, d in zip(offsets, shape, strict=True)]
+        chunks.append(C(draw(st.integers(0, 3)), offsets, sizes))
+    return shape, chunks, draw(st.sampled_from([1, 2, 4, 8])), draw(st.integers(0, 50))
+
+
+@settings(max_examples=200, deadline=None)
+@given(box_sets())
+def test_chunk_run_arrays_are_chunk_runs_of_every_chunk(case) -> None:
+    """The vectorized runs (the planner's) are exactly the per-chunk runs (the reader's and writer's)."""
+    shape, chunks, itemsize, base = case
+    expected = sorted(
+        (start, runs.length, c.rank)
+        for c in chunks
+        for runs in [chunk_runs(shape, itemsize, c.offsets, c.sizes, base)]
+        for start in runs.offsets().tolist()
+        if runs.length
+    )
+    table = chunk_table(chunks).get("w")
+    got = [] if table is None else sorted(zip(*(a.tolist() for a in chunk_run_arrays(shape, itemsize, table, base))))
+    assert got == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ Owns the vocabulary the rest of :mod:`dcp_safetensors.layout` speaks:
 one rank holds), :class:`ChunkArrays` and :func:`chunk_table` (every chunk of
 a tensor as numpy columns, how thousands of ranks' chunks travel), and the
 byte-run arithmetic: :func:`chunk_runs` turns a box of a row-major tensor into
-:class:`Runs`, the fewest contiguous byte runs that hold it. Nothing here
-knows about files or ranks' writes.
+:class:`Runs`, the fewest contiguous byte runs that hold it, and
+:func:`chunk_run_arrays` does the same for all of a tensor's chunks at once
+(numpy; the planner's path for thousands of ranks). Nothing here knows about
+files or ranks' writes.
 
 Example:
     >>> chunk_runs((4, 6), 4, (0, 3), (4, 3), base=96)  # a Shard(1) half: one run per row
@@ -35,6 +37,7 @@ __all__ = [
     "ChunkArrays",
     "chunk_table",
     "chunk_runs",
+    "chunk_run_arrays",
     "row_major_strides",
     "describe",
 ]
@@ -199,3 +202,45 @@ def chunk_runs(
     length = sizes[split] * strides[split] * itemsize
     outer = [(sizes[d], strides[d] * itemsize) for d in range(split) if sizes[d] != 1]
     return Runs(start, length, tuple(c for c, _ in outer), tuple(s for _, s in outer))
+
+
+def chunk_run_arrays(
+    shape: Sequence[int], itemsize: int, chunks: ChunkArrays, base: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`chunk_runs` of every non-empty chunk at once: ``(starts, lengths, ranks)`` of each run.
+
+    A chunk whose dims before the last partial one are all 1 (``Shard(0)``,
+    or a row of anything) is one run, computed with numpy for all such chunks
+    together; the others (column shards) go through :func:`chunk_runs`. Runs
+    come chunk by chunk, the single-run chunks first.
+
+    Example:
+        >>> t = chunk_table([ChunkSpec(0, "w", (0, 0), (2, 6)), ChunkSpec(1, "w", (2, 0), (2, 3)),
+        ...                  ChunkSpec(2, "w", (2, 3), (2, 3))])
+        >>> [a.tolist() for a in chunk_run_arrays((4, 6), 4, t["w"], base=100)]
+        [[100, 148, 172, 160, 184], [48, 12, 12, 12, 12], [0, 1, 1, 2, 2]]
+    """
+    dims = np.asarray(shape, dtype=np.int64)
+    live = chunks.sizes.prod(axis=1) > 0
+    offsets, sizes, owners = chunks.offsets[live], chunks.sizes[live], chunks.ranks[live]
+    if not len(shape):
+        return np.full(len(owners), base, dtype=np.int64), np.full(len(owners), itemsize, dtype=np.int64), owners
+    strides = np.asarray(row_major_strides(shape), dtype=np.int64) * itemsize
+    partial = sizes != dims
+    ndim = len(shape)
+    # The last dim a chunk does not span (-1: the whole tensor).
+    split = np.where(partial.any(axis=1), ndim - 1 - np.argmax(partial[:, ::-1], axis=1), -1)
+    outer_ones = np.logical_and.accumulate(np.concatenate([np.ones((len(sizes), 1), dtype=bool), sizes == 1], axis=1), axis=1)
+    single = outer_ones[np.arange(len(sizes)), np.maximum(split, 0)] | (split <= 0)
+    starts = base + offsets @ strides
+    lengths = np.where(split >= 0, sizes[np.arange(len(sizes)), np.maximum(split, 0)] * strides[np.maximum(split, 0)], dims[0] * strides[0])
+    if single.all():
+        return starts, lengths, owners
+    s_out, n_out, r_out = [starts[single]], [lengths[single]], [owners[single]]
+    for i in np.flatnonzero(~single).tolist():
+        runs = chunk_runs(shape, itemsize, offsets[i].tolist(), sizes[i].tolist(), base)
+        at = runs.offsets()
+        s_out.append(at)
+        n_out.append(np.full(len(at), runs.length, dtype=np.int64))
+        r_out.append(np.full(len(at), owners[i], dtype=np.int64))
+    return np.concatenate(s_out), np.concatenate(n_out), np.concatenate(r_out)

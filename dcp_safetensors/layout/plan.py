@@ -36,10 +36,10 @@ from dcp_safetensors.layout.geometry import (
     ChunkSpec,
     Runs,
     TensorSpec,
+    chunk_run_arrays,
     chunk_runs,
     chunk_table,
     describe,
-    row_major_strides,
 )
 from dcp_safetensors.layout.parts import (
     PartPlan,
@@ -282,7 +282,7 @@ def _file_runs(
     for place, arrays in members:
         if arrays is None:
             continue
-        s, n, r = _run_arrays(place, arrays)
+        s, n, r = chunk_run_arrays(place.shape, place.itemsize, arrays, place.start)
         starts.append(s)
         lengths.append(n)
         ranks.append(r)
@@ -293,39 +293,6 @@ def _file_runs(
     order = np.argsort(start, kind="stable")
     start = start[order]
     return start, start + np.concatenate(lengths)[order], np.concatenate(ranks)[order]
-
-
-def _run_arrays(place: TensorPlacement, arrays: ChunkArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every run of a tensor's non-empty chunks as ``(starts, lengths, ranks)`` arrays.
-
-    A chunk whose dims before the last partial one are all 1 (``Shard(0)``,
-    or a row of anything) is one run, computed for all such chunks at once;
-    other chunks (column shards) go through :func:`chunk_runs`.
-    """
-    shape = np.asarray(place.shape, dtype=np.int64)
-    live = arrays.sizes.prod(axis=1) > 0
-    offsets, sizes, owners = arrays.offsets[live], arrays.sizes[live], arrays.ranks[live]
-    if not len(place.shape):
-        return np.full(len(owners), place.start, dtype=np.int64), np.full(len(owners), place.itemsize, dtype=np.int64), owners
-    strides = np.asarray(row_major_strides(place.shape), dtype=np.int64) * place.itemsize
-    partial = sizes != shape
-    ndim = len(place.shape)
-    # The last dim a chunk does not span (-1: the whole tensor).
-    split = np.where(partial.any(axis=1), ndim - 1 - np.argmax(partial[:, ::-1], axis=1), -1)
-    outer_ones = np.logical_and.accumulate(np.concatenate([np.ones((len(sizes), 1), dtype=bool), sizes == 1], axis=1), axis=1)
-    single = outer_ones[np.arange(len(sizes)), np.maximum(split, 0)] | (split <= 0)
-    starts = place.start + offsets @ strides
-    lengths = np.where(split >= 0, sizes[np.arange(len(sizes)), np.maximum(split, 0)] * strides[np.maximum(split, 0)], shape[0] * strides[0])
-    if single.all():
-        return starts, lengths, owners
-    s_out, n_out, r_out = [starts[single]], [lengths[single]], [owners[single]]
-    for i in np.flatnonzero(~single).tolist():
-        runs = place.runs(offsets[i].tolist(), sizes[i].tolist())
-        at = runs.offsets()
-        s_out.append(at)
-        n_out.append(np.full(len(at), runs.length, dtype=np.int64))
-        r_out.append(np.full(len(at), owners[i], dtype=np.int64))
-    return np.concatenate(s_out), np.concatenate(n_out), np.concatenate(r_out)
 
 
 def restamp(layout: CheckpointLayout, metadata: Mapping[str, str]) -> CheckpointLayout:
