@@ -195,45 +195,90 @@ def plan_layout(
     own tensors' places and parts.
     """
     max_bytes = parse_size(max_shard_size)
-    by_key: dict[str, TensorSpec] = {}
+    _check_tensors(tensors)
+    table = dict(chunks) if isinstance(chunks, Mapping) else chunk_table(chunks)
+    _check_chunk_keys(tensors, table)
+    if not tiling_checked:
+        for spec in tensors:
+            check_tiling(spec, table.get(spec.key))
+    files = plan_files(tensors, max_bytes, metadata)
+    placed = _place_tensors(files, tensors)
+    headers, parts, transfers = _plan_parts(files, placed, table, min_part=min_part, max_part=max_part)
+    rounds = plan_rounds(transfers, transfer_budget)
+    tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
+    writers = sorted(set(tensors_of) | set(headers) | set(parts[:, 0].tolist()) | set(range(world_size or 0)))
+    plans = _rank_plans(writers, files, tensors_of, headers, parts, rounds)
+    return CheckpointLayout(tuple(files), tuple(tensors), plans, table)
+
+
+def _check_tensors(tensors: Sequence[TensorSpec]) -> None:
+    """Raise :class:`LayoutError` for a dtype safetensors lacks, a key listed twice, or two keys of one name in a group."""
+    keys: set[str] = set()
     names: dict[tuple[str, str], str] = {}
     for spec in tensors:
         if spec.dtype not in DTYPE_ITEMSIZE:
             raise LayoutError(f"tensor {spec.key!r}: dtype {spec.dtype!r} has no safetensors equivalent")
-        if spec.key in by_key:
+        if spec.key in keys:
             raise LayoutError(f"tensor {spec.key!r} is listed twice")
         other = names.setdefault((spec.group, spec.name), spec.key)
         if other != spec.key:
             raise LayoutError(
                 f"keys {other!r} and {spec.key!r} both map to {spec.name!r} in {spec.group}.safetensors"
             )
-        by_key[spec.key] = spec
-    table = dict(chunks) if isinstance(chunks, Mapping) else chunk_table(chunks)
+        keys.add(spec.key)
+
+
+def _check_chunk_keys(tensors: Sequence[TensorSpec], table: Mapping[str, ChunkArrays]) -> None:
+    """Raise :class:`LayoutError` for chunks of a tensor ``tensors`` does not list."""
+    keys = {spec.key for spec in tensors}
     for key, arrays in table.items():
-        if key not in by_key:
+        if key not in keys:
             raise LayoutError(f"{describe(arrays.specs(key)[0])} names tensor {key!r}, which no plan declares")
-    if not tiling_checked:
-        for spec in tensors:
-            check_tiling(spec, table.get(spec.key))
 
-    files = plan_files(tensors, max_bytes, metadata)
 
-    placement: dict[str, TensorPlacement] = {}
+def _place_tensors(files: Sequence[FileLayout], tensors: Sequence[TensorSpec]) -> list[dict[str, TensorPlacement]]:
+    """Per file, ``{key: placement}`` of its tensors, in file order."""
     key_of = {(s.group, s.name): s.key for s in tensors}
-    for f in files:
-        for e in f.entries:
-            placement[key_of[f.group, e.name]] = TensorPlacement(f.name, f.data_start + e.begin, e.shape, DTYPE_ITEMSIZE[e.dtype])
+    return [
+        {
+            key_of[f.group, e.name]: TensorPlacement(f.name, f.data_start + e.begin, e.shape, DTYPE_ITEMSIZE[e.dtype])
+            for e in f.entries
+        }
+        for f in files
+    ]
+
+
+def _tensors_by_rank(
+    table: Mapping[str, ChunkArrays], placement: Mapping[str, TensorPlacement]
+) -> dict[int, dict[str, TensorPlacement]]:
+    """``{rank: {key: placement}}`` of the tensors each rank holds a non-empty chunk of."""
     tensors_of: dict[int, dict[str, TensorPlacement]] = defaultdict(dict)
     for key, arrays in table.items():
         live = arrays.sizes.prod(axis=1) > 0
         for rank in np.unique(arrays.ranks[live]).tolist():
             tensors_of[rank][key] = placement[key]
+    return tensors_of
 
+
+def _plan_parts(
+    files: Sequence[FileLayout],
+    placed: Sequence[Mapping[str, TensorPlacement]],
+    table: Mapping[str, ChunkArrays],
+    *,
+    min_part: int,
+    max_part: int | None,
+) -> tuple[dict[int, list[HeaderWrite]], np.ndarray, list[Transfer]]:
+    """Every file's header writer, parts and transfers.
+
+    Returns the headers by writing rank, the parts as ``(rank, file index,
+    number, start, end)`` rows sorted by rank, file and number, and the
+    transfers of all files.
+    """
     headers: dict[int, list[HeaderWrite]] = defaultdict(list)
-    part_rows: list[np.ndarray] = []  # (rank, file index, number, start, end)
+    part_rows: list[np.ndarray] = []
     transfers: list[Transfer] = []
-    for index, f in enumerate(files):
-        starts, ends, ranks = _file_runs(f, [(placement[key_of[f.group, e.name]], table.get(key_of[f.group, e.name])) for e in f.entries])
+    for index, (f, in_file) in enumerate(zip(files, placed, strict=True)):
+        starts, ends, ranks = _file_runs([(p, table.get(key)) for key, p in in_file.items()])
         # The header goes with the file's first data byte, so a file's first part needs no transfer.
         header_rank = int(ranks[0]) if len(ranks) else 0
         headers[header_rank].append(HeaderWrite(f.name, f.header))
@@ -243,40 +288,50 @@ def plan_layout(
         cut, moved = cut_parts(f.name, f.size, starts, ends, ranks, min_part=min_part, max_part=max_part)
         part_rows.append(np.column_stack([cut[:, 2], np.full(len(cut), index), np.arange(1, len(cut) + 1), cut[:, 0], cut[:, 1]]))
         transfers.extend(moved)
-    rounds = plan_rounds(transfers, transfer_budget)
-    all_parts = np.concatenate(part_rows) if part_rows else np.zeros((0, 5), dtype=np.int64)
-    all_parts = all_parts[np.lexsort((all_parts[:, 2], all_parts[:, 1], all_parts[:, 0]))]
-    writers = sorted(set(tensors_of) | set(headers) | set(all_parts[:, 0].tolist()) | set(range(world_size or 0)))
+    parts = np.concatenate(part_rows) if part_rows else np.zeros((0, 5), dtype=np.int64)
+    return headers, parts[np.lexsort((parts[:, 2], parts[:, 1], parts[:, 0]))], transfers
+
+
+def _rank_plans(
+    writers: Sequence[int],
+    files: Sequence[FileLayout],
+    tensors_of: Mapping[int, Mapping[str, TensorPlacement]],
+    headers: Mapping[int, Sequence[HeaderWrite]],
+    parts: np.ndarray,
+    rounds: Sequence[Sequence[Transfer]],
+) -> dict[int, RankWritePlan]:
+    """Each writer's :class:`RankWritePlan` (``writers`` sorted; ``parts`` rows sorted by rank, as :func:`_plan_parts` gives)."""
     sends: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
     recvs: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
     for number, rnd in enumerate(rounds):
         for t in rnd:
             sends[number, t.src].append(t)
             recvs[number, t.dst].append(t)
-    bounds = np.searchsorted(all_parts[:, 0], [*writers, (writers[-1] if writers else 0) + 1])
+    bounds = np.searchsorted(parts[:, 0], [*writers, (writers[-1] if writers else 0) + 1])
     plans = {}
     for i, r in enumerate(writers):
-        mine = all_parts[bounds[i] : bounds[i + 1]]
-        file_cuts = np.flatnonzero(np.diff(mine[:, 1])) + 1
-        per_file = np.split(mine, file_cuts) if len(mine) else []
-        table_r = PartTable(
-            r,
-            tuple(files[int(rows[0, 1])].name for rows in per_file),
-            tuple(np.ascontiguousarray(rows[:, 2:5]) for rows in per_file),
-        )
         plans[r] = RankWritePlan(
             r,
             tensors_of.get(r, {}),
             tuple(headers.get(r, ())),
-            table_r,
+            _part_table(r, files, parts[bounds[i] : bounds[i + 1]]),
             tuple(TransferRound(tuple(sends.get((n, r), ())), tuple(recvs.get((n, r), ()))) for n in range(len(rounds))),
         )
-    return CheckpointLayout(tuple(files), tuple(tensors), plans, table)
+    return plans
 
 
-def _file_runs(
-    f: FileLayout, members: Sequence[tuple[TensorPlacement, ChunkArrays | None]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _part_table(rank: int, files: Sequence[FileLayout], mine: np.ndarray) -> PartTable:
+    """``rank``'s :class:`PartTable` from its ``(rank, file index, number, start, end)`` rows, sorted by file."""
+    file_cuts = np.flatnonzero(np.diff(mine[:, 1])) + 1
+    per_file = np.split(mine, file_cuts) if len(mine) else []
+    return PartTable(
+        rank,
+        tuple(files[int(rows[0, 1])].name for rows in per_file),
+        tuple(np.ascontiguousarray(rows[:, 2:5]) for rows in per_file),
+    )
+
+
+def _file_runs(members: Sequence[tuple[TensorPlacement, ChunkArrays | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(starts, ends, ranks)`` of every byte run of the file's data, sorted: who holds which bytes."""
     starts, lengths, ranks = [], [], []
     for place, arrays in members:
