@@ -157,6 +157,23 @@ def cut_parts(
         hi = span_start[which] + ((j + 1) * length[which]) // pieces[which]
         return np.column_stack([lo, hi, span_rank[which]]), []
     spans = [list(x) for x in zip(span_start.tolist(), span_end.tolist(), span_rank.tolist(), strict=True)]
+    cuts = _cut_spans(spans, size, min_part=min_part, limit=limit)
+    owned = list(zip(starts.tolist(), ends.tolist(), ranks.tolist(), strict=True))
+    rows = []
+    transfers: list[Transfer] = []
+    i = 0
+    for number, (start, end) in enumerate(cuts, 1):
+        while spans[i][1] <= start:
+            i += 1
+        held = _held(spans, i, start, end)
+        rank = max(sorted(held), key=lambda r: held[r])
+        rows.append((start, end, rank))
+        transfers.extend(_foreign_bytes(PartPlan(file, number, start, end, rank), owned))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3), transfers
+
+
+def _cut_spans(spans: Sequence[Sequence[int]], size: int, *, min_part: int, limit: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of every part of a file whose holders' ``spans`` are not all ``min_part`` long."""
     cuts: list[tuple[int, int]] = []
     pos, i = 0, 0
     while pos < size:
@@ -170,44 +187,41 @@ def cut_parts(
             cuts.extend((pos + j * remaining // pieces_n, pos + (j + 1) * remaining // pieces_n) for j in range(pieces_n))
             pos = spans[i][1]
             continue
-        if pos + min_part >= size:
-            end = size
-        else:
-            # The part must reach into later holders' bytes: end it either exactly at
-            # min_part or at the next holder boundary, whichever moves fewer bytes.
-            j = i
-            while spans[j][1] < pos + min_part:
-                j += 1
-            end = pos + min_part
-            if spans[j][1] - pos <= limit and _foreign(spans, i, pos, spans[j][1]) <= _foreign(spans, i, pos, end):
-                end = spans[j][1]
+        end = _short_part_end(spans, i, pos, size, min_part=min_part, limit=limit)
         cuts.append((pos, end))
         pos = end
-    rows = []
-    transfers: list[Transfer] = []
-    owned = list(zip(starts.tolist(), ends.tolist(), ranks.tolist(), strict=True))
-    i = 0
-    for number, (start, end) in enumerate(cuts, 1):
-        held: dict[int, int] = defaultdict(int)
-        while spans[i][1] <= start:
-            i += 1
-        j = i
-        while j < len(spans) and spans[j][0] < end:
-            held[spans[j][2]] += min(end, spans[j][1]) - max(start, spans[j][0])
-            j += 1
-        rank = max(sorted(held), key=lambda r: held[r])
-        rows.append((start, end, rank))
-        transfers.extend(_foreign_bytes(PartPlan(file, number, start, end, rank), owned))
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 3), transfers
+    return cuts
 
 
-def _foreign(spans: Sequence[Sequence[int]], i: int, start: int, end: int) -> int:
-    """Bytes of ``[start, end)`` not held by its main holder (``spans[i]`` contains ``start``)."""
+def _short_part_end(
+    spans: Sequence[Sequence[int]], i: int, pos: int, size: int, *, min_part: int, limit: int
+) -> int:
+    """The end of the part starting at ``pos``, where its holder (``spans[i]``) has under ``min_part`` bytes left."""
+    if pos + min_part >= size:
+        return size
+    # The part must reach into later holders' bytes: end it either exactly at
+    # min_part or at the next holder boundary, whichever moves fewer bytes.
+    j = i
+    while spans[j][1] < pos + min_part:
+        j += 1
+    end = pos + min_part
+    if spans[j][1] - pos <= limit and _foreign(spans, i, pos, spans[j][1]) <= _foreign(spans, i, pos, end):
+        end = spans[j][1]
+    return end
+
+
+def _held(spans: Sequence[Sequence[int]], i: int, start: int, end: int) -> dict[int, int]:
+    """``{rank: bytes of [start, end) it holds}``; ``spans[i]`` is the first span ending after ``start``."""
     held: dict[int, int] = defaultdict(int)
     while i < len(spans) and spans[i][0] < end:
         held[spans[i][2]] += min(end, spans[i][1]) - max(start, spans[i][0])
         i += 1
-    return (end - start) - max(held.values())
+    return held
+
+
+def _foreign(spans: Sequence[Sequence[int]], i: int, start: int, end: int) -> int:
+    """Bytes of ``[start, end)`` not held by its main holder (``spans[i]`` contains ``start``)."""
+    return (end - start) - max(_held(spans, i, start, end).values())
 
 
 def _foreign_bytes(part: PartPlan, owned: Sequence[tuple[int, int, int]]) -> list[Transfer]:
