@@ -9,8 +9,12 @@ must be byte-identical to ``safetensors.torch.save_file`` of the full tensors.
 from __future__ import annotations
 
 import math
+import os
+import pkgutil
 import random
 import re
+import subprocess
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
+import dcp_safetensors
+from dcp_safetensors import layout as layout_package
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.format import DTYPE_ITEMSIZE, parse_header
 from dcp_safetensors.layout import (
@@ -33,7 +39,6 @@ from dcp_safetensors.layout import (
     ChunkSpec,
     Runs,
     TensorSpec,
-    check_chunks_tile,
     check_tiling,
     chunk_runs,
     chunk_table,
@@ -42,6 +47,8 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.layout.geometry import chunk_run_arrays
+from dcp_safetensors.layout.tiling import _check_by_sweep
 
 META = {"format": "pt"}
 TRAINING = "training_state/state"
@@ -65,6 +72,47 @@ TORCH_DTYPES = {
     "U64": torch.uint64,
     "C64": torch.complex64,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Purity: the layout imports no torch
+# --------------------------------------------------------------------------------------------
+
+PURE_MODULES = [
+    "dcp_safetensors.format",
+    "dcp_safetensors.layout",
+    *(f"dcp_safetensors.layout.{m.name}" for m in pkgutil.iter_modules(layout_package.__path__)),
+]
+
+# Imports one module in a fresh interpreter with its parent packages stubbed out (their
+# __init__ would run instead: dcp_safetensors' imports the torch-facing API), then names
+# every torch module loaded.
+PURITY_PROBE = """
+import importlib, sys, types
+root, name = sys.argv[1], sys.argv[2]
+parts = name.split(".")
+for i in range(1, len(parts)):
+    package = ".".join(parts[:i])
+    stub = types.ModuleType(package)
+    stub.__path__ = [root + "/" + "/".join(parts[1:i])]
+    sys.modules[package] = stub
+importlib.import_module(name)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_every_layout_module_is_checked_for_purity() -> None:
+    assert {"geometry", "tiling", "files", "parts", "plan"} <= {m.rsplit(".", 1)[-1] for m in PURE_MODULES}
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_module_imports_no_torch(module) -> None:
+    """format and every layout module stay pure: no torch, let alone torch.distributed."""
+    root = os.path.dirname(dcp_safetensors.__file__)
+    out = subprocess.run(
+        [sys.executable, "-c", PURITY_PROBE, root, module], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,8 +316,37 @@ def test_chunk_runs_gather_the_box(box) -> None:
     assert all(a + runs.length < b for a, b in zip(starts, starts[1:]))
 
 
+@st.composite
+def box_sets(draw):
+    """Random boxes (any overlap, empty ones included) of one random shape, held by random ranks."""
+    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
+    chunks = []
+    for _ in range(draw(st.integers(0, 6))):
+        offsets = [draw(st.integers(0, d)) for d in shape]
+        sizes = [draw(st.integers(0, d - o)) for o, d in zip(offsets, shape, strict=True)]
+        chunks.append(C(draw(st.integers(0, 3)), offsets, sizes))
+    return shape, chunks, draw(st.sampled_from([1, 2, 4, 8])), draw(st.integers(0, 50))
+
+
+@settings(max_examples=200, deadline=None)
+@given(box_sets())
+def test_chunk_run_arrays_are_chunk_runs_of_every_chunk(case) -> None:
+    """The vectorized runs (the planner's) are exactly the per-chunk runs (the reader's and writer's)."""
+    shape, chunks, itemsize, base = case
+    expected = sorted(
+        (start, runs.length, c.rank)
+        for c in chunks
+        for runs in [chunk_runs(shape, itemsize, c.offsets, c.sizes, base)]
+        for start in runs.offsets().tolist()
+        if runs.length
+    )
+    table = chunk_table(chunks).get("w")
+    got = [] if table is None else sorted(zip(*(a.tolist() for a in chunk_run_arrays(shape, itemsize, table, base))))
+    assert got == expected
+
+
 # --------------------------------------------------------------------------------------------
-# check_chunks_tile
+# check_tiling: the grid check on tables and lists, and the sweep it falls back to
 # --------------------------------------------------------------------------------------------
 
 
@@ -297,9 +374,10 @@ def C(rank, offsets, sizes, key="w") -> ChunkSpec:
         ((4, 4), [C(0, (0, 0), (1, 4)), C(1, (1, 0), (3, 1)), C(2, (1, 1), (3, 3))]),
     ],
 )
-def test_check_chunks_tile_accepts_exact_tilings(shape, chunks) -> None:
+def test_check_tiling_accepts_exact_tilings(shape, chunks) -> None:
     for order in (chunks, list(reversed(chunks))):
-        check_chunks_tile(spec(shape), order)
+        _check_by_sweep(spec(shape), order)
+        check_tiling(spec(shape), order)
         check_tiling(spec(shape), chunk_table(order).get("w"))
 
 
@@ -408,12 +486,16 @@ REJECTED_CHUNKS = [
 @pytest.mark.parametrize(
     ("name", "shape", "chunks", "patterns"), [pytest.param(*c, id=c[0]) for c in REJECTED_CHUNKS]
 )
-def test_check_chunks_tile_rejects(name, shape, chunks, patterns) -> None:
+def test_check_tiling_rejects_chunk_lists(name, shape, chunks, patterns) -> None:
+    """A list of chunks, of any dims, gets the same verdict and message from check_tiling as from the sweep."""
     for order in (chunks, list(reversed(chunks))):
         with pytest.raises(LayoutError, match=r"^tensor 'w': ") as info:
-            check_chunks_tile(spec(shape), order)
+            _check_by_sweep(spec(shape), order)
         for pattern in patterns:
             assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+        with pytest.raises(LayoutError) as listed:
+            check_tiling(spec(shape), order)
+        assert str(listed.value) == str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -431,6 +513,52 @@ def test_check_tiling_rejects(name, shape, chunks, patterns) -> None:
             check_tiling(spec(shape), chunk_table(order).get("w"))
         for pattern in patterns:
             assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+@st.composite
+def grid_chunks(draw):
+    """The cells of a random grid over a random shape, then maybe spoiled: a cell dropped, doubled, moved or grown."""
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
+    cuts = [sorted({0, d, *draw(st.lists(st.integers(0, d), max_size=3))}) for d in shape]
+    cells = [[]]
+    for c in cuts:
+        cells = [cell + [(a, b)] for cell in cells for a, b in zip(c, c[1:])]
+    chunks = [C(r, [a for a, _ in cell], [b - a for a, b in cell]) for r, cell in enumerate(cells)]
+    if chunks and draw(st.booleans()):
+        i = draw(st.integers(0, len(chunks) - 1))
+        d = draw(st.integers(0, len(shape) - 1))
+        offsets, sizes = list(chunks[i].offsets), list(chunks[i].sizes)
+        spoil = draw(st.sampled_from(["drop", "double", "move", "grow"]))
+        if spoil == "drop":
+            del chunks[i]
+        elif spoil == "double":
+            chunks.append(C(len(chunks), offsets, sizes))
+        elif spoil == "move":
+            offsets[d] += draw(st.integers(-1, 1))
+            chunks[i] = C(i, offsets, sizes)
+        else:
+            sizes[d] += draw(st.integers(-1, 1))
+            chunks[i] = C(i, offsets, sizes)
+    return shape, draw(st.permutations(chunks))
+
+
+@settings(max_examples=300, deadline=None)
+@given(grid_chunks())
+def test_check_tiling_agrees_with_the_sweep(case) -> None:
+    """The grid check only ever accepts what the sweep accepts; everything else gets the sweep's own message."""
+    shape, chunks = case
+    outcomes = []
+    for check in (
+        lambda: _check_by_sweep(spec(shape), chunks),
+        lambda: check_tiling(spec(shape), chunks),
+        lambda: check_tiling(spec(shape), chunk_table(chunks).get("w")),
+    ):
+        try:
+            check()
+            outcomes.append(None)
+        except LayoutError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1] == outcomes[2]
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcp_safetensors.layout import Transfer, _foreign_bytes, plan_parts, plan_rounds
+from dcp_safetensors.layout import Transfer, plan_parts, plan_rounds
+from dcp_safetensors.layout.parts import _foreign_bytes
 
 
 @st.composite

@@ -1,0 +1,376 @@
+"""The whole checkpoint's plan: every rank's writes, from every rank's chunks, decided once.
+
+Owns :func:`plan_layout`, which ties the other modules together: files and
+headers (:mod:`.files`), the tiling proof (:mod:`.tiling`), the byte runs each
+chunk fills (:mod:`.geometry`), parts and transfer rounds (:mod:`.parts`).
+Its result, :class:`CheckpointLayout`, is the frozen snapshot: headers, the
+index and every rank's writes all derive from it. Each rank receives only its
+:class:`RankWritePlan`: where the tensors it holds sit
+(:class:`TensorPlacement`), the headers it writes and its parts; it turns its
+chunks into byte runs itself (:meth:`RankWritePlan.chunk_writes`).
+:func:`restamp` re-encodes the headers for a new snapshot id.
+
+Example:
+    >>> layout = plan_layout([TensorSpec("w", "w", "F32", (4,))], [ChunkSpec(0, "w", (0,), (4,))],
+    ...                      max_shard_size="1GB", metadata={})
+    >>> len(layout.files[0].header), layout.rank_plans[0].chunk_writes([("w", (0,), (4,))])[0].runs
+    (88, Runs(start=88, length=16, counts=(), strides=()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dcp_safetensors.errors import LayoutError
+from dcp_safetensors.format import DTYPE_ITEMSIZE, encode_header
+from dcp_safetensors.layout.files import FileLayout, parse_size, plan_files
+from dcp_safetensors.layout.geometry import (
+    MODEL_GROUP,
+    ChunkArrays,
+    ChunkSpec,
+    Runs,
+    TensorSpec,
+    chunk_run_arrays,
+    chunk_runs,
+    chunk_table,
+    describe,
+)
+from dcp_safetensors.layout.parts import (
+    PartPlan,
+    PartTable,
+    Transfer,
+    TransferRound,
+    cut_parts,
+    plan_rounds,
+)
+from dcp_safetensors.layout.tiling import check_tiling
+
+__all__ = [
+    "TensorPlacement",
+    "ChunkWrite",
+    "HeaderWrite",
+    "RankWritePlan",
+    "CheckpointLayout",
+    "plan_layout",
+    "restamp",
+]
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """Where a tensor's bytes sit: ``file``, the absolute offset of its first byte, shape, itemsize.
+
+    Example:
+        >>> TensorPlacement("model.safetensors", 96, (4, 6), 4).runs((0, 3), (4, 3))
+        Runs(start=108, length=12, counts=(4,), strides=(24,))
+    """
+
+    file: str
+    start: int
+    shape: tuple[int, ...]
+    itemsize: int
+
+    def runs(self, offsets: Sequence[int], sizes: Sequence[int]) -> Runs:
+        """The file runs of the box ``[offsets, offsets + sizes)`` of this tensor."""
+        return chunk_runs(self.shape, self.itemsize, offsets, sizes, self.start)
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk a rank writes: the DCP item it comes from and the runs it fills in ``file``."""
+
+    key: str
+    offsets: tuple[int, ...]
+    file: str
+    runs: Runs
+
+
+@dataclass(frozen=True)
+class HeaderWrite:
+    """The header bytes a rank writes at offset 0 of ``file``."""
+
+    file: str
+    data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class RankWritePlan:
+    """Everything one rank does in ``write_data``; travels in its ``SavePlan.storage_data``.
+
+    Only what this rank needs, so its size follows the rank's own chunks, not
+    the world size: where each tensor it holds sits (``tensors``; the rank
+    turns its chunks into byte runs itself, :meth:`chunk_writes`), the
+    ``headers`` it writes, its ``parts`` and the transfer ``rounds`` that
+    bring other ranks' bytes of those parts (every rank runs the same number
+    of rounds).
+    """
+
+    rank: int = 0
+    tensors: Mapping[str, TensorPlacement] = field(default_factory=dict)
+    headers: tuple[HeaderWrite, ...] = ()
+    part_table: PartTable = field(default_factory=lambda: PartTable(0))
+    rounds: tuple[TransferRound, ...] = ()
+
+    @property
+    def parts(self) -> tuple[PartPlan, ...]:
+        return tuple(self.part_table)
+
+    @property
+    def nbytes(self) -> int:
+        return self.part_table.nbytes
+
+    def chunk_write(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> ChunkWrite | None:
+        """Where this rank's chunk ``[offsets, offsets + sizes)`` of ``key`` goes; ``None`` if empty.
+
+        Raises :class:`LayoutError` for a non-empty chunk of a tensor the plan
+        did not place on this rank (the rank's chunks changed since planning).
+        """
+        if len(sizes) and math.prod(sizes) == 0:
+            return None
+        placement = self.tensors.get(key)
+        if placement is None:
+            raise LayoutError(f"rank {self.rank}: tensor {key!r} has no place in this save's plan")
+        return ChunkWrite(key, tuple(offsets), placement.file, placement.runs(offsets, sizes))
+
+    def chunk_writes(self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]) -> list[ChunkWrite]:
+        """:meth:`chunk_write` of each ``(key, offsets, sizes)``, empty chunks left out."""
+        return [w for c in chunks if (w := self.chunk_write(*c)) is not None]
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointLayout:
+    """The frozen layout of a whole checkpoint."""
+
+    files: tuple[FileLayout, ...]
+    tensors: tuple[TensorSpec, ...]
+    rank_plans: Mapping[int, RankWritePlan] = field(default_factory=dict)
+    chunks: Mapping[str, ChunkArrays] = field(default_factory=dict)
+
+    def chunk_writes(self, rank: int) -> list[ChunkWrite]:
+        """What ``rank`` writes of its own chunks (what :meth:`RankWritePlan.chunk_writes` gives that rank)."""
+        mine = [c for key, arrays in self.chunks.items() for c in arrays.specs(key) if c.rank == rank]
+        return self.rank_plans[rank].chunk_writes((c.key, c.offsets, c.sizes) for c in mine)
+
+    def weight_map(self, group: str = MODEL_GROUP) -> dict[str, str]:
+        """``{name in file: file name}`` for the tensors of ``group``."""
+        return {e.name: f.name for f in self.files if f.group == group for e in f.entries}
+
+    def total_size(self, group: str = MODEL_GROUP) -> int:
+        """Sum of the tensor bytes of ``group`` (HF's ``metadata.total_size``)."""
+        return sum(e.nbytes for f in self.files if f.group == group for e in f.entries)
+
+
+def plan_layout(
+    tensors: Sequence[TensorSpec],
+    chunks: Sequence[ChunkSpec] | Mapping[str, ChunkArrays],
+    *,
+    max_shard_size: int | str,
+    metadata: Mapping[str, str],
+    min_part: int = 1,
+    max_part: int | None = None,
+    transfer_budget: int = 256 << 20,
+    world_size: int | None = None,
+    tiling_checked: bool = False,
+) -> CheckpointLayout:
+    """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
+
+    ``tensors`` lists each tensor once; ``chunks`` holds every rank's chunk
+    (after DCP's dedup of replicated items), as :class:`ChunkSpec` objects or
+    a :func:`chunk_table`. ``min_part``/``max_part`` are the storage's rules
+    for one writer's contiguous byte run (see :func:`plan_parts`);
+    ``transfer_budget`` bounds the bytes one rank sends or receives per round.
+    Raises :class:`LayoutError` if two tensors share a name within a group, a
+    chunk names an unknown tensor, or a tensor's chunks do not tile it exactly
+    (``tiling_checked=True``: the caller already proved that with
+    :func:`check_tiling`, as our planner's global step does).
+
+    Near-linear in the number of chunks: the work per tensor and per file is
+    numpy over all its chunks at once, and each rank's plan holds only its
+    own tensors' places and parts.
+    """
+    max_bytes = parse_size(max_shard_size)
+    _check_tensors(tensors)
+    table = dict(chunks) if isinstance(chunks, Mapping) else chunk_table(chunks)
+    _check_chunk_keys(tensors, table)
+    if not tiling_checked:
+        for spec in tensors:
+            check_tiling(spec, table.get(spec.key))
+    files = plan_files(tensors, max_bytes, metadata)
+    placed = _place_tensors(files, tensors)
+    headers, parts, transfers = _plan_parts(files, placed, table, min_part=min_part, max_part=max_part)
+    rounds = plan_rounds(transfers, transfer_budget)
+    tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
+    writers = sorted(set(tensors_of) | set(headers) | set(parts[:, 0].tolist()) | set(range(world_size or 0)))
+    plans = _rank_plans(writers, files, tensors_of, headers, parts, rounds)
+    return CheckpointLayout(tuple(files), tuple(tensors), plans, table)
+
+
+def _check_tensors(tensors: Sequence[TensorSpec]) -> None:
+    """Raise :class:`LayoutError` for a dtype safetensors lacks, a key listed twice, or two keys of one name in a group."""
+    keys: set[str] = set()
+    names: dict[tuple[str, str], str] = {}
+    for spec in tensors:
+        if spec.dtype not in DTYPE_ITEMSIZE:
+            raise LayoutError(f"tensor {spec.key!r}: dtype {spec.dtype!r} has no safetensors equivalent")
+        if spec.key in keys:
+            raise LayoutError(f"tensor {spec.key!r} is listed twice")
+        other = names.setdefault((spec.group, spec.name), spec.key)
+        if other != spec.key:
+            raise LayoutError(
+                f"keys {other!r} and {spec.key!r} both map to {spec.name!r} in {spec.group}.safetensors"
+            )
+        keys.add(spec.key)
+
+
+def _check_chunk_keys(tensors: Sequence[TensorSpec], table: Mapping[str, ChunkArrays]) -> None:
+    """Raise :class:`LayoutError` for chunks of a tensor ``tensors`` does not list."""
+    keys = {spec.key for spec in tensors}
+    for key, arrays in table.items():
+        if key not in keys:
+            raise LayoutError(f"{describe(arrays.specs(key)[0])} names tensor {key!r}, which no plan declares")
+
+
+def _place_tensors(files: Sequence[FileLayout], tensors: Sequence[TensorSpec]) -> list[dict[str, TensorPlacement]]:
+    """Per file, ``{key: placement}`` of its tensors, in file order."""
+    key_of = {(s.group, s.name): s.key for s in tensors}
+    return [
+        {
+            key_of[f.group, e.name]: TensorPlacement(f.name, f.data_start + e.begin, e.shape, DTYPE_ITEMSIZE[e.dtype])
+            for e in f.entries
+        }
+        for f in files
+    ]
+
+
+def _tensors_by_rank(
+    table: Mapping[str, ChunkArrays], placement: Mapping[str, TensorPlacement]
+) -> dict[int, dict[str, TensorPlacement]]:
+    """``{rank: {key: placement}}`` of the tensors each rank holds a non-empty chunk of."""
+    tensors_of: dict[int, dict[str, TensorPlacement]] = defaultdict(dict)
+    for key, arrays in table.items():
+        live = arrays.sizes.prod(axis=1) > 0
+        for rank in np.unique(arrays.ranks[live]).tolist():
+            tensors_of[rank][key] = placement[key]
+    return tensors_of
+
+
+def _plan_parts(
+    files: Sequence[FileLayout],
+    placed: Sequence[Mapping[str, TensorPlacement]],
+    table: Mapping[str, ChunkArrays],
+    *,
+    min_part: int,
+    max_part: int | None,
+) -> tuple[dict[int, list[HeaderWrite]], np.ndarray, list[Transfer]]:
+    """Every file's header writer, parts and transfers.
+
+    Returns the headers by writing rank, the parts as ``(rank, file index,
+    number, start, end)`` rows sorted by rank, file and number, and the
+    transfers of all files.
+    """
+    headers: dict[int, list[HeaderWrite]] = defaultdict(list)
+    part_rows: list[np.ndarray] = []
+    transfers: list[Transfer] = []
+    for index, (f, in_file) in enumerate(zip(files, placed, strict=True)):
+        starts, ends, ranks = _file_runs([(p, table.get(key)) for key, p in in_file.items()])
+        # The header goes with the file's first data byte, so a file's first part needs no transfer.
+        header_rank = int(ranks[0]) if len(ranks) else 0
+        headers[header_rank].append(HeaderWrite(f.name, f.header))
+        starts = np.concatenate([[0], starts])
+        ends = np.concatenate([[f.data_start], ends])
+        ranks = np.concatenate([[header_rank], ranks])
+        cut, moved = cut_parts(f.name, f.size, starts, ends, ranks, min_part=min_part, max_part=max_part)
+        part_rows.append(np.column_stack([cut[:, 2], np.full(len(cut), index), np.arange(1, len(cut) + 1), cut[:, 0], cut[:, 1]]))
+        transfers.extend(moved)
+    parts = np.concatenate(part_rows) if part_rows else np.zeros((0, 5), dtype=np.int64)
+    return headers, parts[np.lexsort((parts[:, 2], parts[:, 1], parts[:, 0]))], transfers
+
+
+def _rank_plans(
+    writers: Sequence[int],
+    files: Sequence[FileLayout],
+    tensors_of: Mapping[int, Mapping[str, TensorPlacement]],
+    headers: Mapping[int, Sequence[HeaderWrite]],
+    parts: np.ndarray,
+    rounds: Sequence[Sequence[Transfer]],
+) -> dict[int, RankWritePlan]:
+    """Each writer's :class:`RankWritePlan` (``writers`` sorted; ``parts`` rows sorted by rank, as :func:`_plan_parts` gives)."""
+    sends: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
+    recvs: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
+    for number, rnd in enumerate(rounds):
+        for t in rnd:
+            sends[number, t.src].append(t)
+            recvs[number, t.dst].append(t)
+    bounds = np.searchsorted(parts[:, 0], [*writers, (writers[-1] if writers else 0) + 1])
+    plans = {}
+    for i, r in enumerate(writers):
+        plans[r] = RankWritePlan(
+            r,
+            tensors_of.get(r, {}),
+            tuple(headers.get(r, ())),
+            _part_table(r, files, parts[bounds[i] : bounds[i + 1]]),
+            tuple(TransferRound(tuple(sends.get((n, r), ())), tuple(recvs.get((n, r), ()))) for n in range(len(rounds))),
+        )
+    return plans
+
+
+def _part_table(rank: int, files: Sequence[FileLayout], mine: np.ndarray) -> PartTable:
+    """``rank``'s :class:`PartTable` from its ``(rank, file index, number, start, end)`` rows, sorted by file."""
+    file_cuts = np.flatnonzero(np.diff(mine[:, 1])) + 1
+    per_file = np.split(mine, file_cuts) if len(mine) else []
+    return PartTable(
+        rank,
+        tuple(files[int(rows[0, 1])].name for rows in per_file),
+        tuple(np.ascontiguousarray(rows[:, 2:5]) for rows in per_file),
+    )
+
+
+def _file_runs(members: Sequence[tuple[TensorPlacement, ChunkArrays | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, ends, ranks)`` of every byte run of the file's data, sorted: who holds which bytes."""
+    starts, lengths, ranks = [], [], []
+    for place, arrays in members:
+        if arrays is None:
+            continue
+        s, n, r = chunk_run_arrays(place.shape, place.itemsize, arrays, place.start)
+        starts.append(s)
+        lengths.append(n)
+        ranks.append(r)
+    if not starts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    start = np.concatenate(starts)
+    order = np.argsort(start, kind="stable")
+    start = start[order]
+    return start, start + np.concatenate(lengths)[order], np.concatenate(ranks)[order]
+
+
+def restamp(layout: CheckpointLayout, metadata: Mapping[str, str]) -> CheckpointLayout:
+    """``layout`` with every header re-encoded for new ``__metadata__`` (a new snapshot id).
+
+    Offsets stay valid only if no header changes length: raises
+    :class:`LayoutError` otherwise (plan the layout again).
+
+    Example:
+        >>> layout = plan_layout([TensorSpec("w", "w", "F32", (2,))], [ChunkSpec(0, "w", (0,), (2,))],
+        ...                      max_shard_size=100, metadata={"snapshot": "a"})
+        >>> restamp(layout, {"snapshot": "b"}).rank_plans[0].headers[0].data[8:].strip()
+        b'{"__metadata__":{"snapshot":"b"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    """
+    files = []
+    for f in layout.files:
+        header = encode_header(f.entries, metadata)
+        if len(header) != len(f.header):
+            raise LayoutError(f"{f.name}: the new metadata changes the header's length; plan the layout again")
+        files.append(dataclasses.replace(f, header=header))
+    headers = {f.name: f.header for f in files}
+    plans = {
+        r: dataclasses.replace(p, headers=tuple(HeaderWrite(h.file, headers[h.file]) for h in p.headers))
+        for r, p in layout.rank_plans.items()
+    }
+    return dataclasses.replace(layout, files=tuple(files), rank_plans=plans)
