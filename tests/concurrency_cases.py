@@ -107,7 +107,7 @@ def hold_a_save_open(path: str, ready_file: str, release_file: str) -> None:
     storage.abort_save(session)
 
 
-def overlapping_async_saves(root: str, same_dir: bool, count: int) -> dict:
+def overlapping_async_saves(root: str, same_dir: bool, count: int, options: dict[str, Any] | None = None) -> dict:
     """``count`` async saves in a row on every rank, no wait between them, each of a changed sharded state;
     then every future must complete and every checkpoint hold exactly the state at its call."""
     import torch.distributed as dist
@@ -124,7 +124,7 @@ def overlapping_async_saves(root: str, same_dir: bool, count: int) -> dict:
     with dcp_safetensors.AsyncSaver(max_pending=count) as saver:
         for i in range(count):
             path = os.path.join(root, "ckpt" if same_dir else f"step-{i}")
-            futures.append(saver.save(live, path))
+            futures.append(saver.save(live, path, **(options or {})))
             expected.append((live["w"].to_local().clone(), live["b"].clone()))
             paths.append(path)
             live["w"].to_local().add_(1.0)  # training goes on: the next call sees another state
@@ -141,7 +141,7 @@ def overlapping_async_saves(root: str, same_dir: bool, count: int) -> dict:
     check = paths[-1:] if same_dir else paths
     for path, (w, b) in zip(check, expected[-1:] if same_dir else expected):
         target = {"w": distribute_tensor(torch.zeros(2048, 2048), mesh, [Shard(0)]), "b": torch.zeros(8)}
-        dcp_safetensors.load(target, path)
+        dcp_safetensors.load(target, path, **(options or {}))
         matches.append(bool(torch.equal(target["w"].to_local(), w) and torch.equal(target["b"], b)))
     return {"errors": errors, "matches": matches, "returned_s": returned, "finished_s": finished}
 

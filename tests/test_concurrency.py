@@ -33,8 +33,8 @@ def _spawn() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")
 
 
-def loaded_step(path: str, **options) -> float:
-    target = state(-1, NUMEL)
+def loaded_step(path: str, numel: int = NUMEL, **options) -> float:
+    target = state(-1, numel)
     dcp_safetensors.load(target, path, **options)
     values = {float(v) for t in target.values() for v in t.unique().tolist()}
     assert len(values) == 1, f"a mixed load: steps {sorted(values)}"
@@ -243,3 +243,63 @@ def test_an_s3_writer_killed_mid_publish_is_rolled_forward_by_a_reader_at_once(s
     assert {float(v) for t in target.values() for v in t.unique().tolist()} == {2.0}
     assert commit.INDEX_NAME in s3.keys(s3.prefix)
     assert not any(k.startswith(".dcp_safetensors") for k in s3.keys(s3.prefix))
+
+
+def test_overlapping_async_saves_on_s3_to_one_prefix(ranks, s3):
+    results = ranks(2).run(overlapping_async_saves, s3.url(s3.prefix), True, 4, {"storage_options": s3.storage_options})
+    for rank, r in enumerate(results):
+        assert r["errors"] == [], f"rank {rank}: {r['errors']}"
+        assert all(r["matches"]) and r["matches"], f"rank {rank}: the checkpoint differs from the state at its call"
+    assert s3.open_uploads(s3.prefix) == []
+
+
+def test_a_second_s3_writer_takes_over_and_the_first_gets_a_clear_error(seaweed, request, monkeypatch):
+    """On S3 a second save cannot see the first before its commit: it aborts the first's uploads as
+    abandoned and commits; the first fails with ConcurrentSaveError, and nothing mixed is published.
+    (SeaweedFS: moto answers an UploadPart to an aborted upload with a 500, not S3's NoSuchUpload.)"""
+    from dcp_safetensors.storage import fsspec as object_storage
+
+    url, options = seaweed.url(request.node.name), {"storage_options": seaweed.options()}
+    dcp_safetensors.save(state(1, 1024), url, max_shard_size=4096 * 4, **options)
+    writing, go_on = threading.Event(), threading.Event()
+    original = object_storage._ObjectPartWriter.write
+    blocked = {"first": True}
+
+    def write(self, part, views):
+        if blocked.pop("first", False):
+            writing.set()
+            go_on.wait(60)
+        return original(self, part, views)
+
+    monkeypatch.setattr(object_storage._ObjectPartWriter, "write", write)
+    errors: list[BaseException] = []
+
+    def first_save():
+        try:
+            dcp_safetensors.save(state(2, 1024), url, max_shard_size=4096 * 4, **options)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    first = threading.Thread(target=first_save)
+    first.start()
+    assert writing.wait(60)
+    dcp_safetensors.save(state(3, 1024), url, max_shard_size=4096 * 4, **options)  # the restarted job
+    go_on.set()
+    first.join(120)
+    assert len(errors) == 1 and isinstance(errors[0], ConcurrentSaveError), errors
+    assert "aborted by someone else" in str(errors[0])
+    assert loaded_step(url, 1024, **options) == 3.0
+    assert seaweed.open_uploads(request.node.name) == []
+
+
+def test_a_reader_loop_against_a_writer_loop_on_seaweedfs(tmp_path, seaweed, request, capsys):
+    path = seaweed.url(request.node.name)
+    options = {"storage_options": seaweed.options()}
+    written, read = run_reader_against_writer(path, 8, options, tmp_path)
+    with capsys.disabled():
+        print(f"\ns3 (SeaweedFS): {read['attempts']} loads: {read['consistent']} consistent, refused {read['refused']}, "
+              f"mixed {len(read['mixed'])}, longest refusal {max(read['refused_spans'], default=0) * 1e3:.0f} ms")
+    assert written["failures"] == [], written["failures"]
+    assert read["mixed"] == [] and read["other"] == [], (read["mixed"], read["other"][:3])
+    assert read["consistent"] >= 3, read
+    assert loaded_step(path, **options) == 8.0
