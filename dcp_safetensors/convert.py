@@ -393,7 +393,7 @@ class _PartSink:
         self.on_written = on_written
         size = max((p.end - p.start for ps in parts.values() for p in ps), default=0)
         self.buffer = np.empty(size, dtype=np.uint8).data  # pages are touched only when used
-        self.tokens: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+        self.etags: dict[str, list[tuple[int, Any]]] = defaultdict(list)
         self.runs: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.pending: deque[PartPlan] = deque()
         self.fill = 0
@@ -425,7 +425,7 @@ class _PartSink:
     def _write(self, part: PartPlan, view: memoryview) -> None:
         self.pending.popleft()
         crc = crc32(view)
-        self.tokens[part.file].append((part.number, self.writer.write(part, [view])))
+        self.etags[part.file].append((part.number, self.writer.write(part, [view])))
         self.runs[part.file].append((view.nbytes, crc))
         self.on_written(view.nbytes)
 
@@ -595,7 +595,7 @@ def convert(
             model_prefix=prefix,
             aliases={_place(a, prefix)[1]: names[kept] for a, kept in sorted(source.aliases.items())},
         )
-        storage.commit_save(session, published, dict(sink.tokens), index)
+        storage.commit_save(session, published, dict(sink.etags), index)
     except BaseException:
         storage.abort_save(session)
         raise

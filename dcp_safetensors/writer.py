@@ -80,7 +80,7 @@ from dcp_safetensors.layout import (
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
-from dcp_safetensors.storage import Storage, open_storage
+from dcp_safetensors.storage import SaveSession, Storage, open_storage
 
 __all__ = ["SafetensorsWriter"]
 
@@ -96,7 +96,7 @@ class _RankStorageData:
     that a reused plan (:class:`_Refresh`) belongs to the layout it cached.
     """
 
-    session: dict[str, Any]
+    session: SaveSession
     writes: RankWritePlan
     layout_id: str
     options: dict[str, Any]
@@ -111,7 +111,7 @@ class _Refresh:
     headers belong to the last save's snapshot.
     """
 
-    session: dict[str, Any]
+    session: SaveSession
     headers: tuple[HeaderWrite, ...]
     layout_id: str
     options: dict[str, Any]
@@ -129,13 +129,13 @@ class _WrittenParts:
     """``WriteResult.storage_data`` of one rank's written parts, columnar.
 
     ``rows`` holds ``(file index, number, start, length, crc32)`` per part;
-    ``tokens`` the storage's token of each part (an ETag on S3, else None).
+    ``etags`` the storage's tag of each part (an ETag on S3, else None).
     One result per rank keeps what the coordinator gathers small.
     """
 
     files: tuple[str, ...]
     rows: np.ndarray
-    tokens: tuple[Any, ...]
+    etags: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class SafetensorsWriter(StorageWriter):
         self.write_threads = write_threads
         self._extra_files = _config_files(hf_config, generation_config, strip_auto_map)
         self._layout: CheckpointLayout | None = None
-        self._session: dict[str, Any] | None = None
+        self._session: SaveSession | None = None
         self._started = 0.0
         self._phases: dict[str, float] = {}
         self._store: Storage | None = None
@@ -382,9 +382,8 @@ class SafetensorsWriter(StorageWriter):
             elif error is not None:
                 raise error
         except BaseException:
-            session = getattr(data, "session", None)
-            if session is not None:
-                (storage or self._storage()).abort_save(session)
+            if isinstance(data, (_RankStorageData, _Refresh)):
+                (storage or self._storage()).abort_save(data.session)
             raise
         self._phases["write"] = time.perf_counter() - write_started - self._phases.get("transfer", 0.0)
         fut: Future[list[WriteResult]] = Future()
@@ -399,7 +398,7 @@ class SafetensorsWriter(StorageWriter):
         storage = self._storage()
         try:
             rows_by_file: dict[str, list[np.ndarray]] = defaultdict(list)
-            tokens: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+            etags: dict[str, list[tuple[int, Any]]] = defaultdict(list)
             objects: dict[str, Any] = {}
             for rank_results in results:
                 for r in rank_results:
@@ -411,7 +410,7 @@ class SafetensorsWriter(StorageWriter):
                         mine = np.flatnonzero(written.rows[:, 0] == i)
                         rows_by_file[name].append(written.rows[mine][:, 2:5])
                         numbers = written.rows[mine, 1].tolist()
-                        tokens[name].extend(zip(numbers, [written.tokens[j] for j in mine.tolist()], strict=True))
+                        etags[name].extend(zip(numbers, [written.etags[j] for j in mine.tolist()], strict=True))
             sizes = {f.name: f.size for f in layout.files}
             checksums = {
                 name: format_crc32(_check_tiled(name, size, np.concatenate(rows_by_file[name] or [np.zeros((0, 3), np.int64)])))
@@ -428,7 +427,7 @@ class SafetensorsWriter(StorageWriter):
                 published.append(name)
             aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
             index = build_index(
-                snapshot=session["snapshot"],
+                snapshot=session.snapshot,
                 weight_map=layout.weight_map(MODEL_GROUP),
                 total_size=layout.total_size(MODEL_GROUP),
                 files={name: (sizes[name], checksums[name]) for name in sizes},
@@ -437,7 +436,7 @@ class SafetensorsWriter(StorageWriter):
                 model_prefix=self.model_prefix,
                 aliases=self._file_names(aliases, layout),
             )
-            storage.commit_save(session, published, dict(tokens), index)
+            storage.commit_save(session, published, dict(etags), index)
         except BaseException:
             storage.abort_save(session)
             raise
@@ -587,7 +586,7 @@ class SafetensorsWriter(StorageWriter):
         if not out:
             return []
         written = _WrittenParts(
-            tuple(files), np.asarray([row for row, _ in out], dtype=np.int64), tuple(token for _, token in out)
+            tuple(files), np.asarray([row for row, _ in out], dtype=np.int64), tuple(etag for _, etag in out)
         )
         return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), int(written.rows[:, 3].sum()), written)]
 

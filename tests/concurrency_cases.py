@@ -21,10 +21,21 @@ def state(step: int, numel: int) -> dict[str, torch.Tensor]:
     return {f"t{i:02d}": torch.full((numel,), float(step)) for i in range(TENSORS)}
 
 
-def writer_loop(path: str, first: int, steps: int, numel: int, options: dict[str, Any], out: Any) -> None:
+def wait_for_go(go: str | None, role: str) -> None:
+    """Say this process is ready (imports done), then wait for ``go``: the loops start together."""
+    if go is None:
+        return
+    open(f"{go}.{role}", "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+
+
+def writer_loop(path: str, first: int, steps: int, numel: int, options: dict[str, Any], out: Any,
+                go: str | None = None) -> None:
     """Save steps ``first .. first + steps - 1`` to ``path``; report failures by type."""
     import dcp_safetensors
 
+    wait_for_go(go, f"writer{first}")
     failures: list[str] = []
     saved: list[int] = []
     durations: list[float] = []
@@ -39,11 +50,12 @@ def writer_loop(path: str, first: int, steps: int, numel: int, options: dict[str
     out.put({"saved": saved, "failures": failures, "durations": durations})
 
 
-def reader_loop(path: str, numel: int, options: dict[str, Any], stop_file: str, out: Any) -> None:
+def reader_loop(path: str, numel: int, options: dict[str, Any], stop_file: str, out: Any, go: str | None = None) -> None:
     """Load ``path`` until ``stop_file`` exists; count consistent, refused and mixed loads."""
     import dcp_safetensors
     from dcp_safetensors.errors import DcpSafetensorsError
 
+    wait_for_go(go, "reader")
     stats: dict[str, Any] = {"attempts": 0, "consistent": 0, "refused": {}, "mixed": [], "other": [], "steps": set(),
                              "refused_spans": []}
     refusing_since: float | None = None
@@ -150,10 +162,10 @@ def die_before_publishing_on_s3(url: str, numel: int, options: dict[str, Any]) -
     """Save step 2 to ``url`` and die once the commit record is PUT and the uploads are completed,
     before the index is published."""
     import dcp_safetensors
-    from dcp_safetensors.storage.fsspec import ObjectStorage
+    from dcp_safetensors.storage.s3 import S3Storage
 
-    def die(self: ObjectStorage, index: bytes, files: Any) -> None:
+    def die(self: S3Storage, index: bytes, files: Any) -> None:
         os._exit(17)
 
-    ObjectStorage._publish_index = die  # type: ignore[method-assign]
+    S3Storage.publish_index = die  # type: ignore[method-assign]
     dcp_safetensors.save(state(2, numel), url, max_shard_size=numel * 4, **options)

@@ -58,19 +58,19 @@ def _die_on_call(owner, name: str, when, after: bool = False) -> None:
 
 
 def install_kill(phase: str, object_store: bool) -> None:
-    from dcp_safetensors.storage import fsspec as fsspec_mod
+    from dcp_safetensors.storage import s3 as s3_mod
 
-    store = fsspec_mod.ObjectStorage
+    store = s3_mod.S3Storage
     if phase == "planning":
         _die_on_call(SafetensorsWriter, "prepare_global_plan", lambda n, *a: True)
     elif phase == "mid-write" and object_store:
-        _die_on_call(fsspec_mod._ObjectPartWriter, "write", lambda n, *a: n == 1)
+        _die_on_call(s3_mod._UploadPartWriter, "write", lambda n, *a: n == 1)
     elif phase == "mid-write":
         _die_on_call(local_mod.WritableFile, "pwritev", lambda n, *a: n == 3)
     elif phase == "before-commit" and object_store:
         _die_on_call(store, "commit_save", lambda n, *a: True)
     elif phase == "before-commit":
-        _die_on_call(commit_mod, "commit", lambda n, *a: True)
+        _die_on_call(local_mod.RenameCommit, "commit", lambda n, *a: True)
     elif phase == "mid-publish" and object_store:
         # After the commit record and the first completed upload, before the index.
         _die_on_call(store, "retry", lambda n, self, what, *a: what.startswith("CompleteMultipartUpload"), after=True)
@@ -82,7 +82,7 @@ def install_kill(phase: str, object_store: bool) -> None:
             after=True,
         )
     elif phase == "after-commit":
-        _die_on_call(store if object_store else commit_mod, "commit_save" if object_store else "commit", lambda n, *a: True, after=True)
+        _die_on_call(store if object_store else local_mod.RenameCommit, "commit_save" if object_store else "commit", lambda n, *a: True, after=True)
 
 
 def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int, options: dict) -> None:

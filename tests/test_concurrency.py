@@ -45,11 +45,15 @@ def run_reader_against_writer(path: str, steps: int, options: dict, tmp_path) ->
     dcp_safetensors.save(state(0, NUMEL), path, max_shard_size=NUMEL * 4, **options)
     ctx = _spawn()
     out = ctx.Queue()
-    stop = str(tmp_path / "stop")
-    reader = ctx.Process(target=reader_loop, args=(path, NUMEL, options, stop, out))
-    writer = ctx.Process(target=writer_loop, args=(path, 1, steps, NUMEL, dict(options, max_shard_size=NUMEL * 4), out))
+    stop, go = str(tmp_path / "stop"), str(tmp_path / "go")
+    reader = ctx.Process(target=reader_loop, args=(path, NUMEL, options, stop, out, go))
+    writer = ctx.Process(target=writer_loop, args=(path, 1, steps, NUMEL, dict(options, max_shard_size=NUMEL * 4), out, go))
     reader.start()
     writer.start()
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(go + ".reader") and os.path.exists(go + ".writer1")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open(go, "w").close()  # both imported torch: the loops overlap from their first step
     first = out.get(timeout=600)
     open(stop, "w").close()
     second = out.get(timeout=120)
@@ -198,12 +202,12 @@ def test_overlapping_async_saves_all_complete_with_the_state_at_their_call(ranks
 
 def test_a_load_during_an_s3_publish_reads_the_new_snapshot_through_its_record(s3, monkeypatch):
     """Uploads completed, old index deleted, new index not yet PUT, the writer alive: the load gets step 2."""
-    from dcp_safetensors.storage.fsspec import ObjectStorage
+    from dcp_safetensors.storage.s3 import S3Storage
 
     url, options = s3.url(s3.prefix), {"storage_options": s3.storage_options}
     dcp_safetensors.save(state(1, 1024), url, max_shard_size=4096 * 4, **options)
     reached, go_on = threading.Event(), threading.Event()
-    original = ObjectStorage._publish_index
+    original = S3Storage.publish_index
 
     def publish(self, index, files):
         if threading.current_thread().name == "writer":
@@ -211,7 +215,7 @@ def test_a_load_during_an_s3_publish_reads_the_new_snapshot_through_its_record(s
             go_on.wait(60)
         original(self, index, files)
 
-    monkeypatch.setattr(ObjectStorage, "_publish_index", publish)
+    monkeypatch.setattr(S3Storage, "publish_index", publish)
     writer = threading.Thread(target=dcp_safetensors.save, args=(state(2, 1024), url),
                               kwargs={"max_shard_size": 4096 * 4, **options}, name="writer")
     writer.start()
@@ -257,12 +261,12 @@ def test_a_second_s3_writer_takes_over_and_the_first_gets_a_clear_error(seaweed,
     """On S3 a second save cannot see the first before its commit: it aborts the first's uploads as
     abandoned and commits; the first fails with ConcurrentSaveError, and nothing mixed is published.
     (SeaweedFS: moto answers an UploadPart to an aborted upload with a 500, not S3's NoSuchUpload.)"""
-    from dcp_safetensors.storage import fsspec as object_storage
+    from dcp_safetensors.storage import s3 as object_storage
 
     url, options = seaweed.url(request.node.name), {"storage_options": seaweed.options()}
     dcp_safetensors.save(state(1, 1024), url, max_shard_size=4096 * 4, **options)
     writing, go_on = threading.Event(), threading.Event()
-    original = object_storage._ObjectPartWriter.write
+    original = object_storage._UploadPartWriter.write
     blocked = {"first": True}
 
     def write(self, part, views):
@@ -271,7 +275,7 @@ def test_a_second_s3_writer_takes_over_and_the_first_gets_a_clear_error(seaweed,
             go_on.wait(60)
         return original(self, part, views)
 
-    monkeypatch.setattr(object_storage._ObjectPartWriter, "write", write)
+    monkeypatch.setattr(object_storage._UploadPartWriter, "write", write)
     errors: list[BaseException] = []
 
     def first_save():

@@ -182,7 +182,7 @@ class _LosingWriter(SafetensorsWriter):
         self.lost = (written.files[1], int(written.rows[drop, 2]))
         keep = [i for i in range(len(written.rows)) if i != drop]
         trimmed = dataclasses.replace(
-            written, rows=written.rows[keep], tokens=tuple(written.tokens[i] for i in keep)
+            written, rows=written.rows[keep], etags=tuple(written.etags[i] for i in keep)
         )
         fut = torch.futures.Future()
         fut.set_result([dataclasses.replace(result, storage_data=trimmed)])

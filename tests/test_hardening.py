@@ -174,21 +174,21 @@ def test_an_exception_while_uploading_or_committing_to_s3_aborts_every_upload(ra
 
 def test_a_failed_s3_save_changes_none_of_the_previous_checkpoints_objects(s3, monkeypatch):
     """Small files (objects.json, config.json) wait in the commit record: nothing is published before it."""
-    from dcp_safetensors.storage.fsspec import ObjectStorage
+    from dcp_safetensors.storage.s3 import S3Storage
 
     url, opts = s3.url(s3.prefix), s3.storage_options
     dcp_safetensors.save({"w": torch.ones(4), "step": 1}, url, storage_options=opts, hf_config={"layers": 1})
     before = {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)}
     assert "training_state/objects.json" in before and "config.json" in before
 
-    original = ObjectStorage.retry
+    original = S3Storage.retry
 
     def failing_record_put(self, request, name, fn, *args, **kwargs):
         if request == "PutObject" and name.endswith("COMMIT.json"):
             raise dcp_safetensors.errors.StorageError(f"{request} of {self.path(name)}: injected")
         return original(self, request, name, fn, *args, **kwargs)
 
-    monkeypatch.setattr(ObjectStorage, "retry", failing_record_put)
+    monkeypatch.setattr(S3Storage, "retry", failing_record_put)
     with pytest.raises(dcp_safetensors.errors.StorageError, match="COMMIT.json: injected"):
         dcp_safetensors.save({"w": torch.zeros(4), "step": 2}, url, storage_options=opts, hf_config={"layers": 2})
     monkeypatch.undo()

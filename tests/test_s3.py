@@ -137,16 +137,16 @@ def test_one_storage_client_per_save_and_per_load(s3, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
     from dcp_safetensors import SafetensorsReader, SafetensorsWriter
-    from dcp_safetensors.storage import fsspec as fsspec_storage
+    from dcp_safetensors.storage.s3 import S3Storage
 
     made = []
-    original = fsspec_storage.ObjectStorage.__init__
+    original = S3Storage.__init__
 
     def counting(self, *args, **kwargs):
         made.append(args[0])
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(fsspec_storage.ObjectStorage, "__init__", counting)
+    monkeypatch.setattr(S3Storage, "__init__", counting)
     url = s3.url(s3.prefix)
     sd = {"w": torch.arange(6.0).reshape(2, 3)}
     writer = SafetensorsWriter(url, storage_options=options(s3))
@@ -193,7 +193,7 @@ def test_small_tensors_are_read_in_batched_ranged_gets(s3, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
     from dcp_safetensors import SafetensorsReader, SafetensorsWriter
-    from dcp_safetensors.storage import fsspec as fsspec_storage
+    from dcp_safetensors.storage.fsspec import FsspecStorage
 
     url = s3.url(s3.prefix)
     state = _small_tensors()
@@ -215,7 +215,7 @@ def test_small_tensors_are_read_in_batched_ranged_gets(s3, monkeypatch):
     out, gets = load()
     assert all(same(out[k], v) for k, v in state.items())
     assert gets == 1 + 1 + 1, gets  # the index, the header, one batch (all 300 tensors: ~12 KB)
-    monkeypatch.setattr(fsspec_storage, "READ_BATCH", 1024)
+    monkeypatch.setattr(FsspecStorage, "read_batch", 1024)
     out, gets = load()
     assert all(same(out[k], v) for k, v in state.items())
     assert 2 + data_bytes // 1024 <= gets <= 2 + 3 * (data_bytes // 1024 + 1), (gets, data_bytes)

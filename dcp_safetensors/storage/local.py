@@ -45,11 +45,25 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from dcp_safetensors import commit as commit_protocol
+from dcp_safetensors.commit import (
+    BUILDING_PREFIX,
+    COMMIT_RECORD,
+    INDEX_NAME,
+    LOCK_FILE,
+    STAGING_PREFIX,
+    Commit,
+    CommitRecord,
+    staging_name,
+    stale_files,
+)
 from dcp_safetensors.errors import ConcurrentSaveError, MissingFileError
 from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.storage.base import SaveSession, Storage
 
-__all__ = ["LocalStorage", "WritableFile", "ReadableFile", "StagingClaim"]
+__all__ = ["LocalStorage", "RenameCommit", "WritableFile", "ReadableFile", "StagingClaim"]
+
+PUBLISH_WAIT = 120.0
+"""Seconds a writer waits for another live save to finish publishing before it gives up."""
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +232,7 @@ class _LocalPartWriter:
                 f.close()
 
 
-class LocalStorage:
+class LocalStorage(Storage):
     """A checkpoint directory on a POSIX filesystem; names are relative to ``root``.
 
     ``max_part`` caps the bytes of one write: a rank's range of a file is cut
@@ -234,6 +248,7 @@ class LocalStorage:
         self.root = os.fspath(root)
         self.max_part = max_part
         self._claims: dict[str, StagingClaim] = {}  # staging directories this save holds
+        self.commits = RenameCommit(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -280,17 +295,14 @@ class LocalStorage:
         return ReadableFile(self.path(posixpath.join(staging, name)))
 
     def recover(self, *, writer: bool) -> str | None:
-        """Complete commits whose writer died (writers also drop abandoned staging); see :func:`commit.recover`.
-
-        Returns the staging directory of a committed save a live process is publishing, if any.
-        """
-        return commit_protocol.recover(self, writer=writer)
+        """Complete commits whose writer died (writers also drop abandoned staging); see :meth:`RenameCommit.recover`."""
+        return self.commits.recover(writer=writer)
 
     # -- who holds a staging directory --------------------------------------------------
 
     def claim(self, staging: str) -> StagingClaim | None:
         """Take the lock of ``staging``: a claim if no live process holds it, else None."""
-        path = self.path(posixpath.join(staging, commit_protocol.LOCK_FILE))
+        path = self.path(posixpath.join(staging, LOCK_FILE))
         try:
             # Read-write: NFS emulates flock with POSIX locks, which need it for an exclusive lock.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -324,7 +336,7 @@ class LocalStorage:
     def owner(self, staging: str) -> str:
         """Who created ``staging`` (host, pid, age), as its lock file says; for messages."""
         try:
-            with open(self.path(posixpath.join(staging, commit_protocol.LOCK_FILE))) as f:
+            with open(self.path(posixpath.join(staging, LOCK_FILE))) as f:
                 o = json.load(f)
             return f"host {o['host']}, pid {o['pid']}, started {time.time() - o['started']:.0f} s ago"
         except (OSError, ValueError, KeyError, TypeError):
@@ -332,23 +344,23 @@ class LocalStorage:
 
     # -- saving -------------------------------------------------------------------------
 
-    def begin_save(self, snapshot: str, files: Sequence[str]) -> dict[str, Any]:
-        """Coordinator, before any rank writes: clean up, create and claim staging. Returns the session.
+    def begin_save(self, snapshot: str, files: Sequence[str]) -> SaveSession:
+        """Coordinator, before any rank writes: clean up, create and claim staging.
 
         Raises :class:`~dcp_safetensors.errors.ConcurrentSaveError` if another
         live save writes to this directory (nothing of either is touched).
         """
         os.makedirs(self.root, exist_ok=True)
-        staging = commit_protocol.staging_name(snapshot)
+        staging = staging_name(snapshot)
         # Built and claimed under another name, then renamed into place: a staging
         # directory is never visible unclaimed while its writer lives.
-        building = commit_protocol.BUILDING_PREFIX + snapshot
+        building = BUILDING_PREFIX + snapshot
         for d in {posixpath.dirname(f) for f in files} | {""}:
             os.makedirs(self.path(posixpath.join(building, d)), exist_ok=True)
         claim = self.claim(building)
         if claim is None:
             raise ConcurrentSaveError(f"{self.path(building)}: claimed by another process while being created")
-        with open(self.path(posixpath.join(building, commit_protocol.LOCK_FILE)), "w") as f:
+        with open(self.path(posixpath.join(building, LOCK_FILE)), "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
         os.rename(self.path(building), self.path(staging))
         self._claims[staging] = claim
@@ -356,36 +368,34 @@ class LocalStorage:
             # Listed after this save's staging exists: of two racing writers each sees the
             # other's staging, or the later one sees the earlier's, so both may stop but
             # never both go on.
-            commit_protocol.recover(self, writer=True, own=staging)
+            self.commits.recover(writer=True, own=staging)
         except BaseException:
             self._drop(staging)
             raise
-        return {"snapshot": snapshot, "staging": staging}
+        return SaveSession(snapshot, staging)
 
-    def part_writer(self, session: dict[str, Any]) -> _LocalPartWriter:
-        return _LocalPartWriter(self, session["staging"])
+    def part_writer(self, session: SaveSession) -> _LocalPartWriter:
+        return _LocalPartWriter(self, session.staging)
 
-    def write_small(self, session: dict[str, Any], name: str, data: bytes) -> None:
-        self.write_file(posixpath.join(session["staging"], name), data)
+    def write_small(self, session: SaveSession, name: str, data: bytes) -> None:
+        self.write_file(posixpath.join(session.staging, name), data)
 
     def commit_save(
-        self, session: dict[str, Any], files: Sequence[str], tokens: dict[str, list[tuple[int, Any]]], index: bytes
+        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
     ) -> None:
-        """Coordinator, after every rank's writes are durable: the commit (see :mod:`dcp_safetensors.commit`)."""
-        self.fsync_dir(session["staging"])
-        commit_protocol.commit(self, session["snapshot"], files, index)
-        self._release(session["staging"])
+        """Coordinator, after every rank's writes are durable: the commit (:class:`RenameCommit`)."""
+        self.commits.commit(session, files, etags, index)
+        self._release(session.staging)
 
-    def abort_save(self, session: dict[str, Any]) -> None:
+    def abort_save(self, session: SaveSession) -> None:
         # Past the commit point (a durable record) the save is the checkpoint: a failed
         # roll-forward is completed by the next writer or reader, never undone.
-        staging = session["staging"]
-        if self.exists(posixpath.join(staging, commit_protocol.COMMIT_RECORD)):
+        if self.exists(posixpath.join(session.staging, COMMIT_RECORD)):
             logger.warning("%s: the save committed but was not fully published; the next save or load completes it",
-                           self.path(staging))
-            self._release(staging)
+                           self.path(session.staging))
+            self._release(session.staging)
             return
-        self._drop(staging)
+        self._drop(session.staging)
 
     def _drop(self, staging: str) -> None:
         """Remove an uncommitted staging directory, then give up its claim (in that order: no one
@@ -435,3 +445,149 @@ class LocalStorage:
         for dirpath, _, filenames in os.walk(base):
             for f in filenames:
                 yield os.path.relpath(os.path.join(dirpath, f), self.root)
+
+
+class RenameCommit(Commit):
+    """The commit on POSIX: a durable record in the staging directory, then renames into place.
+
+    1. every rank writes into the staging directory and ``fsync``s its files;
+    2. the coordinator writes the new index into staging, then ``COMMIT.json``
+       (via a temporary name and a rename), and ``fsync``s staging: **the commit point**;
+    3. :meth:`roll_forward` unlinks the old index, moves the data files, moves
+       the index last, ``fsync``s, deletes stale files and removes staging.
+
+    Example:
+        >>> import tempfile, os
+        >>> s = LocalStorage(tempfile.mkdtemp())
+        >>> session = s.begin_save("abc", ["model.safetensors"])
+        >>> s.write_file(session.staging + "/model.safetensors", b"data")
+        >>> s.commit_save(session, ["model.safetensors"], {}, b"{}")
+        >>> sorted(os.listdir(s.root))
+        ['model.safetensors', 'model.safetensors.index.json']
+    """
+
+    def __init__(self, storage: LocalStorage) -> None:
+        self.storage = storage
+
+    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes) -> None:
+        s, staging = self.storage, session.staging
+        s.fsync_dir(staging)
+        s.write_file(posixpath.join(staging, INDEX_NAME), index)
+        for d in {posixpath.dirname(f) for f in files if posixpath.dirname(f)}:
+            s.fsync_dir(posixpath.join(staging, d))
+        record = CommitRecord(session.snapshot, list(files)).encode()
+        s.write_file(posixpath.join(staging, COMMIT_RECORD + ".tmp"), record)
+        s.replace(posixpath.join(staging, COMMIT_RECORD + ".tmp"), posixpath.join(staging, COMMIT_RECORD))
+        s.fsync_dir(staging)
+        session.committed = True
+        logger.debug("committed snapshot %s (%d files)", session.snapshot, len(files))
+        self.roll_forward(staging)
+
+    def roll_forward(self, staging: str) -> None:
+        s = self.storage
+        files = CommitRecord.read(s, staging).files
+        staged_index = posixpath.join(staging, INDEX_NAME)
+        if s.exists(staged_index):
+            s.remove(INDEX_NAME)
+            s.fsync_dir()
+        for f in files:
+            if s.exists(posixpath.join(staging, f)):
+                s.replace(posixpath.join(staging, f), f)
+        for d in {posixpath.dirname(f) for f in files if posixpath.dirname(f)}:
+            s.fsync_dir(d)
+        if s.exists(staged_index):
+            s.replace(staged_index, INDEX_NAME)
+        s.fsync_dir()
+        stale = stale_files(s, files)
+        for f in stale:
+            s.remove(f)
+        s.remove(posixpath.join(staging, COMMIT_RECORD))
+        s.remove_tree(staging)
+        logger.debug("published %s; removed %d stale files", staging, len(stale))
+
+    def recover(self, *, writer: bool, own: str | None = None) -> str | None:
+        """Finish what crashed saves left, and find the saves still running.
+
+        Whether a save's process lives is told by the ``flock`` it holds on its
+        staging directory's lock file:
+
+        ============================  ===============================  ===============================
+        staging directory             its process died                 its process lives
+        ============================  ===============================  ===============================
+        committed (has the record)    rolled forward, by whoever       readers read through it (the
+                                      claims it first                  name is returned); writers wait
+                                                                       for the publish to end
+        uncommitted                   writers delete it                writers raise
+                                                                       ConcurrentSaveError
+        ============================  ===============================  ===============================
+
+        Where the filesystem cannot lock, writers act as if every other save
+        were dead (one writer per directory) and readers as if it were alive
+        (they never publish).
+        """
+        s = self.storage
+        publishing: str | None = None
+        for entry in s.listdir():
+            if entry.startswith(BUILDING_PREFIX):
+                if writer:
+                    self._remove_if_abandoned(entry)
+                continue
+            if not entry.startswith(STAGING_PREFIX) or entry == own:
+                continue
+            claim = s.claim(entry)
+            if claim is not None and not claim.certain and not writer:
+                claim.release()
+                claim = None
+            if claim is None:
+                if writer:
+                    self._wait_for_publish(entry)
+                elif s.exists(posixpath.join(entry, COMMIT_RECORD)):
+                    publishing = entry
+                continue
+            try:
+                # Checked under the claim: a writer may have committed, then died, since the listing.
+                if s.exists(posixpath.join(entry, COMMIT_RECORD)):
+                    logger.warning("completing the commit of %s left by an interrupted save", entry)
+                    self.roll_forward(entry)
+                elif writer:
+                    logger.warning("removing %s left by an interrupted save that never committed", entry)
+                    s.remove_tree(entry)
+            finally:
+                claim.release()
+        return publishing
+
+    def _remove_if_abandoned(self, entry: str) -> None:
+        claim = self.storage.claim(entry)
+        if claim is not None:
+            self.storage.remove_tree(entry)
+            claim.release()
+
+    def _wait_for_publish(self, staging: str) -> None:
+        """A writer meeting another live save: wait while that one publishes; raise while it writes."""
+        s = self.storage
+        deadline = time.monotonic() + PUBLISH_WAIT
+        delay = 0.01
+        while True:
+            if not s.exists(posixpath.join(staging, COMMIT_RECORD)):
+                if not s.exists(staging):
+                    return  # published meanwhile
+                raise ConcurrentSaveError(
+                    f"{s.path(staging)}: another save ({s.owner(staging)}) is writing this checkpoint "
+                    "directory; this save stopped before touching it. Save to another directory, or wait for that "
+                    "save to finish (if its job is gone, its staging directory is removed by the next save)"
+                )
+            claim = s.claim(staging)
+            if claim is not None:  # its process died while publishing: finish it
+                try:
+                    if s.exists(posixpath.join(staging, COMMIT_RECORD)):
+                        self.roll_forward(staging)
+                finally:
+                    claim.release()
+                return
+            if time.monotonic() > deadline:
+                raise ConcurrentSaveError(
+                    f"{s.path(staging)}: another save ({s.owner(staging)}) has been publishing this "
+                    f"checkpoint for over {PUBLISH_WAIT:.0f} s; this save stopped before touching it"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)

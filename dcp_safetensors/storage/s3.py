@@ -1,0 +1,400 @@
+"""S3: multipart uploads written by the ranks that hold the bytes, committed by one record.
+
+A save is one multipart upload per file, created by the coordinator; each rank
+uploads the parts the layout gave it (``UploadPart``, every part but the last
+>= 5 MiB). A data file is an upload to its final key, invisible until
+completed, so nothing of the previous checkpoint changes while ranks upload.
+The commit (:class:`RecordCommit`) PUTs one record
+(``.dcp_safetensors-staging-<snapshot>/COMMIT.json``: upload ids and part
+ETags, the small files, the index): **that PUT is the commit point**. Rolling
+forward then deletes the old index, completes the uploads, PUTs the small
+files and the index, and deletes files of older snapshots and the record;
+every step is idempotent. Before the commit point any failure aborts every
+upload.
+
+Reads are pinned: an object opened once (HEAD: size and ETag) is read with
+ranged GETs ``If-Match`` that ETag, so a save that replaces it makes the
+read fail (:class:`~dcp_safetensors.errors.CheckpointChangedError`) rather
+than return another snapshot's bytes.
+
+Example:
+    >>> S3Storage("s3://bucket/run/step-1", {"anon": True}).min_part
+    5242880
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import os
+import posixpath
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from dcp_safetensors.commit import (
+    COMMIT_RECORD,
+    INDEX_NAME,
+    STAGING_PREFIX,
+    Commit,
+    CommitRecord,
+    staging_name,
+)
+from dcp_safetensors.errors import (
+    BucketNotFoundError,
+    CheckpointCorruptError,
+    ConcurrentSaveError,
+    ConfigurationError,
+    MissingFileError,
+    StorageAccessError,
+    StorageError,
+)
+from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.storage.base import PartWriter, ReadHandle, SaveSession
+from dcp_safetensors.storage.fsspec import FsspecStorage, each, error_code
+
+__all__ = ["S3Storage", "RecordCommit", "S3_MIN_PART", "PUBLISH_LEASE"]
+
+logger = logging.getLogger("dcp_safetensors")
+
+S3_MIN_PART = 5 << 20
+"""S3 rejects a non-last multipart part smaller than this (``EntityTooSmall``)."""
+
+PUBLISH_LEASE = 20.0
+"""Seconds after its commit record's PUT during which a reader leaves a save's publish to its
+writer (an object store cannot tell whether that process lives); after it, a reader takes over."""
+
+
+class _StagedBytes:
+    """A small file a committed save holds in its record until it is published (the index, config.json)."""
+
+    etag: str | None = None
+
+    def __init__(self, path: str, data: bytes) -> None:
+        self.path = path
+        self.size = len(data)
+        self._data = data
+
+    def readinto(self, offset: int, buffer: Any) -> None:
+        view = memoryview(buffer).cast("B")
+        if offset + view.nbytes > self.size:
+            raise EOFError(f"{self.path}: ends before byte {offset + view.nbytes}")
+        view[:] = self._data[offset : offset + view.nbytes]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class _UploadPartWriter:
+    """A rank's parts of one save: each an ``UploadPart`` into its file's multipart upload."""
+
+    def __init__(self, storage: S3Storage, session: SaveSession) -> None:
+        self._storage = storage
+        self._uploads = session.uploads
+
+    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+        data = views[0].tobytes() if len(views) == 1 else b"".join(views)
+        s = self._storage
+        bucket, key = s.bucket_key(part.file)
+        try:
+            response = s.retry(
+                f"UploadPart {part.number}",
+                part.file,
+                s.fs.call_s3,
+                "upload_part",
+                Bucket=bucket,
+                Key=key,
+                PartNumber=part.number,
+                UploadId=self._uploads[part.file],
+                Body=data,
+            )
+        except FileNotFoundError as e:
+            if error_code(e) != "NoSuchUpload":
+                raise
+            raise ConcurrentSaveError(
+                f"{s.path(part.file)}: the multipart upload of this save was aborted by someone else: another save "
+                "to this checkpoint (a restarted job?) began and cleaned up uploads it took for abandoned. This save "
+                "stopped; nothing of it was published"
+            ) from None
+        return str(response["ETag"])
+
+    def close(self) -> None:
+        """Nothing to flush: a part is durable once UploadPart returns."""
+
+
+class S3Storage(FsspecStorage):
+    """A checkpoint under an ``s3://`` URL (s3fs); names are relative to it.
+
+    Args:
+        url: e.g. ``"s3://bucket/prefix/step-100"``.
+        storage_options: what ``s3fs.S3FileSystem`` takes (``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": ...}``, ...).
+        max_part: largest multipart part (default 64 MiB, at least 5 MiB).
+        retries: attempts per request for transient failures.
+    """
+
+    min_part = S3_MIN_PART
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        max_part: int | None = 64 << 20,
+        retries: int = 6,
+    ) -> None:
+        super().__init__(url, storage_options, retries=retries)
+        max_part = 64 << 20 if max_part is None else max_part
+        if max_part < S3_MIN_PART:
+            raise ConfigurationError(f"max_part must be at least 5 MiB on S3, got {max_part}")
+        self.max_part = max_part
+        self.commits = RecordCommit(self)
+
+    def bucket_key(self, name: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(self.path(name))
+        return bucket, key
+
+    def _where(self, request: str, name: str) -> str:
+        bucket, key = self.bucket_key(name)
+        return f"{request} of {self.path(name)} (bucket {bucket!r}, key {key!r}) at {self.fs.s3.meta.endpoint_url}"
+
+    def s3(self, request: str, name: str, operation: str, **kwargs: Any) -> Any:
+        """One S3 API call about object ``name`` (Bucket and Key filled in), retried."""
+        bucket, key = self.bucket_key(name)
+        return self.retry(request, name, self.fs.call_s3, operation, Bucket=bucket, Key=key, **kwargs)
+
+    # -- reading: pinned to an ETag -----------------------------------------------------
+
+    def head(self, name: str, etag: str | None = None) -> tuple[int, str | None]:
+        """``(size, ETag)`` of ``name``; with ``etag``, CheckpointChangedError if it is another version."""
+        condition = {"IfMatch": etag} if etag is not None else {}
+        try:
+            response = self.s3("HeadObject", name, "head_object", **condition)
+        except FileNotFoundError:
+            raise MissingFileError(f"{self.path(name)}: object is missing") from None
+        return int(response["ContentLength"]), str(response["ETag"])
+
+    def _get(self, request: str, name: str, offset: int, length: int, etag: str | None) -> bytes:
+        if etag is None:
+            return super()._get(request, name, offset, length, None)
+        return self.retry(request, name, self._get_if_match, name, offset, length, etag)
+
+    def _get_if_match(self, name: str, offset: int, length: int, etag: str) -> bytes:
+        import fsspec.asyn
+
+        bucket, key = self.bucket_key(name)
+
+        async def get() -> bytes:
+            response = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=etag
+            )
+            try:
+                return bytes(await response["Body"].read())
+            finally:
+                response["Body"].close()
+
+        return bytes(fsspec.asyn.sync(self.fs.loop, get))
+
+    def open_staged(self, staging: str, name: str) -> ReadHandle:
+        """The copy of ``name`` the committed save ``staging`` holds in its record, before publishing it.
+
+        Only the index and the small files live there; a data file is an upload completed into its
+        final key (MissingFileError here: read it there).
+        """
+        record = CommitRecord.read(self, staging)
+        data = record.index if name == INDEX_NAME else record.small.get(name)
+        if data is None:
+            raise MissingFileError(f"{self.path(name)}: not in the commit record of {staging}")
+        return _StagedBytes(self.path(posixpath.join(staging, name)), data)
+
+    # -- saving -------------------------------------------------------------------------
+
+    def recover(self, *, writer: bool) -> str | None:
+        """See :meth:`RecordCommit.recover`."""
+        return self.commits.recover(writer=writer)
+
+    def begin_save(self, snapshot: str, files: Sequence[str]) -> SaveSession:
+        self.recover(writer=True)
+        session = SaveSession(snapshot, staging_name(snapshot))
+
+        def create(f: str) -> None:
+            response = self.s3("CreateMultipartUpload", f, "create_multipart_upload")
+            # Recorded as each is made: a failure part-way aborts the ones already made.
+            session.uploads[f] = response["UploadId"]
+
+        try:
+            each(create, files)
+            session.uploads = {f: session.uploads[f] for f in files}  # in file order
+        except BaseException:
+            self.abort_save(session)
+            raise
+        return session
+
+    def part_writer(self, session: SaveSession) -> PartWriter:
+        return _UploadPartWriter(self, session)
+
+    def write_small(self, session: SaveSession, name: str, data: bytes) -> None:
+        session.small[name] = data  # published from the commit record, never before it
+
+    def commit_save(
+        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
+    ) -> None:
+        """PUT the commit record (the commit point), then roll forward; before it, any failure aborts."""
+        self.commits.commit(session, files, etags, index)
+
+    def abort_save(self, session: SaveSession) -> None:
+        """Abort every multipart upload of an uncommitted session (idempotent; an unknown upload is fine)."""
+        if session.committed:
+            return
+        for f, upload_id in session.uploads.items():
+            try:
+                self.abort_upload(f, upload_id)
+            except StorageError as e:  # the save's own error is the one to raise
+                logger.warning("could not abort an upload: %s", e)
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already aborted or completed is fine."""
+        try:
+            self.s3("AbortMultipartUpload", name, "abort_multipart_upload", UploadId=upload_id)
+        except FileNotFoundError:
+            # Every rank aborts a failed save's uploads; the first one to get there wins.
+            logger.debug("upload of %s already aborted or completed", self.path(name))
+
+    def abort_open_uploads(self) -> None:
+        """Abort every multipart upload under the checkpoint (those an interrupted save left open)."""
+        bucket, prefix = self.bucket_key("")
+        uploads: list[dict[str, Any]] = []
+        markers: dict[str, str] = {}
+        while True:  # a page lists at most 1,000 uploads on S3
+            page = self.retry(
+                "ListMultipartUploads", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/", **markers
+            )
+            uploads += page.get("Uploads", [])
+            # Exactly the markers the server returned: SeaweedFS returns no NextKeyMarker, and
+            # a KeyMarker made up from the last key makes it list nothing more.
+            markers = {m: page[f"Next{m}"] for m in ("KeyMarker", "UploadIdMarker") if page.get(f"Next{m}")}
+            if not (page.get("IsTruncated") and markers):
+                break
+        if uploads:
+            logger.warning("aborting %d multipart uploads under %s left open by an interrupted save", len(uploads), self.url)
+        # Every abort is a round trip: thousands of them one after another would take minutes.
+        each(lambda u: self.abort_upload(u["Key"][len(prefix) + 1 :], u["UploadId"]), uploads)
+
+
+class RecordCommit(Commit):
+    """The commit on S3: one PUT of the commit record, then publishing from it.
+
+    An object store cannot tell whether a writer lives. Writers finish every
+    committed record they find; readers leave a record younger than
+    :data:`PUBLISH_LEASE` (by the server's clock) to its writer, unless that
+    writer ran on the reader's host and its process is gone, and read the
+    new snapshot through the record meanwhile.
+    """
+
+    def __init__(self, storage: S3Storage) -> None:
+        self.storage = storage
+
+    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes) -> None:
+        s = self.storage
+        record = CommitRecord(
+            session.snapshot,
+            list(files),
+            uploads={f: {"upload_id": u, "parts": sorted(etags.get(f, []))} for f, u in session.uploads.items()},
+            small=dict(session.small),
+            index=index,
+        )
+        try:
+            name = posixpath.join(session.staging, COMMIT_RECORD)
+            s.retry("PutObject", name, s.fs.pipe_file, s.path(name), record.encode())
+        except BaseException:
+            s.abort_save(session)
+            raise
+        # Past the commit point the uploads belong to the record: a failure while rolling
+        # forward leaves them for the next reader or writer to complete, never to abort.
+        session.committed = True
+        self._publish(session.staging, record, resumed=False)
+
+    def roll_forward(self, staging: str) -> None:
+        self._publish(staging, CommitRecord.read(self.storage, staging), resumed=True)
+
+    def _publish(self, staging: str, record: CommitRecord, *, resumed: bool) -> None:
+        s = self.storage
+        index = record.index or b""
+        # Without an index no tool mixes old and new files while uploads complete. A fresh
+        # commit's index is new (a new snapshot id); a resumed one may find its own published.
+        if not resumed or (s.exists(INDEX_NAME) and s.read_range(INDEX_NAME, 0, s.size(INDEX_NAME)) != index):
+            s.retry("DeleteObject", INDEX_NAME, s.fs.rm_file, s.path(INDEX_NAME))
+
+        def complete(f: str, upload: dict[str, Any]) -> None:
+            parts = [{"PartNumber": n, "ETag": etag} for n, etag in upload["parts"]]
+            try:
+                s.s3("CompleteMultipartUpload", f, "complete_multipart_upload",
+                     UploadId=upload["upload_id"], MultipartUpload={"Parts": parts})
+            except (StorageAccessError, BucketNotFoundError):
+                raise  # asking whether it completed would be refused too
+            except (FileNotFoundError, StorageError):
+                if not s.exists(f):  # not completed by an earlier roll-forward either
+                    raise
+
+        # S3 assembles each file on CompleteMultipartUpload (seconds for a multi-GB file).
+        each(lambda fu: complete(*fu), list(record.uploads.items()))
+        for name, data in record.small.items():
+            s.retry("PutObject", name, s.fs.pipe_file, s.path(name), data)
+        s.publish_index(index, record.files)
+        # The record is the staging prefix's only object. Stores with real directories
+        # (SeaweedFS) keep the emptied one until the "directory object" is deleted too.
+        name = posixpath.join(staging, COMMIT_RECORD)
+        s.retry("DeleteObject", name, s.fs.rm_file, s.path(name))
+        bucket, key = s.bucket_key(staging)
+        s.retry("DeleteObject", staging, s.fs.call_s3, "delete_object", Bucket=bucket, Key=key + "/")
+        s.fs.invalidate_cache(s.url)
+
+    def recover(self, *, writer: bool, own: str | None = None) -> str | None:
+        """Finish committed records (writers: all; readers: past the lease or of a dead local writer);
+        writers also abort the uploads an uncommitted save left open. Returns a record a live writer
+        is publishing, for readers to read through."""
+        s = self.storage
+        s.fs.invalidate_cache()
+        publishing = None
+        for entry in s.listdir():
+            if not entry.startswith(STAGING_PREFIX) or entry == own:
+                continue
+            age = self._age(posixpath.join(entry, COMMIT_RECORD))
+            if age is None:
+                continue
+            if writer or age > PUBLISH_LEASE or self._writer_died(entry):
+                logger.warning("completing the commit of %s left by an interrupted save", entry)
+                self.roll_forward(entry)
+            else:
+                publishing = entry
+        if writer:
+            s.abort_open_uploads()
+        return publishing
+
+    def _writer_died(self, staging: str) -> bool:
+        """Whether the process that committed ``staging`` is known dead: it ran on this host and is gone."""
+        try:
+            owner = CommitRecord.read(self.storage, staging).writer
+        except (CheckpointCorruptError, MissingFileError):
+            return False
+        if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+            return False  # another host: only the lease tells
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def _age(self, name: str) -> float | None:
+        """Seconds since ``name`` was written, by the server's clock (None if it does not exist)."""
+        try:
+            response = self.storage.s3("HeadObject", name, "head_object")
+        except FileNotFoundError:
+            return None
+        now = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if now is None:
+            return math.inf
+        return float((email.utils.parsedate_to_datetime(now) - response["LastModified"]).total_seconds())
