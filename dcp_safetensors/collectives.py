@@ -16,6 +16,7 @@ Example (one process, no group):
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import defaultdict
 
 import torch
@@ -36,6 +37,9 @@ class ByteSource:
     def __init__(self) -> None:
         self._pieces: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
         self._sorted: set[str] = set()
+        # Parts of one file are read from several write threads; CPython's list.sort shows
+        # the list empty while it sorts, so a read racing the first sort found no bytes.
+        self._sorting = threading.Lock()
 
     def add(self, file: str, offset: int, view: memoryview) -> None:
         if view.nbytes:
@@ -44,10 +48,11 @@ class ByteSource:
 
     def read(self, file: str, offset: int, length: int) -> list[memoryview]:
         """Views covering ``[offset, offset + length)`` of ``file`` exactly; LayoutError if not held."""
-        pieces = self._pieces[file]
-        if file not in self._sorted:
-            pieces.sort(key=lambda p: p[0])
-            self._sorted.add(file)
+        with self._sorting:
+            pieces = self._pieces[file]
+            if file not in self._sorted:
+                pieces.sort(key=lambda p: p[0])
+                self._sorted.add(file)
         out: list[memoryview] = []
         pos, end = offset, offset + length
         i = max(bisect.bisect_right(pieces, pos, key=lambda p: p[0]) - 1, 0)

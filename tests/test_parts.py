@@ -106,3 +106,46 @@ def test_posix_saves_cut_a_ranks_range_into_max_part_writes(tmp_path):
     assert len(writer._layout.rank_plans[0].parts) == 11  # ceil(40968 / 4096): header + data
     assert verify_all(str(tmp_path)).ok
     assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "model.safetensors")).items())
+
+
+def test_byte_source_reads_from_many_threads_at_once_before_the_first_sort():
+    """Write threads read parts of one file concurrently; the first read sorts its pieces. CPython's
+    list.sort shows the list empty while it sorts, so without a lock a racing read found no bytes
+    (a LayoutError seen under load in the FSDP2 + TP save)."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows in every round
+    try:
+        _read_concurrently()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _read_concurrently() -> None:
+    import threading
+
+    from dcp_safetensors.collectives import ByteSource
+
+    for _ in range(3):
+        source = ByteSource()
+        data = bytes(range(256)) * 1024  # 256 KiB, as 65,536 pieces of 4 bytes, added out of order
+        for off in reversed(range(0, len(data), 4)):
+            source.add("f", off, memoryview(data)[off : off + 4])
+        start = threading.Barrier(8)
+        errors, results = [], {}
+
+        def read(i: int) -> None:
+            start.wait()
+            try:
+                results[i] = b"".join(source.read("f", i * 32768, 32768))
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert all(results[i] == data[i * 32768 : (i + 1) * 32768] for i in range(8))
