@@ -133,16 +133,17 @@ def _read_concurrently() -> None:
         for off in reversed(range(0, len(data), 4)):
             source.add("f", off, memoryview(data)[off : off + 4])
         start = threading.Barrier(8)
-        errors, results = [], {}
+        errors: list[Exception] = []
+        results: dict[int, bytes] = {}
 
-        def read(i: int) -> None:
+        def read(i: int, source: ByteSource, start: threading.Barrier, errors: list, results: dict) -> None:
             start.wait()
             try:
                 results[i] = b"".join(source.read("f", i * 32768, 32768))
             except Exception as e:  # noqa: BLE001 - the test reports it
                 errors.append(e)
 
-        threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=read, args=(i, source, start, errors, results)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
