@@ -90,7 +90,7 @@ def test_resaving_fewer_keys_or_files_leaves_nothing_of_the_old_snapshot(tmp_pat
 def test_no_growth_of_fds_threads_or_memory_over_100_save_load_cycles(ranks, tmp_path):
     for rank, seen in enumerate(ranks(2).run(save_load_cycles, str(tmp_path / "ckpt"), 100)):
         print(f"rank {rank} after cycle 10 / 100: {seen}")
-        assert seen["fds"][0] == seen["fds"][1], f"rank {rank}: open file descriptors grew: {seen['fds']}"
+        assert seen["fds"][1] <= seen["fds"][0], f"rank {rank}: open file descriptors grew: {seen['fds']}"  # a transient one may close later
         assert seen["threads"][0] == seen["threads"][1], f"rank {rank}: threads grew: {seen['threads']}"
         grown = seen["rss_kib"][1] - seen["rss_kib"][0]
         assert grown < 16 << 10, f"rank {rank}: RSS grew {grown} KiB over 90 cycles"
