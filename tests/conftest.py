@@ -157,7 +157,7 @@ class SeaweedS3:
         command = [
             weed, "server", f"-dir={root}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=1024",
+            "-master.volumeSizeLimitMB=1024", "-volume.max=0",  # volume slots from free disk (the default 8 runs out over the suite)
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
             f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={root}/filer.sock",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}", f"-s3.localSocket={root}/s3.sock",
