@@ -311,7 +311,9 @@ def _being_replaced(storage: Storage, files: PinnedFiles) -> bool:
     """Whether a save is under way in the directory, or replaced the index ``files`` read."""
     if any(e.startswith(STAGING_PREFIX) for e in storage.listdir()):
         return True
-    if files.staging is None and files.is_open(INDEX_NAME):
+    # The index the attempt read (from staging or not) against the one there now: a publish
+    # that finished between the attempt and this check leaves no staging but another index.
+    if files.is_open(INDEX_NAME):
         try:
             return bool(storage.read_range(INDEX_NAME, 0, storage.size(INDEX_NAME)) != files.read_range(INDEX_NAME, 0, files.size(INDEX_NAME)))
         except (DcpSafetensorsError, OSError):

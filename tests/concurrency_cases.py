@@ -76,7 +76,7 @@ def reader_loop(path: str, numel: int, options: dict[str, Any], stop_file: str, 
         if refusing_since is not None:
             stats["refused_spans"].append(started - refusing_since)
             refusing_since = None
-        values = {float(v) for t in target.values() for v in t.unique().tolist()}
+        values = {float(v) for t in target.values() for v in t.aminmax()}
         if len(values) == 1:
             stats["consistent"] += 1
             stats["steps"].add(values.pop())
