@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_safetensors.checksum import crc32, format_crc32
-from dcp_safetensors.commit import INDEX_NAME, STAGING_PREFIX, TRAINING_STATE_DIR
 from dcp_safetensors.errors import (
     CheckpointChangedError,
     CheckpointCorruptError,
@@ -56,6 +55,17 @@ from dcp_safetensors.format import (
     tensor_nbytes,
 )
 from dcp_safetensors.layout import natural_key
+from dcp_safetensors.names import (
+    BLOCK_KEY,
+    CONFIG_FILE,
+    DCP_METADATA_FILE,
+    INDEX_NAME,
+    OBJECTS_FILE,
+    SINGLE_FILE,
+    SNAPSHOT_KEY,
+    STAGING_PREFIX,
+    TRAINING_STATE_DIR,
+)
 from dcp_safetensors.objects import decode_object, is_json_exact
 from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
@@ -83,13 +93,6 @@ __all__ = [
 logger = logging.getLogger("dcp_safetensors")
 
 FORMAT_VERSION = 1
-SNAPSHOT_KEY = "dcp_safetensors_snapshot"
-"""``__metadata__`` key holding the snapshot id in every file we write."""
-BLOCK_KEY = "dcp_safetensors"
-"""Our block inside the index's ``metadata``."""
-SINGLE_FILE = "model.safetensors"
-OBJECTS_FILE = posixpath.join(TRAINING_STATE_DIR, "objects.json")
-CONFIG_FILE = "config.json"
 
 OUTPUT_EMBEDDING = "lm_head.weight"
 """The output embedding of transformers' language models: the key ``save_pretrained`` leaves out when it is tied."""
@@ -208,7 +211,7 @@ def _describe_directory(storage: Files) -> str:
     entries = storage.listdir()
     if not entries:
         return f"{storage.path('')}: no checkpoint here (the directory is empty or missing)"
-    if ".metadata" in entries or any(e.endswith(".distcp") for e in entries):
+    if DCP_METADATA_FILE in entries or any(e.endswith(".distcp") for e in entries):
         return (
             f"{storage.path('')}: holds a torch.distributed.checkpoint (.distcp) checkpoint, not safetensors; "
             f"convert it with `dcp-safetensors convert {storage.path('')} DST` or load it with FileSystemReader"

@@ -45,6 +45,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dcp_safetensors.errors import CheckpointCorruptError, ConcurrentSaveError
+from dcp_safetensors.names import (
+    BUILDING_PREFIX,
+    COMMIT_RECORD,
+    INDEX_NAME,
+    LOCK_FILE,  # noqa: F401 (storage.local reads it here)
+    STAGING_PREFIX,
+    TRAINING_STATE_DIR,
+)
 
 if TYPE_CHECKING:
     from dcp_safetensors.storage.local import LocalStorage
@@ -53,16 +61,8 @@ __all__ = ["INDEX_NAME", "STAGING_PREFIX", "staging_name", "stale_files", "commi
 
 logger = logging.getLogger("dcp_safetensors")
 
-INDEX_NAME = "model.safetensors.index.json"
-STAGING_PREFIX = ".dcp_safetensors-staging-"
-BUILDING_PREFIX = ".dcp_safetensors-building-"
-"""A staging directory while its writer creates and claims it, before it is renamed into place."""
-COMMIT_RECORD = "COMMIT.json"
-LOCK_FILE = "WRITER.lock"
-"""In a staging directory: ``flock``ed by the process writing or publishing it; says who that is."""
 PUBLISH_WAIT = 120.0
 """Seconds a writer waits for another live save to finish publishing before it gives up."""
-TRAINING_STATE_DIR = "training_state"
 # Files a save owns and replaces, as save_pretrained replaces its shards; nothing else is deleted.
 _OWNED_TOP_LEVEL = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 

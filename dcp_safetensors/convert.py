@@ -72,16 +72,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import ReadItem
 
-from dcp_safetensors.checkpoint import (
-    OBJECTS_FILE,
-    SINGLE_FILE,
-    SNAPSHOT_KEY,
-    ProgressCallback,
-    build_index,
-    read_checkpoint,
-)
+from dcp_safetensors.checkpoint import ProgressCallback, build_index, read_checkpoint
 from dcp_safetensors.checksum import combine_runs, crc32, format_crc32
-from dcp_safetensors.commit import INDEX_NAME
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
@@ -91,7 +83,6 @@ from dcp_safetensors.errors import (
 )
 from dcp_safetensors.format import tensor_nbytes
 from dcp_safetensors.layout import (
-    MODEL_GROUP,
     ChunkSpec,
     FileLayout,
     PartPlan,
@@ -99,9 +90,18 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.names import (
+    CONFIG_FILES,
+    DCP_METADATA_FILE,
+    INDEX_NAME,
+    MODEL_GROUP,
+    OBJECTS_FILE,
+    SINGLE_FILE,
+    SNAPSHOT_KEY,
+    TRAINING_STATE_GROUP,
+)
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.storage import Storage, is_url, open_storage
-from dcp_safetensors.writer import TRAINING_STATE_GROUP
 
 __all__ = ["convert", "ConvertResult", "ConversionError", "PIECE", "CAST_DTYPES"]
 
@@ -121,9 +121,6 @@ CAST_DTYPES: dict[str, str] = {
     "float": "F32",
 }
 """``dtype`` names :func:`convert` takes, and the safetensors dtype each means."""
-
-CONFIG_FILES = ("config.json", "generation_config.json")
-"""Files of a safetensors source carried to the destination, in the same commit (as the writer's ``hf_config``)."""
 
 _TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -365,10 +362,10 @@ def _tensor_pieces(tensor: torch.Tensor) -> Iterator[memoryview]:
 def _open_source(src: str, storage_options: dict[str, Any] | None, model_prefix: str | None) -> _Source:
     storage = open_storage(src, storage_options)
     if storage.exists(INDEX_NAME) or storage.exists(SINGLE_FILE):
-        if storage.exists(".metadata"):
+        if storage.exists(DCP_METADATA_FILE):
             logger.warning("%s holds both safetensors and .distcp files; converting the safetensors", src)
         return _SafetensorsSource(src, storage_options, model_prefix)
-    if storage.exists(".metadata"):
+    if storage.exists(DCP_METADATA_FILE):
         if is_url(src):
             raise ConfigurationError(
                 f"{src}: converting a .distcp checkpoint from an object store is not supported; copy it to local disk first"

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import time
 import uuid
 from collections import defaultdict
@@ -58,16 +57,14 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
-from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
+from dcp_safetensors.checkpoint import build_index
 from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
-from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
 from dcp_safetensors.hooks import ObjectSource
 from dcp_safetensors.layout import (
-    MODEL_GROUP,
     CheckpointLayout,
     ChunkArrays,
     HeaderWrite,
@@ -78,6 +75,13 @@ from dcp_safetensors.layout import (
     plan_layout,
     restamp,
 )
+from dcp_safetensors.names import (
+    CONFIG_FILES,
+    MODEL_GROUP,
+    OBJECTS_FILE,
+    SNAPSHOT_KEY,
+    TRAINING_STATE_GROUP,
+)
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
 from dcp_safetensors.storage import Storage, open_storage
@@ -86,7 +90,6 @@ __all__ = ["SafetensorsWriter"]
 
 logger = logging.getLogger("dcp_safetensors")
 
-TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 
 @dataclass(frozen=True)
 class _RankStorageData:
@@ -629,7 +632,7 @@ def _check_tiled(name: str, size: int, rows: np.ndarray) -> int:
 def _config_files(hf_config: Any, generation_config: Any, strip_auto_map: bool) -> dict[str, bytes]:
     """``config.json`` / ``generation_config.json`` bodies, as ``save_pretrained`` writes them."""
     out = {}
-    for name, config in (("config.json", hf_config), ("generation_config.json", generation_config)):
+    for name, config in zip(CONFIG_FILES, (hf_config, generation_config)):
         if config is None:
             continue
         if hasattr(config, "to_dict"):

@@ -46,13 +46,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from dcp_safetensors.commit import (
-    COMMIT_RECORD,
-    INDEX_NAME,
-    STAGING_PREFIX,
-    staging_name,
-    stale_files,
-)
+from dcp_safetensors.commit import staging_name, stale_files
 from dcp_safetensors.errors import (
     BucketNotFoundError,
     CheckpointChangedError,
@@ -64,6 +58,7 @@ from dcp_safetensors.errors import (
     StorageError,
 )
 from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.names import COMMIT_RECORD, INDEX_NAME, STAGING_PREFIX
 
 __all__ = ["ObjectStorage", "S3_MIN_PART"]
 
