@@ -46,6 +46,7 @@ from dcp_safetensors.errors import (
     MissingKeyError,
     SnapshotMismatchError,
     UnsafePathError,
+    shrank,
 )
 from dcp_safetensors.format import (
     LENGTH_PREFIX,
@@ -634,23 +635,19 @@ def _check_checksums(
     for (file, want), size in zip(files, sizes):
         crc = 0
         try:
-            for offset in range(0, size, chunk_size):
-                view = memoryview(buf)[: min(chunk_size, size - offset)]
-                storage.readinto(file, offset, view)
-                crc = crc32(view, crc)
-                read += view.nbytes
-                if progress is not None:
-                    progress(done + offset + view.nbytes, total)
+            with shrank(storage, file):
+                for offset in range(0, size, chunk_size):
+                    view = memoryview(buf)[: min(chunk_size, size - offset)]
+                    storage.readinto(file, offset, view)
+                    crc = crc32(view, crc)
+                    read += view.nbytes
+                    if progress is not None:
+                        progress(done + offset + view.nbytes, total)
             if format_crc32(crc) != want:
                 raise ChecksumMismatchError(
                     f"{storage.path(file)}: checksum {format_crc32(crc)} differs from {want} recorded at save time "
                     "(the file's bytes changed after it was written)"
                 )
-        except EOFError as e:
-            error = FileSizeMismatchError(f"{storage.path(file)}: shrank while being checked ({e})")
-            if problems is None:
-                raise error from None
-            problems.append(error)
         except (DcpSafetensorsError, OSError) as e:
             if problems is None:
                 raise

@@ -76,10 +76,10 @@ from dcp_safetensors.checkpoint import ProgressCallback, build_index, read_check
 from dcp_safetensors.checksum import combine_runs, crc32, format_crc32
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import (
-    CheckpointCorruptError,
     ConfigurationError,
     DcpSafetensorsError,
     LayoutError,
+    truncated,
 )
 from dcp_safetensors.format import tensor_nbytes
 from dcp_safetensors.layout import (
@@ -208,12 +208,8 @@ class _SafetensorsSource:
         nbytes = loc.nbytes
         for offset in range(0, nbytes, PIECE):
             view = buffer.data[: min(PIECE, nbytes - offset)]
-            try:
+            with truncated(self.storage, loc.file, f"tensor {key!r}"):
                 self.storage.readinto(loc.file, loc.offset + offset, view)
-            except EOFError as e:
-                raise CheckpointCorruptError(
-                    f"{self.storage.path(loc.file)}: truncated while reading tensor {key!r}: {e}"
-                ) from None
             yield view
 
 
