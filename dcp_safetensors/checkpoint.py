@@ -56,6 +56,7 @@ from dcp_safetensors.format import (
     tensor_nbytes,
 )
 from dcp_safetensors.layout import natural_key
+from dcp_safetensors.mapping import under_prefix, with_prefix
 from dcp_safetensors.names import (
     BLOCK_KEY,
     CONFIG_FILE,
@@ -367,7 +368,7 @@ def _read_checkpoint(
 
     keyed: dict[str, tuple[str, str]] = {}
     for name, file in weight_map.items():
-        keyed[f"{model_prefix}.{name}" if model_prefix else name] = (name, _safe_name(file, path))
+        keyed[with_prefix(model_prefix, name)] = (name, _safe_name(file, path))
     for key, file in extra.items():
         keyed[key] = (key, _safe_name(file, path))
 
@@ -432,7 +433,7 @@ def _read_checkpoint(
         raise InvalidIndexError(f"{storage.path(INDEX_NAME)}: 'aliases' is not an object")
     alias_keys: dict[str, str] = {}
     for alias, kept in aliases.items():
-        key = f"{model_prefix}.{kept}" if model_prefix else kept
+        key = with_prefix(model_prefix, kept)
         if key not in tensors:
             if key in keyed and problems is not None:  # its file or entry is already reported
                 continue
@@ -441,7 +442,7 @@ def _read_checkpoint(
                 raise error
             problems.append(error)
             continue
-        alias_key = f"{model_prefix}.{alias}" if model_prefix else alias
+        alias_key = with_prefix(model_prefix, alias)
         tensors[alias_key] = tensors[key]
         alias_keys[alias_key] = key
 
@@ -507,8 +508,7 @@ def infer_ties(ckpt: Checkpoint, storage: Files) -> None:
     """
     if ckpt.written_by_us:
         return
-    prefix = f"{ckpt.model_prefix}." if ckpt.model_prefix else ""
-    names = {k[len(prefix) :] for k in ckpt.tensors if k.startswith(prefix)}
+    names = {name for key in ckpt.tensors if (name := under_prefix(ckpt.model_prefix, key)) is not None}
     config, reason = _read_config(storage)
     tied = pairs = None
     if config is not None:
@@ -526,7 +526,8 @@ def infer_ties(ckpt: Checkpoint, storage: Files) -> None:
         if (target in names) == (source in names):
             continue  # both saved (an untied save), or neither (not this checkpoint's keys)
         # from_pretrained ties either way round: whichever key of the pair was saved serves both.
-        alias, kept = (prefix + target, prefix + source) if source in names else (prefix + source, prefix + target)
+        alias, kept = (target, source) if source in names else (source, target)
+        alias, kept = with_prefix(ckpt.model_prefix, alias), with_prefix(ckpt.model_prefix, kept)
         if tied:
             ckpt.tensors[alias] = ckpt.tensors[kept]
             ckpt.aliases[alias] = kept

@@ -90,6 +90,7 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
 from dcp_safetensors.names import (
     CONFIG_FILES,
     DCP_METADATA_FILE,
@@ -468,15 +469,6 @@ def _with_dtype(config: bytes, dtype: str | None) -> bytes:
     return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _place(key: str, prefix: str | None) -> tuple[str, str]:
-    """``(group, name in file)`` of a key, as :class:`SafetensorsWriter` places it."""
-    if not prefix:
-        return MODEL_GROUP, key
-    if key.startswith(prefix + "."):
-        return MODEL_GROUP, key[len(prefix) + 1 :]
-    return TRAINING_STATE_GROUP, key
-
-
 def convert(
     src: str,
     dst: str,
@@ -509,8 +501,7 @@ def convert(
     started = time.perf_counter()
     parse_size(max_shard_size)
     target = _target_dtype(dtype)
-    if model_prefix is not None and (not model_prefix or model_prefix.endswith(".")):
-        raise ConfigurationError(f"model_prefix must be a key prefix without a trailing dot, got {model_prefix!r}")
+    check_prefix(model_prefix, "model_prefix")
     source = _open_source(src, storage_options, model_prefix)
     prefix = model_prefix if model_prefix is not None else source.model_prefix
     logger.info("converting %s (%s)", src, source.description)
@@ -522,7 +513,7 @@ def convert(
         out = target if target is not None and t.dtype in _CASTABLE else t.dtype
         if out != t.dtype:
             casts[t.key] = f"{t.dtype}->{out}"
-        group, name = _place(t.key, prefix)
+        group, name = place_key(t.key, prefix)
         specs.append(TensorSpec(t.key, name, out, t.shape, group))
         source_dtype[t.key] = t.dtype
     storage: Storage = open_storage(dst, storage_options)
@@ -586,7 +577,7 @@ def convert(
             extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
             objects_file=objects_file,
             model_prefix=prefix,
-            aliases={_place(a, prefix)[1]: names[kept] for a, kept in sorted(source.aliases.items())},
+            aliases={without_prefix(prefix, a): names[kept] for a, kept in sorted(source.aliases.items())},
         )
         storage.commit_save(session, published, dict(sink.tokens), index)
     except BaseException:

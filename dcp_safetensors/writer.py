@@ -75,6 +75,7 @@ from dcp_safetensors.layout import (
     plan_layout,
     restamp,
 )
+from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
 from dcp_safetensors.names import (
     CONFIG_FILES,
     MODEL_GROUP,
@@ -195,8 +196,7 @@ class SafetensorsWriter(StorageWriter):
     ) -> None:
         super().__init__()
         parse_size(max_shard_size)  # fail at construction, not mid-save
-        if model_prefix is not None and (not model_prefix or model_prefix.endswith(".")):
-            raise ConfigurationError(f"model_prefix must be a key prefix without a trailing dot, got {model_prefix!r}")
+        check_prefix(model_prefix, "model_prefix")
         self.path = os.fspath(path)
         self.max_shard_size = max_shard_size
         self.model_prefix = model_prefix
@@ -477,12 +477,9 @@ class SafetensorsWriter(StorageWriter):
 
     def _file_names(self, aliases: dict[str, str], layout: CheckpointLayout) -> dict[str, str]:
         """Tied aliases as names in the files (model prefix stripped), for keys that were saved."""
-        prefix = f"{self.model_prefix}." if self.model_prefix else ""
         names = {s.key: s.name for s in layout.tensors}
         return {
-            (alias[len(prefix) :] if prefix and alias.startswith(prefix) else alias): names[kept]
-            for alias, kept in sorted(aliases.items())
-            if kept in names
+            without_prefix(self.model_prefix, alias): names[kept] for alias, kept in sorted(aliases.items()) if kept in names
         }
 
     def _specs(self, plans: list[SavePlan]) -> list[TensorSpec]:
@@ -499,15 +496,10 @@ class SafetensorsWriter(StorageWriter):
                 holders = [(r, p.storage_data[key]) for r, p in enumerate(plans) if key in (p.storage_data or {})]
                 (r0, a), (r1, b) = holders[0], next(h for h in holders if h[1] != holders[0][1])
                 raise LayoutError(f"tensor {key!r}: rank {r0} holds {a[0]} {list(a[1])}, rank {r1} holds {b[0]} {list(b[1])}")
-        prefix = f"{self.model_prefix}." if self.model_prefix else ""
         specs = []
         for key, (dtype, shape) in declared.items():
-            if not prefix:
-                specs.append(TensorSpec(key, key, dtype, shape))
-            elif key.startswith(prefix):
-                specs.append(TensorSpec(key, key[len(prefix) :], dtype, shape))
-            else:
-                specs.append(TensorSpec(key, key, dtype, shape, TRAINING_STATE_GROUP))
+            group, name = place_key(key, self.model_prefix)
+            specs.append(TensorSpec(key, name, dtype, shape, group))
         return specs
 
     @staticmethod
