@@ -72,7 +72,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import ReadItem
 
-from dcp_safetensors.checkpoint import ProgressCallback, build_index, read_checkpoint
+from dcp_safetensors.checkpoint import read_checkpoint
 from dcp_safetensors.checksum import combine_runs, crc32, format_crc32
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import (
@@ -82,6 +82,7 @@ from dcp_safetensors.errors import (
     truncated,
 )
 from dcp_safetensors.format import tensor_nbytes
+from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import (
     ChunkSpec,
     FileLayout,
@@ -103,6 +104,7 @@ from dcp_safetensors.names import (
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.storage import Storage, is_url, open_storage
+from dcp_safetensors.verification import ProgressCallback
 
 __all__ = ["convert", "ConvertResult", "ConversionError", "PIECE", "CAST_DTYPES"]
 

@@ -71,13 +71,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
-from dcp_safetensors.checkpoint import (
-    Checkpoint,
-    TensorLocation,
-    infer_ties,
-    open_checkpoint,
-    read_header,
-)
+from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, open_checkpoint, read_header
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import (
     CheckpointChangedError,
@@ -91,6 +85,7 @@ from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Runs, chunk_runs
 from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
+from dcp_safetensors.ties import infer_ties
 
 __all__ = ["SafetensorsReader", "TiedTensorStorageMetadata"]
 

@@ -57,13 +57,13 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
-from dcp_safetensors.checkpoint import build_index
 from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
 from dcp_safetensors.hooks import ObjectSource
+from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import (
     CheckpointLayout,
     ChunkArrays,
