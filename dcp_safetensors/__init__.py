@@ -14,7 +14,7 @@ Example:
 """
 
 from dcp_safetensors.api import AsyncSaver, async_save, load, save, save_submodule
-from dcp_safetensors.checkpoint import read_checkpoint, verify
+from dcp_safetensors.checkpoint import read_checkpoint
 from dcp_safetensors.errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -26,6 +26,7 @@ from dcp_safetensors.experts import ExpertSplit, FusedExperts
 from dcp_safetensors.mapping import KeyMapping
 from dcp_safetensors.planner import SafetensorsLoadPlanner, SafetensorsSavePlanner
 from dcp_safetensors.reader import SafetensorsReader
+from dcp_safetensors.verification import verify
 from dcp_safetensors.writer import SafetensorsWriter
 
 __all__ = [

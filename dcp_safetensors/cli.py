@@ -19,11 +19,17 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dcp_safetensors.errors import ConfigurationError, DcpSafetensorsError
+from dcp_safetensors.layout import natural_key
+from dcp_safetensors.names import TRAINING_STATE_DIR
+from dcp_safetensors.objects import is_json_exact
 
-__all__ = ["main", "parse_storage_options"]
+if TYPE_CHECKING:
+    from dcp_safetensors.checkpoint import Checkpoint
+
+__all__ = ["main", "parse_storage_options", "summarize"]
 
 logger = logging.getLogger("dcp_safetensors")
 
@@ -113,6 +119,75 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequenc
     return lines
 
 
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    """A JSON-serialisable description of ``ckpt`` (what ``dcp-safetensors inspect --json`` prints).
+
+    ``tensors`` are the weights of the HF files; ``training_state`` the tensors
+    kept out of the weight map (``training_state/``); ``aliases`` the tied keys
+    saved once (each with the key whose bytes it shares); ``objects`` the
+    non-tensor values, each with its type and its ``value`` when JSON holds it
+    exactly, else its ``repr``.
+
+    Example:
+        >>> import tempfile, torch, safetensors.torch
+        >>> from dcp_safetensors.checkpoint import read_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> safetensors.torch.save_file({"w": torch.ones(2, 3)}, d + "/model.safetensors")
+        >>> s = summarize(read_checkpoint(d))
+        >>> s["written_by"], s["tensors"][0], s["totals"]["tensor_bytes"]
+        ('other', {'key': 'w', 'dtype': 'F32', 'shape': [2, 3], 'bytes': 24, 'file': 'model.safetensors'}, 24)
+    """
+    files = []
+    count: dict[str, int] = {}
+    tensor_bytes: dict[str, int] = {}
+    stored = {k: loc for k, loc in ckpt.tensors.items() if k not in ckpt.aliases}
+    for loc in stored.values():
+        count[loc.file] = count.get(loc.file, 0) + 1
+        tensor_bytes[loc.file] = tensor_bytes.get(loc.file, 0) + loc.nbytes
+    for name in sorted(ckpt.headers, key=natural_key):
+        h = ckpt.headers[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "size": h.file_size,
+            "tensors": count.get(name, 0),
+            "tensor_bytes": tensor_bytes.get(name, 0),
+        }
+        if name in ckpt.checksums:
+            entry["checksum"] = ckpt.checksums[name]
+        files.append(entry)
+    model: list[dict[str, Any]] = []
+    state: list[dict[str, Any]] = []
+    for key in sorted(stored, key=natural_key):
+        loc = stored[key]
+        row = {"key": key, "dtype": loc.dtype, "shape": list(loc.shape), "bytes": loc.nbytes, "file": loc.file}
+        (state if loc.file.startswith(TRAINING_STATE_DIR + "/") else model).append(row)
+    objects = []
+    for key in sorted(ckpt.objects, key=natural_key):
+        value = ckpt.objects[key]
+        shown = {"value": value} if is_json_exact(value) else {"repr": repr(value)[:1000]}
+        objects.append({"key": key, "type": type(value).__name__, **shown})
+    return {
+        "path": ckpt.root,
+        "written_by": "dcp_safetensors" if ckpt.written_by_us else "other",
+        "format_version": ckpt.format_version,
+        "snapshot": ckpt.snapshot,
+        "model_prefix": ckpt.model_prefix,
+        "files": files,
+        "tensors": model,
+        "training_state": state,
+        "objects": objects,
+        "aliases": [{"key": a, "same_as": ckpt.aliases[a]} for a in sorted(ckpt.aliases, key=natural_key)],
+        "totals": {
+            "tensors": len(model),
+            "training_state_tensors": len(state),
+            "objects": len(objects),
+            "tensor_bytes": sum(r["bytes"] for r in model + state),
+            "file_bytes": sum(f["size"] for f in files),
+            "files": len(files),
+        },
+    }
+
+
 def _inspect_text(s: dict[str, Any]) -> str:
     totals = s["totals"]
     who = f"dcp_safetensors (format {s['format_version']})" if s["written_by"] == "dcp_safetensors" else "another tool"
@@ -154,7 +229,7 @@ def _inspect_text(s: dict[str, Any]) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from dcp_safetensors.checkpoint import read_checkpoint, summarize
+    from dcp_safetensors.checkpoint import read_checkpoint
 
     summary = summarize(read_checkpoint(args.path, storage_options=args.storage_options))
     print(json.dumps(summary, indent=2) if args.json else _inspect_text(summary))
@@ -162,7 +237,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from dcp_safetensors.checkpoint import verify_all
+    from dcp_safetensors.verification import verify_all
 
     bar = _ProgressBar("verify", not args.no_progress)
     try:

@@ -50,6 +50,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dcp_safetensors.errors import CheckpointCorruptError
+from dcp_safetensors.names import (
+    BUILDING_PREFIX,
+    COMMIT_RECORD,
+    INDEX_NAME,
+    LOCK_FILE,
+    STAGING_PREFIX,
+    TRAINING_STATE_DIR,
+)
 
 if TYPE_CHECKING:
     from dcp_safetensors.storage.base import SaveSession, Storage
@@ -69,14 +77,6 @@ __all__ = [
 
 logger = logging.getLogger("dcp_safetensors")
 
-INDEX_NAME = "model.safetensors.index.json"
-STAGING_PREFIX = ".dcp_safetensors-staging-"
-BUILDING_PREFIX = ".dcp_safetensors-building-"
-"""A staging directory while its writer creates and claims it, before it is renamed into place."""
-COMMIT_RECORD = "COMMIT.json"
-LOCK_FILE = "WRITER.lock"
-"""In a staging directory: ``flock``ed by the process writing or publishing it; says who that is."""
-TRAINING_STATE_DIR = "training_state"
 # Files a save owns and replaces, as save_pretrained replaces its shards; nothing else is deleted.
 _OWNED_TOP_LEVEL = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 

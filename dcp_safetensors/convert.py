@@ -72,26 +72,18 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import ReadItem
 
-from dcp_safetensors.checkpoint import (
-    OBJECTS_FILE,
-    SINGLE_FILE,
-    SNAPSHOT_KEY,
-    ProgressCallback,
-    build_index,
-    read_checkpoint,
-)
+from dcp_safetensors.checkpoint import read_checkpoint
 from dcp_safetensors.checksum import combine_runs, crc32, format_crc32
-from dcp_safetensors.commit import INDEX_NAME
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import (
-    CheckpointCorruptError,
     ConfigurationError,
     DcpSafetensorsError,
     LayoutError,
+    truncated,
 )
 from dcp_safetensors.format import tensor_nbytes
+from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import (
-    MODEL_GROUP,
     ChunkSpec,
     FileLayout,
     PartPlan,
@@ -99,9 +91,20 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
+from dcp_safetensors.names import (
+    CONFIG_FILES,
+    DCP_METADATA_FILE,
+    INDEX_NAME,
+    MODEL_GROUP,
+    OBJECTS_FILE,
+    SINGLE_FILE,
+    SNAPSHOT_KEY,
+    TRAINING_STATE_GROUP,
+)
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.storage import Storage, is_url, open_storage
-from dcp_safetensors.writer import TRAINING_STATE_GROUP
+from dcp_safetensors.verification import ProgressCallback
 
 __all__ = ["convert", "ConvertResult", "ConversionError", "PIECE", "CAST_DTYPES"]
 
@@ -121,9 +124,6 @@ CAST_DTYPES: dict[str, str] = {
     "float": "F32",
 }
 """``dtype`` names :func:`convert` takes, and the safetensors dtype each means."""
-
-CONFIG_FILES = ("config.json", "generation_config.json")
-"""Files of a safetensors source carried to the destination, in the same commit (as the writer's ``hf_config``)."""
 
 _TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -211,12 +211,8 @@ class _SafetensorsSource:
         nbytes = loc.nbytes
         for offset in range(0, nbytes, PIECE):
             view = buffer.data[: min(PIECE, nbytes - offset)]
-            try:
+            with truncated(self.storage, loc.file, f"tensor {key!r}"):
                 self.storage.readinto(loc.file, loc.offset + offset, view)
-            except EOFError as e:
-                raise CheckpointCorruptError(
-                    f"{self.storage.path(loc.file)}: truncated while reading tensor {key!r}: {e}"
-                ) from None
             yield view
 
 
@@ -365,10 +361,10 @@ def _tensor_pieces(tensor: torch.Tensor) -> Iterator[memoryview]:
 def _open_source(src: str, storage_options: dict[str, Any] | None, model_prefix: str | None) -> _Source:
     storage = open_storage(src, storage_options)
     if storage.exists(INDEX_NAME) or storage.exists(SINGLE_FILE):
-        if storage.exists(".metadata"):
+        if storage.exists(DCP_METADATA_FILE):
             logger.warning("%s holds both safetensors and .distcp files; converting the safetensors", src)
         return _SafetensorsSource(src, storage_options, model_prefix)
-    if storage.exists(".metadata"):
+    if storage.exists(DCP_METADATA_FILE):
         if is_url(src):
             raise ConfigurationError(
                 f"{src}: converting a .distcp checkpoint from an object store is not supported; copy it to local disk first"
@@ -475,15 +471,6 @@ def _with_dtype(config: bytes, dtype: str | None) -> bytes:
     return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _place(key: str, prefix: str | None) -> tuple[str, str]:
-    """``(group, name in file)`` of a key, as :class:`SafetensorsWriter` places it."""
-    if not prefix:
-        return MODEL_GROUP, key
-    if key.startswith(prefix + "."):
-        return MODEL_GROUP, key[len(prefix) + 1 :]
-    return TRAINING_STATE_GROUP, key
-
-
 def convert(
     src: str,
     dst: str,
@@ -516,8 +503,7 @@ def convert(
     started = time.perf_counter()
     parse_size(max_shard_size)
     target = _target_dtype(dtype)
-    if model_prefix is not None and (not model_prefix or model_prefix.endswith(".")):
-        raise ConfigurationError(f"model_prefix must be a key prefix without a trailing dot, got {model_prefix!r}")
+    check_prefix(model_prefix, "model_prefix")
     source = _open_source(src, storage_options, model_prefix)
     prefix = model_prefix if model_prefix is not None else source.model_prefix
     logger.info("converting %s (%s)", src, source.description)
@@ -529,7 +515,7 @@ def convert(
         out = target if target is not None and t.dtype in _CASTABLE else t.dtype
         if out != t.dtype:
             casts[t.key] = f"{t.dtype}->{out}"
-        group, name = _place(t.key, prefix)
+        group, name = place_key(t.key, prefix)
         specs.append(TensorSpec(t.key, name, out, t.shape, group))
         source_dtype[t.key] = t.dtype
     storage: Storage = open_storage(dst, storage_options)
@@ -593,7 +579,7 @@ def convert(
             extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
             objects_file=objects_file,
             model_prefix=prefix,
-            aliases={_place(a, prefix)[1]: names[kept] for a, kept in sorted(source.aliases.items())},
+            aliases={without_prefix(prefix, a): names[kept] for a, kept in sorted(source.aliases.items())},
         )
         storage.commit_save(session, published, dict(sink.etags), index)
     except BaseException:

@@ -16,6 +16,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import TracebackType
+from typing import Protocol
+
 
 class DcpSafetensorsError(Exception):
     """Base class of every error this package raises."""
@@ -157,3 +161,53 @@ class SnapshotMismatchError(CheckpointCorruptError):
 
 class ChecksumMismatchError(CheckpointCorruptError):
     """A file's bytes do not match the checksum computed while it was written."""
+
+
+# --- a file that ends before the bytes being read -----------------------------------------------
+
+
+class _Paths(Protocol):
+    """What names a checkpoint's files: a storage backend, or one load's pinned view of it."""
+
+    def path(self, name: str) -> str: ...
+
+
+class _AtEof:
+    """A context manager: an ``EOFError`` raised inside becomes ``error(path of the file, the EOFError)``."""
+
+    __slots__ = ("_files", "_name", "_error")
+
+    def __init__(self, files: _Paths, name: str, error: Callable[[str, EOFError], CheckpointCorruptError]) -> None:
+        self._files, self._name, self._error = files, name, error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if isinstance(value, EOFError):
+            # The path once the read failed: a pinned view names the copy it opened (staging or final place).
+            raise self._error(self._files.path(self._name), value) from None
+
+
+def truncated(files: _Paths, name: str, what: str) -> _AtEof:
+    """Reading ``what`` from file ``name``: an EOFError inside (the file ends before the bytes
+    read) is a :class:`CheckpointCorruptError` ``"<path>: truncated while reading <what>: <eof>"``.
+
+    Example:
+        >>> class Files:
+        ...     def path(self, name): return "/ckpt/" + name
+        >>> with truncated(Files(), "model.safetensors", "tensor 'w'"):
+        ...     raise EOFError("file ends before byte 96")
+        Traceback (most recent call last):
+        ...
+        dcp_safetensors.errors.CheckpointCorruptError: /ckpt/model.safetensors: truncated while reading tensor 'w': file ends before byte 96
+    """
+    return _AtEof(files, name, lambda path, eof: CheckpointCorruptError(f"{path}: truncated while reading {what}: {eof}"))
+
+
+def shrank(files: _Paths, name: str) -> _AtEof:
+    """Checking file ``name`` against the size its header and index record: an EOFError inside
+    is a :class:`FileSizeMismatchError` ``"<path>: shrank while being checked (<eof>)"``."""
+    return _AtEof(files, name, lambda path, eof: FileSizeMismatchError(f"{path}: shrank while being checked ({eof})"))

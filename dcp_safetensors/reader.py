@@ -71,25 +71,21 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
-from dcp_safetensors.checkpoint import (
-    Checkpoint,
-    TensorLocation,
-    infer_ties,
-    open_checkpoint,
-    read_header,
-)
+from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, open_checkpoint, read_header
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import (
     CheckpointChangedError,
     CheckpointCorruptError,
     CheckpointMismatchError,
     DcpSafetensorsError,
+    truncated,
 )
 from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Runs, chunk_runs
 from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
+from dcp_safetensors.ties import infer_ties
 
 __all__ = ["SafetensorsReader", "TiedTensorStorageMetadata"]
 
@@ -441,11 +437,9 @@ def _read_batch(storage: PinnedFiles, batch: list[_Chunk], planner: LoadPlanner)
     """One read of the range holding every chunk of ``batch`` (one file, sorted), then each chunk from it."""
     file, first = batch[0][0].file, batch[0][2].start
     block = np.empty(max(runs.start + runs.nbytes for _, _, runs in batch) - first, dtype=np.uint8)
-    try:
+    keys = ", ".join(repr(item.storage_index.fqn) for _, item, _ in batch[:3]) + (" ..." if len(batch) > 3 else "")
+    with truncated(storage, file, keys):
         storage.readinto(file, first, block)
-    except EOFError as e:
-        keys = ", ".join(repr(item.storage_index.fqn) for _, item, _ in batch[:3]) + (" ..." if len(batch) > 3 else "")
-        raise CheckpointCorruptError(f"{storage.path(file)}: truncated while reading {keys}: {e}") from None
     for chunk in batch:
         _read_tensor(storage, chunk, planner, (first, block))
 
@@ -471,12 +465,8 @@ def _read_tensor(
             first, block = span
             out[...] = block[runs.start - first : runs.start - first + runs.nbytes]
         else:
-            try:
+            with truncated(storage, loc.file, repr(item.storage_index.fqn)):
                 _read_runs(storage, loc.file, runs, out)
-            except EOFError as e:
-                raise CheckpointCorruptError(
-                    f"{storage.path(loc.file)}: truncated while reading {item.storage_index.fqn!r}: {e}"
-                ) from None
         if not direct:
             src = torch.from_numpy(out).view(dtype).reshape(tuple(item.lengths))
             dest.copy_(src)

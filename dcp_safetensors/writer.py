@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import time
 import uuid
 from collections import defaultdict
@@ -58,16 +57,14 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
-from dcp_safetensors.checkpoint import OBJECTS_FILE, SNAPSHOT_KEY, build_index
 from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
-from dcp_safetensors.commit import TRAINING_STATE_DIR
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
 from dcp_safetensors.hooks import ObjectSource
+from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import (
-    MODEL_GROUP,
     CheckpointLayout,
     ChunkArrays,
     HeaderWrite,
@@ -78,6 +75,14 @@ from dcp_safetensors.layout import (
     plan_layout,
     restamp,
 )
+from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
+from dcp_safetensors.names import (
+    CONFIG_FILES,
+    MODEL_GROUP,
+    OBJECTS_FILE,
+    SNAPSHOT_KEY,
+    TRAINING_STATE_GROUP,
+)
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
@@ -86,7 +91,6 @@ __all__ = ["SafetensorsWriter"]
 
 logger = logging.getLogger("dcp_safetensors")
 
-TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 
 @dataclass(frozen=True)
 class _RankStorageData:
@@ -192,8 +196,7 @@ class SafetensorsWriter(StorageWriter):
     ) -> None:
         super().__init__()
         parse_size(max_shard_size)  # fail at construction, not mid-save
-        if model_prefix is not None and (not model_prefix or model_prefix.endswith(".")):
-            raise ConfigurationError(f"model_prefix must be a key prefix without a trailing dot, got {model_prefix!r}")
+        check_prefix(model_prefix, "model_prefix")
         self.path = os.fspath(path)
         self.max_shard_size = max_shard_size
         self.model_prefix = model_prefix
@@ -473,12 +476,9 @@ class SafetensorsWriter(StorageWriter):
 
     def _file_names(self, aliases: dict[str, str], layout: CheckpointLayout) -> dict[str, str]:
         """Tied aliases as names in the files (model prefix stripped), for keys that were saved."""
-        prefix = f"{self.model_prefix}." if self.model_prefix else ""
         names = {s.key: s.name for s in layout.tensors}
         return {
-            (alias[len(prefix) :] if prefix and alias.startswith(prefix) else alias): names[kept]
-            for alias, kept in sorted(aliases.items())
-            if kept in names
+            without_prefix(self.model_prefix, alias): names[kept] for alias, kept in sorted(aliases.items()) if kept in names
         }
 
     def _specs(self, plans: list[SavePlan]) -> list[TensorSpec]:
@@ -495,15 +495,10 @@ class SafetensorsWriter(StorageWriter):
                 holders = [(r, p.storage_data[key]) for r, p in enumerate(plans) if key in (p.storage_data or {})]
                 (r0, a), (r1, b) = holders[0], next(h for h in holders if h[1] != holders[0][1])
                 raise LayoutError(f"tensor {key!r}: rank {r0} holds {a[0]} {list(a[1])}, rank {r1} holds {b[0]} {list(b[1])}")
-        prefix = f"{self.model_prefix}." if self.model_prefix else ""
         specs = []
         for key, (dtype, shape) in declared.items():
-            if not prefix:
-                specs.append(TensorSpec(key, key, dtype, shape))
-            elif key.startswith(prefix):
-                specs.append(TensorSpec(key, key[len(prefix) :], dtype, shape))
-            else:
-                specs.append(TensorSpec(key, key, dtype, shape, TRAINING_STATE_GROUP))
+            group, name = place_key(key, self.model_prefix)
+            specs.append(TensorSpec(key, name, dtype, shape, group))
         return specs
 
     @staticmethod
@@ -628,7 +623,7 @@ def _check_tiled(name: str, size: int, rows: np.ndarray) -> int:
 def _config_files(hf_config: Any, generation_config: Any, strip_auto_map: bool) -> dict[str, bytes]:
     """``config.json`` / ``generation_config.json`` bodies, as ``save_pretrained`` writes them."""
     out = {}
-    for name, config in (("config.json", hf_config), ("generation_config.json", generation_config)):
+    for name, config in zip(CONFIG_FILES, (hf_config, generation_config)):
         if config is None:
             continue
         if hasattr(config, "to_dict"):

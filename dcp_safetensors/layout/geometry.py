@@ -28,6 +28,7 @@ import numpy as np
 
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.format import tensor_nbytes
+from dcp_safetensors.names import MODEL_GROUP
 
 __all__ = [
     "MODEL_GROUP",
@@ -41,8 +42,6 @@ __all__ = [
     "row_major_strides",
     "describe",
 ]
-
-MODEL_GROUP = "model"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from dcp_safetensors.commit import INDEX_NAME, staging_name, stale_files
+from dcp_safetensors.commit import staging_name, stale_files
 from dcp_safetensors.errors import (
     BucketNotFoundError,
     CheckpointChangedError,
@@ -41,6 +41,7 @@ from dcp_safetensors.errors import (
     StorageError,
 )
 from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.names import INDEX_NAME
 from dcp_safetensors.storage.base import PartWriter, ReadHandle, SaveSession, Storage
 
 __all__ = ["FsspecStorage"]

@@ -45,19 +45,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from dcp_safetensors.commit import (
+from dcp_safetensors.commit import Commit, CommitRecord, staging_name, stale_files
+from dcp_safetensors.errors import ConcurrentSaveError, MissingFileError
+from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.names import (
     BUILDING_PREFIX,
     COMMIT_RECORD,
     INDEX_NAME,
     LOCK_FILE,
     STAGING_PREFIX,
-    Commit,
-    CommitRecord,
-    staging_name,
-    stale_files,
 )
-from dcp_safetensors.errors import ConcurrentSaveError, MissingFileError
-from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.storage.base import SaveSession, Storage
 
 __all__ = ["LocalStorage", "RenameCommit", "WritableFile", "ReadableFile", "StagingClaim"]

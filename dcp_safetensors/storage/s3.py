@@ -33,14 +33,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from dcp_safetensors.commit import (
-    COMMIT_RECORD,
-    INDEX_NAME,
-    STAGING_PREFIX,
-    Commit,
-    CommitRecord,
-    staging_name,
-)
+from dcp_safetensors.commit import Commit, CommitRecord, staging_name
 from dcp_safetensors.errors import (
     BucketNotFoundError,
     CheckpointCorruptError,
@@ -51,6 +44,7 @@ from dcp_safetensors.errors import (
     StorageError,
 )
 from dcp_safetensors.layout import PartPlan
+from dcp_safetensors.names import COMMIT_RECORD, INDEX_NAME, STAGING_PREFIX
 from dcp_safetensors.storage.base import PartWriter, ReadHandle, SaveSession
 from dcp_safetensors.storage.fsspec import FsspecStorage, each, error_code
 
