@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -14,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from helpers import free_port, free_ports  # noqa: E402
 from rank_pool import RankPool  # noqa: E402
 
 
@@ -46,7 +46,6 @@ class S3Server:
     def __init__(self) -> None:
         import boto3
         from moto.server import ThreadedMotoServer
-        from rank_pool import free_port
         from s3_proxy import S3Proxy
 
         self.moto_port = free_port()
@@ -101,18 +100,6 @@ def s3(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[S3Server
     s3_server.prefix = request.node.name.replace("[", "-").replace("]", "")  # type: ignore[attr-defined]
     yield s3_server
     s3_server.proxy.faults.rule = None
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1 (all held until each is known, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class SeaweedS3:
