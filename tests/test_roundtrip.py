@@ -7,6 +7,7 @@ import json
 import pytest
 import safetensors.torch
 from cases import load_mixed, load_tp_fsdp, mixed_state, save_mixed, save_tp_fsdp
+from helpers import tp_mlp
 from safetensors import safe_open
 
 from dcp_safetensors import read_checkpoint, verify
@@ -80,12 +81,11 @@ def test_loads_huggingface_hub_output(ranks, tmp_path):
 def test_fsdp2_and_tp_on_the_same_dim(ranks, tmp_path):
     """FSDP2 over dp after TP over tp shards dim 0 twice (_StridedShard): DCP's offsets are trusted, and right."""
     import torch
-    from torch import nn
 
     placements = ranks(4).run(save_tp_fsdp, str(tmp_path))[0]
     assert any(p.startswith("_S(") for p in placements), placements  # _StridedShard
     torch.manual_seed(0)
-    full = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12)).state_dict()
+    full = tp_mlp().state_dict()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         for key, t in full.items():
             assert torch.equal(f.get_tensor(key), t), key
