@@ -14,28 +14,44 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import free_port, free_ports  # noqa: E402
-from rank_pool import RankPool  # noqa: E402
+from rank_pool import RankPool, close_pools  # noqa: E402
+
+# Rank pools stay alive across tests and modules: a world of a new size means new processes,
+# and their start-up (torch's import, the process group) is most of a small case's time. An
+# idle rank costs memory only (~0.5-0.8 GB resident, no CPU), so up to this many rank processes
+# are kept (worlds 1, 2, 3 and 4 together); beyond it, or with less memory available than
+# RANK_POOL_MIN_AVAILABLE, the least recently used worlds are closed first.
+RANK_POOL_PROCESSES = int(os.environ.get("DCP_SAFETENSORS_TEST_RANK_PROCESSES", "10"))
+RANK_POOL_MIN_AVAILABLE = 3 << 30
+
+
+def _memory_available() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 @pytest.fixture(scope="session")
 def ranks() -> Iterator[Callable[[int], RankPool]]:
     """``ranks(n)``: a pool of ``n`` gloo ranks, shared by every test of the session."""
-    pools: dict[int, RankPool] = {}
+    pools: dict[int, RankPool] = {}  # least recently used first
 
     def get(world_size: int) -> RankPool:
-        pool = pools.get(world_size)
+        pool = pools.pop(world_size, None)
         if pool is None or pool.broken:
             if pool is not None:
                 pool.close(kill=True)
-            # Two cores: keep at most two worlds alive at once.
-            for other in [w for w in pools if w != world_size][: max(0, len(pools) - 1)]:
-                pools.pop(other).close()
-            pool = pools[world_size] = RankPool(world_size)
+            while pools and (
+                sum(p.world_size for p in pools.values()) + world_size > RANK_POOL_PROCESSES
+                or _memory_available() < RANK_POOL_MIN_AVAILABLE
+            ):
+                pools.pop(next(iter(pools))).close()
+            pool = RankPool(world_size)
+        pools[world_size] = pool
         return pool
 
     yield get
-    for pool in pools.values():
-        pool.close()
+    close_pools(list(pools.values()))
 
 
 class S3Server:
