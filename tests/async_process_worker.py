@@ -39,4 +39,6 @@ def main(rank: int, world: int, port: int, path: str) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(main, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True)
+    # Forked ranks (not spawned): nothing but imports has run here, and each rank is spared
+    # importing torch again. The checkpoint processes are torch's own, spawned either way.
+    mp.start_processes(main, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True, start_method="fork")
