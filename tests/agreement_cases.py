@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from cases import shard
+from helpers import world_mesh
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard
 
 import dcp_safetensors
@@ -35,7 +35,7 @@ def _odd() -> bool:
 
 
 def _state() -> dict[str, Any]:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     return {
         "model.w": shard(torch.arange(24.0).reshape(6, 4), mesh, [Shard(0)]),
         "model.b": torch.arange(4.0),

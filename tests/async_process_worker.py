@@ -6,7 +6,6 @@ Usage: python async_process_worker.py PATH; prints OK on every rank whose load m
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cases import load_mixed, sharded_mixed_state  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 from dcp_safetensors import SafetensorsWriter  # noqa: E402
 
@@ -39,7 +39,6 @@ def main(rank: int, world: int, port: int, path: str) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(main, args=(2, port, sys.argv[1]), nprocs=2, join=True)
+    # Forked ranks (not spawned): nothing but imports has run here, and each rank is spared
+    # importing torch again. The checkpoint processes are torch's own, spawned either way.
+    mp.start_processes(main, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True, start_method="fork")

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
+from helpers import fsdp_toy, fully_shard_units, tp_mlp, world_mesh
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -178,34 +178,7 @@ def error_summary(fn, *args, **kwargs):
     return None
 
 
-class ToyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(37, 16)
-        self.layers = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 5)])
-        self.norm = nn.LayerNorm(5)
-        self.register_buffer("positions", torch.arange(7, dtype=torch.int64))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.embed(idx)
-        for layer in self.layers:
-            h = torch.tanh(layer(h))
-        return self.norm(h)
-
-
 # --- FSDP2 training resume ---------------------------------------------------------------
-
-
-def _fsdp_toy(seed: int):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = ToyModel()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def _train_steps(model, optim, steps: range) -> list[float]:
@@ -226,7 +199,7 @@ def train_save_resume(path: str) -> dict:
     """Train 3 steps, save model+optimizer+counters, train 3 more; resume a fresh model from the save."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = _fsdp_toy(seed=0)
+    model = fsdp_toy(seed=0)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train_steps(model, optim, range(3))
     msd, osd = get_state_dict(model, optim)
@@ -234,7 +207,7 @@ def train_save_resume(path: str) -> dict:
     dcp.save(state, storage_writer=SafetensorsWriter(path, model_prefix="model"))
     reference = _train_steps(model, optim, range(3, 6))
 
-    model2 = _fsdp_toy(seed=1)
+    model2 = fsdp_toy(seed=1)
     optim2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
     msd2, osd2 = get_state_dict(model2, optim2)
     state2 = {"model": msd2, "optim": osd2, "step": -1, "cfg": {"lr": 0.5, "warmup": 9, "decay": 1.0, "on": True}}
@@ -300,7 +273,7 @@ def big_state(shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
 
 
 def save_big(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict) -> None:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     sd = {k: shard(v, mesh, [Shard(0)]) for k, v in big_state(shapes).items()}
     dcp.save(sd, storage_writer=SafetensorsWriter(path, **writer_kwargs))
 
@@ -310,7 +283,7 @@ def try_save_big(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict):
 
 
 def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> bool:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     full = big_state(shapes)
     target = {k: shard(torch.zeros_like(v), mesh, [Shard(1)]) for k, v in full.items()}
     dcp.load(target, storage_reader=SafetensorsReader(path, **reader_kwargs))
@@ -320,7 +293,7 @@ def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> b
 def api_big(call: str, path: str, shapes: list[tuple[int, int]], options_by_rank: list[dict]) -> tuple[float, str | None, str]:
     """``dcp_safetensors.save`` (``call="save"``) or ``load`` with this rank's storage options:
     (seconds, error type or None, message)."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     placement = [Shard(0)] if call == "save" else [Shard(1)]
     state = {k: shard(v if call == "save" else torch.zeros_like(v), mesh, placement) for k, v in big_state(shapes).items()}
     started = time.perf_counter()
@@ -339,11 +312,11 @@ def api_roundtrip(path: str) -> dict:
 
     import dcp_safetensors
 
-    model = _fsdp_toy(seed=0)
+    model = fsdp_toy(seed=0)
     sd = get_model_state_dict(model)
     config = {"model_type": "toy", "hidden_size": 16, "auto_map": {"AutoModel": "modeling_toy.Toy"}}
     dcp_safetensors.save({"model": sd, "step": 5}, path, model_prefix="model", hf_config=config)
-    target = {"model": get_model_state_dict(_fsdp_toy(seed=1)), "step": 0}
+    target = {"model": get_model_state_dict(fsdp_toy(seed=1)), "step": 0}
     dcp_safetensors.load(target, path)
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
     same = all(torch.equal(local(sd[k]), local(target["model"][k])) for k in sd)
@@ -358,17 +331,14 @@ def api_roundtrip(path: str) -> dict:
 def async_save_while_training(path: str) -> dict:
     """async_save, keep training while it is in flight, then check the checkpoint holds the state at the call."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
 
     import dcp_safetensors
     from dcp_safetensors.demo import DemoModel
 
     torch.manual_seed(0)
     model = DemoModel(vocab=512, hidden=512, layers=4)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    mesh = world_mesh()
+    fully_shard_units(model, model.layers, mesh)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     sd = get_model_state_dict(model)
     at_call = {k: v.to_local().clone() for k, v in sd.items()}
@@ -386,9 +356,7 @@ def async_save_while_training(path: str) -> dict:
     changed = any(not torch.equal(live[k].to_local(), at_call[k]) for k in at_call)
     torch.manual_seed(1)
     fresh = DemoModel(vocab=512, hidden=512, layers=4)
-    for block in fresh.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(fresh, mesh=mesh)
+    fully_shard_units(fresh, fresh.layers, mesh)
     target = get_model_state_dict(fresh)
     dcp_safetensors.load(target, path)
     matches_call = all(torch.equal(target[k].to_local(), at_call[k]) for k in at_call)
@@ -408,7 +376,7 @@ def _tp_fsdp_model(seed: int):
     )
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12))
+    model = tp_mlp()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
@@ -430,5 +398,5 @@ def load_tp_fsdp(path: str) -> bool:
     sd = get_model_state_dict(_tp_fsdp_model(seed=1))
     dcp.load(sd, storage_reader=SafetensorsReader(path))
     torch.manual_seed(0)
-    full = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12)).state_dict()
+    full = tp_mlp().state_dict()
     return all(torch.equal(sd[k].full_tensor(), full[k]) for k in full)

@@ -11,9 +11,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
+from helpers import fsdp_toy
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "dcp-safetensors")
@@ -55,34 +54,12 @@ NON_TENSORS = {
 }
 
 
-class ConvertToy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(37, 16)
-        self.layers = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 5)])
-        self.norm = nn.LayerNorm(5)
-        self.head = nn.Linear(5, 11, bias=False).to(torch.bfloat16)
-        self.register_buffer("positions", torch.arange(7, dtype=torch.int64))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.embed(idx)
-        for layer in self.layers:
-            h = torch.tanh(layer(h))
-        return self.head(self.norm(h).to(torch.bfloat16))
-
-
 def save_fsdp2_distcp(path: str) -> dict[str, torch.Tensor] | None:
     """A 2-rank FSDP2 model and its AdamW state after one step, saved by torch's FileSystemWriter as
     ``{"model": ..., "optim": ..., **NON_TENSORS}``. Rank 0 returns every tensor, full, by DCP key."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    model = ConvertToy()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in [*model.layers, model.head]:  # the bf16 head in its own group: FSDP2 groups need one dtype
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp_toy(seed=0, head=True)  # with a bf16 head: two dtypes in the checkpoint
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(dist.get_rank())
     model(torch.randint(0, 37, (4, 6), generator=g)).float().square().mean().backward()

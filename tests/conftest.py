@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -14,28 +13,47 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rank_pool import RankPool  # noqa: E402
+from helpers import free_port, free_ports  # noqa: E402
+from rank_pool import RankPool, close_pools  # noqa: E402
+
+# Rank pools stay alive across tests and modules: a world of a new size means new processes,
+# and their start-up (torch's import, the process group) is most of a small case's time. An
+# idle rank costs memory only (~0.5-0.8 GB resident, no CPU), so up to this many rank processes
+# are kept (worlds 1, 2, 3 and 4 together); beyond it, or with less memory available than
+# RANK_POOL_MIN_AVAILABLE, the least recently used worlds are closed first.
+RANK_POOL_PROCESSES = int(os.environ.get("DCP_SAFETENSORS_TEST_RANK_PROCESSES", "10"))
+RANK_POOL_MIN_AVAILABLE = 3 << 30
+
+
+def _memory_available() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 @pytest.fixture(scope="session")
 def ranks() -> Iterator[Callable[[int], RankPool]]:
     """``ranks(n)``: a pool of ``n`` gloo ranks, shared by every test of the session."""
-    pools: dict[int, RankPool] = {}
+    pools: dict[int, RankPool] = {}  # least recently used first
 
     def get(world_size: int) -> RankPool:
-        pool = pools.get(world_size)
+        pool = pools.pop(world_size, None)
         if pool is None or pool.broken:
             if pool is not None:
                 pool.close(kill=True)
-            # Two cores: keep at most two worlds alive at once.
-            for other in [w for w in pools if w != world_size][: max(0, len(pools) - 1)]:
-                pools.pop(other).close()
-            pool = pools[world_size] = RankPool(world_size)
+            while pools and (
+                sum(p.world_size for p in pools.values()) + world_size > RANK_POOL_PROCESSES
+                or _memory_available() < RANK_POOL_MIN_AVAILABLE
+            ):
+                pools.pop(next(iter(pools))).close()
+            pool = RankPool(world_size)
+        pools[world_size] = pool
         return pool
 
     yield get
-    for pool in pools.values():
-        pool.close()
+    # Killed, not asked to leave: idle ranks have nothing to finish, and each rank's orderly
+    # exit (destroying its group, finalizing torch) took ~1 s of CPU, 10 s at the session's end.
+    close_pools(list(pools.values()), kill=True)
 
 
 class S3Server:
@@ -46,7 +64,6 @@ class S3Server:
     def __init__(self) -> None:
         import boto3
         from moto.server import ThreadedMotoServer
-        from rank_pool import free_port
         from s3_proxy import S3Proxy
 
         self.moto_port = free_port()
@@ -101,18 +118,6 @@ def s3(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[S3Server
     s3_server.prefix = request.node.name.replace("[", "-").replace("]", "")  # type: ignore[attr-defined]
     yield s3_server
     s3_server.proxy.faults.rule = None
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1 (all held until each is known, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class SeaweedS3:

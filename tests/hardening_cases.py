@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from helpers import Pipeline, WithExperts, world_mesh
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -13,21 +14,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 import dcp_safetensors
 
-
-class Pipeline(nn.Module):
-    """The whole model; stage 0 holds embed + layers 0-1, stage 1 layers 2-3, norm, lm_head, mtp."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 16)
-        self.embed.register_buffer("positions", torch.arange(9))
-        self.layers = nn.ModuleDict({str(i): nn.Linear(16, 16) for i in range(4)})
-        self.norm = nn.LayerNorm(16)
-        self.lm_head = nn.Linear(16, 64, bias=False).to(torch.bfloat16)
-        self.lm_head.register_buffer("scale", torch.full((3,), 0.5))
-        self.mtp = nn.ModuleDict({"0": nn.Linear(32, 16)})
-
-
+# The submodules each stage of a helpers.Pipeline holds.
 STAGES = (("embed", "layers.0", "layers.1"), ("layers.2", "layers.3", "norm", "lm_head", "mtp.0"))
 
 
@@ -78,7 +65,7 @@ def load_pipeline(path: str) -> dict[str, bool]:
 
 def save_partial(path: str, reduce: bool) -> tuple[str, str] | None:
     """Save a Partial DTensor (each rank holds an addend); None if it saved, else (error type, message)."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     local = torch.full((4,), float(dist.get_rank() + 1))
     value = DTensor.from_local(local, mesh, [Partial()], run_check=False)
     if reduce:
@@ -114,26 +101,13 @@ def _same(before: list, after: list) -> bool:
     return True
 
 
-class WithExperts(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.embed.weight  # tied
-        self.experts = nn.Module()
-        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 6, 8))
-        self.experts.down_proj = nn.Parameter(torch.randn(4, 8, 3))
-        self.draft = nn.Linear(8, 8)
-
-
 def save_leaves_state_untouched(path: str) -> dict[str, bool]:
     """Save with every planner option that rewrites keys or tensors; the caller's state must not change."""
     from dcp_safetensors import KeyMapping, SafetensorsSavePlanner
 
     torch.manual_seed(0)
     model = WithExperts()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=world_mesh())
     state = get_model_state_dict(model)
     state["step"] = 7
     state["nested"] = {"lr": 0.5, "ids": torch.arange(3)}

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from helpers import fsdp_layers
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import dcp_safetensors
 from dcp_safetensors import SafetensorsLoadPlanner, SafetensorsReader
@@ -38,15 +36,6 @@ def tiny_gpt2(seed: int):
     return GPT2LMHeadModel(config).eval()
 
 
-def fsdp_layers(model):
-    """``model`` with FSDP2 over every decoder layer and the whole, on a 1-D mesh of all ranks."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def save_fsdp_llama(path: str, tied: bool = False) -> None:
     model = fsdp_layers(tiny_llama(seed=0, tied=tied))
     dcp_safetensors.save(get_model_state_dict(model), path, hf_config=model.config, max_shard_size="100KB")
@@ -56,11 +45,7 @@ def load_pretrained_into_fsdp(path: str, tied: bool = False) -> torch.Tensor:
     """Load a save_pretrained directory into a differently initialised FSDP2 Llama; return its logits."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    model = tiny_llama(seed=1, tied=tied)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp_layers(tiny_llama(seed=1, tied=tied))
     sd = get_model_state_dict(model)
     dcp_safetensors.load(sd, path)
     set_model_state_dict(model, sd)
@@ -73,11 +58,7 @@ def save_fsdp_llama_distcp(path: str) -> None:
     """An FSDP2 Llama saved in torch's own .distcp format (FileSystemWriter)."""
     import torch.distributed.checkpoint as dcp
 
-    model = tiny_llama(seed=0)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fsdp_layers(tiny_llama(seed=0))
     dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(path))
 
 

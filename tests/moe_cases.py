@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from hf_cases import fsdp_layers
+from helpers import fsdp_layers, world_mesh
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -132,7 +132,7 @@ def save_ep_sharded(path: str, transposed: bool = False) -> None:
 
 def load_ep_uneven(path: str, transposed: bool = False) -> dict[str, bool]:
     """Load into 6 experts over 4 ranks, Shard(0): 2, 2, 2 and 0 experts; compare with the reference."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = world_mesh()
     full = fused_reference()
     if transposed:
         full = {k: v.transpose(1, 2).contiguous() if "experts" in k else v for k, v in full.items()}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from cases import ToyModel, error_summary
+from cases import error_summary
+from helpers import ToyModel, WithDraft, fully_shard_units, world_mesh
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import dcp_safetensors
@@ -26,23 +25,10 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class WithDraft(nn.Module):
-    """A base model with two siblings sharing a prefix: ``draft`` and ``draft_head``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = ToyModel()
-        self.draft = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))
-        self.draft_head = nn.Linear(16, 4)
-
-
 def sharded(module: nn.Module) -> nn.Module:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for child in module.children():
-        for unit in child if isinstance(child, nn.ModuleList) else [child]:
-            fully_shard(unit, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    return module
+    """FSDP2 over each child of ``module`` (each element of a ``ModuleList`` child), then the whole."""
+    units = [unit for child in module.children() for unit in (child if isinstance(child, nn.ModuleList) else [child])]
+    return fully_shard_units(module, units, world_mesh())
 
 
 def _toy(seed: int) -> nn.Module:

@@ -12,18 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
@@ -95,12 +90,28 @@ class RankPool:
         return [out[r] for r in range(self.world_size)]
 
     def close(self, kill: bool = False) -> None:
+        close_pools([self], kill)
+
+    def _ask_to_leave(self) -> None:
         self.broken = True
         for p, q in zip(self._procs, self._tasks, strict=False):
-            if p.is_alive() and not kill:
+            if p.is_alive():
                 q.put(None)
+
+    def _join(self, timeout: float) -> None:
         for p in self._procs:
-            p.join(timeout=0 if kill else 10)
+            p.join(timeout=timeout)
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def close_pools(pools: list[RankPool], kill: bool = False) -> None:
+    """End the ranks of ``pools`` (at once with ``kill``): every rank is asked to leave before
+    any is waited for, so their shutdowns overlap; a rank still there after 10 s is killed."""
+    for pool in pools:
+        pool.broken = True
+        if not kill:
+            pool._ask_to_leave()
+    for pool in pools:
+        pool._join(timeout=0 if kill else 10)

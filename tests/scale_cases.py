@@ -8,9 +8,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import fully_shard_units, small_mlp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 import dcp_safetensors
 from dcp_safetensors import writer as writer_module
@@ -18,13 +18,10 @@ from dcp_safetensors.demo import _exit_without_finalizing
 
 
 def _model(seed: int, width: int = 16) -> nn.Module:
+    """A seeded ``small_mlp`` under FSDP2 on ``fully_shard``'s default mesh (also under torchrun)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 8))
-    model.register_buffer("steps", torch.arange(5))
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    return model
+    model = small_mlp(width)
+    return fully_shard_units(model, (model[0], model[2]), None)
 
 
 def repeat_saves(root: str) -> list[dict]:

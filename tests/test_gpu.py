@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.multiprocessing as mp
-from rank_pool import free_port
+from helpers import free_port
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine: the NCCL and CUDA-tensor checks need a GPU"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import WithDraft
 from planner_cases import (
-    WithDraft,
     export_draft,
     export_missing,
     load_draft_into_other_sharding,

@@ -7,6 +7,7 @@ import json
 import pytest
 import safetensors.torch
 from cases import load_mixed, load_tp_fsdp, mixed_state, save_mixed, save_tp_fsdp
+from helpers import tp_mlp
 from safetensors import safe_open
 
 from dcp_safetensors import read_checkpoint, verify
@@ -29,11 +30,27 @@ def _check_files_match_full_tensors(path) -> None:
     verify(str(path))
 
 
+@pytest.fixture(scope="module")
+def saved_mixed(ranks, tmp_path_factory):
+    """``saved_mixed(n)``: a directory with the mixed state as ``n`` ranks saved it, written once per
+    module. The tests given it only read it."""
+    paths = {}
+
+    def get(world_size: int):
+        if world_size not in paths:
+            path = tmp_path_factory.mktemp(f"mixed-{world_size}-ranks")
+            ranks(world_size).run(save_mixed, str(path))
+            paths[world_size] = path
+        return paths[world_size]
+
+    return get
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_save_mixed_placements_matches_full_tensors(ranks, tmp_path, world_size):
-    ranks(world_size).run(save_mixed, str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
-    _check_files_match_full_tensors(tmp_path)
+def test_save_mixed_placements_matches_full_tensors(saved_mixed, world_size):
+    path = saved_mixed(world_size)
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
+    _check_files_match_full_tensors(path)
 
 
 def test_save_many_files_respects_max_shard_size(ranks, tmp_path):
@@ -50,18 +67,16 @@ def test_save_many_files_respects_max_shard_size(ranks, tmp_path):
 
 
 @pytest.mark.parametrize("load_world", [1, 2, 3])
-def test_reshard_4_to_n(ranks, tmp_path, load_world):
-    ranks(4).run(save_mixed, str(tmp_path))
-    results = ranks(load_world).run(load_mixed, str(tmp_path))
+def test_reshard_4_to_n(ranks, saved_mixed, load_world):
+    results = ranks(load_world).run(load_mixed, str(saved_mixed(4)))
     for rank, ok in enumerate(results):
         assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
 
 
 @pytest.mark.parametrize("reshard", ["transpose", "plain"])
-def test_load_into_other_placements(ranks, tmp_path, reshard):
+def test_load_into_other_placements(ranks, saved_mixed, reshard):
     """Saved Shard(0) loads into Shard(1) (and back), and FSDP2 state loads into unsharded tensors."""
-    ranks(2).run(save_mixed, str(tmp_path))
-    for rank, ok in enumerate(ranks(2).run(load_mixed, str(tmp_path), reshard)):
+    for rank, ok in enumerate(ranks(2).run(load_mixed, str(saved_mixed(2)), reshard)):
         assert all(ok.values()), f"rank {rank}: mismatched keys {[k for k, v in ok.items() if not v]}"
 
 
@@ -80,12 +95,11 @@ def test_loads_huggingface_hub_output(ranks, tmp_path):
 def test_fsdp2_and_tp_on_the_same_dim(ranks, tmp_path):
     """FSDP2 over dp after TP over tp shards dim 0 twice (_StridedShard): DCP's offsets are trusted, and right."""
     import torch
-    from torch import nn
 
     placements = ranks(4).run(save_tp_fsdp, str(tmp_path))[0]
     assert any(p.startswith("_S(") for p in placements), placements  # _StridedShard
     torch.manual_seed(0)
-    full = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 12)).state_dict()
+    full = tp_mlp().state_dict()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         for key, t in full.items():
             assert torch.equal(f.get_tensor(key), t), key

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import scale_cases
 import torch
-from rank_pool import free_port
+from helpers import free_port
 from torch.distributed.checkpoint.planner import SavePlan
 
 from dcp_safetensors import SafetensorsSavePlanner, SafetensorsWriter
