@@ -79,12 +79,17 @@ def test_a_reader_loop_against_a_writer_loop_never_mixes_and_never_breaks_the_wr
     verify(path)
 
 
-def test_a_reader_loop_against_a_writer_loop_on_s3(tmp_path, s3, capsys):
-    path = s3.url(s3.prefix)
-    options = {"storage_options": s3.storage_options}
+@pytest.mark.parametrize("server", ["moto", "seaweedfs"])
+def test_a_reader_loop_against_a_writer_loop_on_s3(tmp_path, server, request, capsys):
+    if server == "moto":
+        s3 = request.getfixturevalue("s3")
+        path, options = s3.url(s3.prefix), {"storage_options": s3.storage_options}
+    else:
+        seaweed = request.getfixturevalue("seaweed")
+        path, options = seaweed.url("reader-loop"), {"storage_options": seaweed.options()}
     written, read = run_reader_against_writer(path, 8, options, tmp_path)
     with capsys.disabled():
-        print(f"\ns3 (moto): {read['attempts']} loads: {read['consistent']} consistent, refused {read['refused']}, "
+        print(f"\ns3 ({server}): {read['attempts']} loads: {read['consistent']} consistent, refused {read['refused']}, "
               f"mixed {len(read['mixed'])}, longest refusal {max(read['refused_spans'], default=0) * 1e3:.0f} ms")
     assert written["failures"] == [], written["failures"]
     assert read["mixed"] == [] and read["other"] == [], (read["mixed"], read["other"][:3])
@@ -294,16 +299,3 @@ def test_a_second_s3_writer_takes_over_and_the_first_gets_a_clear_error(seaweed,
     assert "aborted by someone else" in str(errors[0])
     assert loaded_step(url, 1024, **options) == 3.0
     assert seaweed.open_uploads(request.node.name) == []
-
-
-def test_a_reader_loop_against_a_writer_loop_on_seaweedfs(tmp_path, seaweed, request, capsys):
-    path = seaweed.url(request.node.name)
-    options = {"storage_options": seaweed.options()}
-    written, read = run_reader_against_writer(path, 8, options, tmp_path)
-    with capsys.disabled():
-        print(f"\ns3 (SeaweedFS): {read['attempts']} loads: {read['consistent']} consistent, refused {read['refused']}, "
-              f"mixed {len(read['mixed'])}, longest refusal {max(read['refused_spans'], default=0) * 1e3:.0f} ms")
-    assert written["failures"] == [], written["failures"]
-    assert read["mixed"] == [] and read["other"] == [], (read["mixed"], read["other"][:3])
-    assert read["consistent"] >= 3, read
-    assert loaded_step(path, **options) == 8.0
