@@ -43,6 +43,7 @@ from dcp_safetensors.errors import (
     MissingFileError,
     MissingKeyError,
     SnapshotMismatchError,
+    shrank,
 )
 from dcp_safetensors.format import (
     LENGTH_PREFIX,
@@ -231,6 +232,9 @@ def open_checkpoint(path: str, storage: Storage, model_prefix: str | None) -> tu
             logger.debug("%s: a save replaced the checkpoint while it was opened (%s); opening it again", path, e)
             time.sleep(delay)
             delay = min(2 * delay, 0.2)
+        except BaseException:
+            files.close()  # a checkpoint that cannot be opened keeps no file open
+            raise
 
 
 def _being_replaced(storage: Storage, files: PinnedFiles) -> bool:
@@ -341,7 +345,8 @@ def _check_file(files: PinnedFiles, file: str, index: Index, header: Header | No
                 f"{files.path(file)}: {size} bytes on storage, the index recorded {want} (truncated or replaced)"
             )
     if header is None:
-        header = read_header(files, file, size)
+        with shrank(files, file):  # truncated in place between its size and its header read
+            header = read_header(files, file, size)
     if index.ours:
         found = (header.metadata or {}).get(SNAPSHOT_KEY)
         if found != index.snapshot:

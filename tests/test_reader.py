@@ -156,3 +156,24 @@ def test_our_checkpoints_are_taken_at_their_index_word(tmp_path):
     ckpt = read_checkpoint(str(tmp_path))
     infer_ties(ckpt, open_storage(str(tmp_path)))
     assert ckpt.aliases == {} and ckpt.unconfirmed == {}
+
+
+def test_a_checkpoint_that_cannot_be_opened_keeps_no_file_open(tmp_path):
+    """A failed open (here a broken header) closes every file it opened, even while the caller
+    keeps the error (whose traceback holds the frames)."""
+    import os
+
+    import dcp_safetensors
+    from dcp_safetensors.errors import HeaderError
+
+    dcp_safetensors.save({"a": torch.ones(4), "b": torch.ones(4)}, str(tmp_path), max_shard_size=16)
+    with open(tmp_path / "model-00002-of-00002.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"!")  # the header is no longer JSON
+    before = len(os.listdir("/proc/self/fd"))
+    kept = []
+    for _ in range(5):
+        with pytest.raises(HeaderError) as caught:
+            dcp_safetensors.read_checkpoint(str(tmp_path))
+        kept.append(caught.value)
+    assert len(os.listdir("/proc/self/fd")) == before
