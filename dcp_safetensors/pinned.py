@@ -39,23 +39,12 @@ from __future__ import annotations
 import posixpath
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from dcp_safetensors.errors import MissingFileError
+from dcp_safetensors.storage.base import ReadHandle
 
-__all__ = ["PinnedFiles", "ReadHandle"]
-
-
-class ReadHandle(Protocol):
-    """A file open for reading, as a storage backend's ``open_read`` returns it."""
-
-    path: str
-    size: int
-    etag: str | None
-
-    def readinto(self, offset: int, buffer: Any) -> None: ...
-
-    def close(self) -> None: ...
+__all__ = ["PinnedFiles"]
 
 
 class PinnedFiles:
