@@ -82,7 +82,7 @@ def rank_main(rank, world, port, method, url, options, mib, rows_per_tensor, thr
     if rank == 0:
         moved = 0
         if method == "dcp_safetensors":
-            layout = writer._layout  # the coordinator's frozen plan of this save
+            layout = writer._save.layout  # the coordinator's frozen plan of this save
             moved = sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
         nbytes = sum(v.numel() * v.element_size() for v in full.values())
         out.update(method=method, state_bytes=nbytes, save_s=save_s, load_s=load_s, moved_between_ranks=moved, correct=ok)

@@ -50,9 +50,9 @@ from dcp_safetensors.format import (
     Header,
     header_length,
     parse_header,
-    tensor_nbytes,
 )
 from dcp_safetensors.index import Index, parse_index, read_json
+from dcp_safetensors.layout import TensorLocation
 from dcp_safetensors.mapping import with_prefix
 from dcp_safetensors.names import (
     DCP_METADATA_FILE,
@@ -60,7 +60,6 @@ from dcp_safetensors.names import (
     SINGLE_FILE,
     SNAPSHOT_KEY,
     STAGING_PREFIX,
-    TRAINING_STATE_DIR,  # noqa: F401 (imported from here by older code)
 )
 from dcp_safetensors.objects import decode_object
 from dcp_safetensors.pinned import PinnedFiles
@@ -75,7 +74,6 @@ Files = Storage | PinnedFiles
 
 __all__ = [
     "Files",
-    "TensorLocation",
     "Checkpoint",
     "UnconfirmedTie",
     "Problem",
@@ -100,20 +98,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(verification, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where a tensor's bytes are: ``file``, absolute byte ``offset``, dtype name and shape."""
-
-    file: str
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass

@@ -65,6 +65,10 @@ class CheckpointMismatchError(DcpSafetensorsError):
     """A valid checkpoint that lacks what the target needs: a missing key, or a tensor of another shape."""
 
 
+class ConversionError(DcpSafetensorsError):
+    """A source that ``convert`` will not carry over (the message says what and where)."""
+
+
 class CheckpointCorruptError(DcpSafetensorsError):
     """A checkpoint on storage breaks a rule of the safetensors format or of our index."""
 

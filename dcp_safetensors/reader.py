@@ -52,7 +52,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
-from dcp_safetensors.checkpoint import Checkpoint, TensorLocation, open_checkpoint, read_header
+from dcp_safetensors.checkpoint import Checkpoint, open_checkpoint, read_header
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import (
     CheckpointChangedError,
@@ -82,7 +82,7 @@ from dcp_safetensors.errors import (
 )
 from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.hooks import RankZeroBroadcast
-from dcp_safetensors.layout import Runs, chunk_runs
+from dcp_safetensors.layout import Extents, TensorLocation
 from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
 from dcp_safetensors.ties import infer_ties
@@ -92,7 +92,7 @@ __all__ = ["SafetensorsReader", "TiedTensorStorageMetadata"]
 logger = logging.getLogger("dcp_safetensors")
 
 COALESCE_GAP = 1 << 20
-"""Runs of one chunk closer than this are read as one span (fewer, larger reads)."""
+"""Extents of one chunk closer than this are read as one span (fewer, larger reads)."""
 SPAN_LIMIT = 64 << 20
 """Most bytes of one coalesced span read at once: bounds the temporary buffer of a column shard."""
 
@@ -265,7 +265,7 @@ class SafetensorsReader(StorageReader):
             sizes = {name: header.file_size for name, header in ckpt.headers.items()}
             files = PinnedFiles(self._storage(), staging=ckpt.staging, etags=ckpt.etags, sizes=sizes)
 
-        def read_one(batch: list[_Chunk]) -> None:
+        def read_one(batch: list[_ChunkRead]) -> None:
             if len(batch) == 1:
                 _read_tensor(files, batch[0], planner)
             else:
@@ -278,7 +278,7 @@ class SafetensorsReader(StorageReader):
             if unconfirmed and not (isinstance(planner, DefaultLoadPlanner) and planner.allow_partial_load):
                 raise _unconfirmed_error(ckpt, sorted(unconfirmed))
             if files is not self._files:
-                _check_same_files(ckpt, files, sorted({chunk[0].file for batch in batches for chunk in batch}))
+                _check_same_files(ckpt, files, sorted({chunk.location.file for batch in batches for chunk in batch}))
             if self.read_threads > 1 and len(batches) > 1:
                 with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dcp-safetensors-read") as pool:
                     list(pool.map(read_one, batches))
@@ -368,62 +368,65 @@ def _tensor_metadata(loc: TensorLocation, same_as: str | None, unconfirmed: str 
     return TiedTensorStorageMetadata(**fields, same_as=same_as, unconfirmed=unconfirmed)
 
 
-def _read_runs(storage: PinnedFiles, file: str, runs: Runs, out: np.ndarray) -> None:
-    """Fill ``out`` (uint8, ``runs.nbytes``) with the runs' bytes, coalescing runs closer than COALESCE_GAP."""
-    if runs.count == 1:
-        storage.readinto(file, runs.start, out)
+def _read_extents(storage: PinnedFiles, file: str, extents: Extents, out: np.ndarray) -> None:
+    """Fill ``out`` (uint8, ``extents.nbytes``) with the extents' bytes, coalescing runs closer than COALESCE_GAP."""
+    if extents.count == 1:
+        storage.readinto(file, extents.start, out)
         return
-    span = sum((c - 1) * s for c, s in zip(runs.counts, runs.strides)) + runs.length
-    if span > SPAN_LIMIT and runs.counts[0] > 1:
+    span = sum((c - 1) * s for c, s in zip(extents.counts, extents.strides)) + extents.length
+    if span > SPAN_LIMIT and extents.counts[0] > 1:
         # Read the span in slabs along the outermost run dim, each slab's span at most SPAN_LIMIT.
-        step = max(1, SPAN_LIMIT // runs.strides[0])
-        per_outer = runs.nbytes // runs.counts[0]
-        for first in range(0, runs.counts[0], step):
-            count = min(step, runs.counts[0] - first)
-            slab = Runs(runs.start + first * runs.strides[0], runs.length, (count, *runs.counts[1:]), runs.strides)
-            _read_runs(storage, file, slab, out[first * per_outer : (first + count) * per_outer])
+        step = max(1, SPAN_LIMIT // extents.strides[0])
+        per_outer = extents.nbytes // extents.counts[0]
+        for first in range(0, extents.counts[0], step):
+            count = min(step, extents.counts[0] - first)
+            slab = Extents(extents.start + first * extents.strides[0], extents.length, (count, *extents.counts[1:]), extents.strides)
+            _read_extents(storage, file, slab, out[first * per_outer : (first + count) * per_outer])
         return
-    offsets = runs.offsets()
-    if runs.strides[-1] - runs.length <= COALESCE_GAP:
-        # Runs on a regular grid with small gaps: one sequential read of the span, then a strided copy.
+    offsets = extents.offsets()
+    if extents.strides[-1] - extents.length <= COALESCE_GAP:
+        # Extents on a regular grid with small gaps: one sequential read of the span, then a strided copy.
         block = np.empty(span, dtype=np.uint8)
         storage.readinto(file, int(offsets[0]), block)
         picked = np.lib.stride_tricks.as_strided(
-            block, shape=(*runs.counts, runs.length), strides=(*runs.strides, 1), writeable=False
+            block, shape=(*extents.counts, extents.length), strides=(*extents.strides, 1), writeable=False
         )
-        out.reshape(*runs.counts, runs.length)[...] = picked
+        out.reshape(*extents.counts, extents.length)[...] = picked
         return
     for i, off in enumerate(offsets.tolist()):
-        storage.readinto(file, off, out[i * runs.length : (i + 1) * runs.length])
+        storage.readinto(file, off, out[i * extents.length : (i + 1) * extents.length])
 
 
-_Chunk = tuple[TensorLocation, ReadItem, Runs]
-"""One read item with where its tensor lies and the byte runs its chunk covers."""
+class _ChunkRead(NamedTuple):
+    """One read item, where its tensor lies, and the byte extents its chunk covers in that file."""
+
+    location: TensorLocation
+    item: ReadItem
+    extents: Extents
 
 
-def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_Chunk]]:
+def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_ChunkRead]]:
     """The reads of a rank: chunks that are one contiguous range smaller than ``limit`` and lie
     within ``COALESCE_GAP`` of each other in one file share a read of at most ``limit`` bytes
     (the storage's ``read_batch``); every other chunk is read alone."""
     chunks = []
     for item in items:
         loc = ckpt.tensors[item.storage_index.fqn]
-        chunks.append((loc, item, chunk_runs(loc.shape, DTYPE_ITEMSIZE[loc.dtype], item.storage_offsets, item.lengths, loc.offset)))
-    alone: list[list[_Chunk]] = []
-    small: dict[str, list[_Chunk]] = {}
+        chunks.append(_ChunkRead(loc, item, loc.extents(item.storage_offsets, item.lengths)))
+    alone: list[list[_ChunkRead]] = []
+    small: dict[str, list[_ChunkRead]] = {}
     for chunk in chunks:
-        runs = chunk[2]
-        if runs.count == 1 and 0 < runs.nbytes < limit:
-            small.setdefault(chunk[0].file, []).append(chunk)
+        if chunk.extents.count == 1 and 0 < chunk.extents.nbytes < limit:
+            small.setdefault(chunk.location.file, []).append(chunk)
         else:
             alone.append([chunk])
-    batched: list[list[_Chunk]] = []
+    batched: list[list[_ChunkRead]] = []
     for pieces in small.values():
-        pieces.sort(key=lambda c: c[2].start)
-        first, last = pieces[0][2].start, pieces[0][2].start + pieces[0][2].nbytes
-        batch: list[_Chunk] = []
+        pieces.sort(key=lambda c: c.extents.start)
+        first, last = pieces[0].extents.start, pieces[0].extents.start + pieces[0].extents.nbytes
+        batch: list[_ChunkRead] = []
         for chunk in pieces:
-            start, end = chunk[2].start, chunk[2].start + chunk[2].nbytes
+            start, end = chunk.extents.start, chunk.extents.start + chunk.extents.nbytes
             if batch and (start - last > COALESCE_GAP or max(end, last) - first > limit):
                 batched.append(batch)
                 first, last, batch = start, end, []
@@ -433,11 +436,11 @@ def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_
     return batched + alone
 
 
-def _read_batch(storage: PinnedFiles, batch: list[_Chunk], planner: LoadPlanner) -> None:
+def _read_batch(storage: PinnedFiles, batch: list[_ChunkRead], planner: LoadPlanner) -> None:
     """One read of the range holding every chunk of ``batch`` (one file, sorted), then each chunk from it."""
-    file, first = batch[0][0].file, batch[0][2].start
-    block = np.empty(max(runs.start + runs.nbytes for _, _, runs in batch) - first, dtype=np.uint8)
-    keys = ", ".join(repr(item.storage_index.fqn) for _, item, _ in batch[:3]) + (" ..." if len(batch) > 3 else "")
+    file, first = batch[0].location.file, batch[0].extents.start
+    block = np.empty(max(c.extents.start + c.extents.nbytes for c in batch) - first, dtype=np.uint8)
+    keys = ", ".join(repr(c.item.storage_index.fqn) for c in batch[:3]) + (" ..." if len(batch) > 3 else "")
     with truncated(storage, file, keys):
         storage.readinto(file, first, block)
     for chunk in batch:
@@ -446,27 +449,27 @@ def _read_batch(storage: PinnedFiles, batch: list[_Chunk], planner: LoadPlanner)
 
 def _read_tensor(
     storage: PinnedFiles,
-    chunk: _Chunk,
+    chunk: _ChunkRead,
     planner: LoadPlanner,
     span: tuple[int, np.ndarray] | None = None,
 ) -> None:
     """Read one chunk into its destination; ``span`` is ``(file offset, bytes)`` of a batch's
     read that already holds the chunk's bytes."""
-    loc, item, runs = chunk
+    loc, item, extents = chunk
     dtype = to_torch_dtype(loc.dtype, source=loc.file)
     dest = planner.resolve_tensor(item)
     direct = dest.device.type == "cpu" and dest.dtype == dtype and dest.is_contiguous()
-    if runs.nbytes:
+    if extents.nbytes:
         if direct:
             out = dest.detach().reshape(-1).view(torch.uint8).numpy()
         else:
-            out = np.empty(runs.nbytes, dtype=np.uint8)
+            out = np.empty(extents.nbytes, dtype=np.uint8)
         if span is not None:
             first, block = span
-            out[...] = block[runs.start - first : runs.start - first + runs.nbytes]
+            out[...] = block[extents.start - first : extents.start - first + extents.nbytes]
         else:
             with truncated(storage, loc.file, repr(item.storage_index.fqn)):
-                _read_runs(storage, loc.file, runs, out)
+                _read_extents(storage, loc.file, extents, out)
         if not direct:
             src = torch.from_numpy(out).view(dtype).reshape(tuple(item.lengths))
             dest.copy_(src)

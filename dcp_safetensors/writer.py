@@ -38,17 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
 import uuid
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
@@ -57,13 +54,12 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
-from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
 from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
+from dcp_safetensors.hf_config import config_files
 from dcp_safetensors.hooks import ObjectSource
-from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import (
     CheckpointLayout,
     ChunkArrays,
@@ -73,18 +69,15 @@ from dcp_safetensors.layout import (
     TensorSpec,
     parse_size,
     plan_layout,
-    restamp,
+    with_header_metadata,
 )
 from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
 from dcp_safetensors.names import (
-    CONFIG_FILES,
-    MODEL_GROUP,
-    OBJECTS_FILE,
     SNAPSHOT_KEY,
-    TRAINING_STATE_GROUP,
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
+from dcp_safetensors.saving import LayoutSave, WrittenPart, WrittenParts, write_part
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
 
 __all__ = ["SafetensorsWriter"]
@@ -126,20 +119,6 @@ class _Refresh:
     def apply(self, cached: _RankStorageData) -> _RankStorageData:
         writes = dataclasses.replace(cached.writes, headers=self.headers)
         return _RankStorageData(self.session, writes, self.layout_id, self.options)
-
-
-@dataclass(frozen=True, eq=False)
-class _WrittenParts:
-    """``WriteResult.storage_data`` of one rank's written parts, columnar.
-
-    ``rows`` holds ``(file index, number, start, length, crc32)`` per part;
-    ``etags`` the storage's tag of each part (an ETag on S3, else None).
-    One result per rank keeps what the coordinator gathers small.
-    """
-
-    files: tuple[str, ...]
-    rows: np.ndarray
-    etags: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -205,9 +184,8 @@ class SafetensorsWriter(StorageWriter):
         self.max_part = max_part
         self.transfer_budget = transfer_budget
         self.write_threads = write_threads
-        self._extra_files = _config_files(hf_config, generation_config, strip_auto_map)
-        self._layout: CheckpointLayout | None = None
-        self._session: SaveSession | None = None
+        self._extra_files = config_files(hf_config, generation_config, strip_auto_map)
+        self._save: LayoutSave | None = None
         self._started = 0.0
         self._phases: dict[str, float] = {}
         self._store: Storage | None = None
@@ -226,8 +204,7 @@ class SafetensorsWriter(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
-        self._layout = None
-        self._session = None
+        self._save = None
         self._store = None
 
     @classmethod
@@ -286,13 +263,12 @@ class SafetensorsWriter(StorageWriter):
         if cached is not None:
             # No rank's plan changed and the writer's settings are the same: only the
             # snapshot (its id in every header, its session) is new.
-            layout = restamp(cached.layout, metadata)
-            session = storage.begin_save(snapshot, [f.name for f in layout.files])
-            self._layout, self._session = layout, session
+            layout = with_header_metadata(cached.layout, metadata)
+            self._save = save = LayoutSave(storage, layout, snapshot)
             self._phases["plan"] = time.perf_counter() - started
             logger.debug("plan unchanged: reused the layout of %d files in %.3f s", len(layout.files), self._phases["plan"])
             return [
-                SavePlan([], storage_data=_Refresh(session, layout.rank_plans[rank].headers, cached.layout_id, options),
+                SavePlan([], storage_data=_Refresh(save.session, layout.rank_plans[rank].headers, cached.layout_id, options),
                          usable=False)
                 for rank in range(len(plans))
             ]
@@ -300,8 +276,7 @@ class SafetensorsWriter(StorageWriter):
         layout_id = uuid.uuid4().hex
         if cache is not None:
             cache.keep_layout(settings, layout_id, layout)
-        session = storage.begin_save(snapshot, [f.name for f in layout.files])
-        self._layout, self._session = layout, session
+        self._save = save = LayoutSave(storage, layout, snapshot)
         self._phases["plan"] = time.perf_counter() - started
         logger.debug(
             "planned %d files, %d tensors, %.1f MB; %.1f MB to move between ranks; in %.3f s",
@@ -312,7 +287,7 @@ class SafetensorsWriter(StorageWriter):
             self._phases["plan"],
         )
         return [
-            dataclasses.replace(plan, storage_data=_RankStorageData(session, layout.rank_plans[rank], layout_id, options))
+            dataclasses.replace(plan, storage_data=_RankStorageData(save.session, layout.rank_plans[rank], layout_id, options))
             for rank, plan in enumerate(plans)
         ]
 
@@ -395,56 +370,21 @@ class SafetensorsWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         commit_started = time.perf_counter()
-        layout, session = self._layout, self._session
-        if layout is None or session is None:
+        save = self._save
+        if save is None:
             raise LayoutError("finish() called without prepare_global_plan() on this coordinator")
-        storage = self._storage()
-        try:
-            rows_by_file: dict[str, list[np.ndarray]] = defaultdict(list)
-            etags: dict[str, list[tuple[int, Any]]] = defaultdict(list)
-            objects: dict[str, Any] = {}
-            for rank_results in results:
-                for r in rank_results:
-                    if isinstance(r.storage_data, _WrittenObject):
-                        objects[r.index.fqn] = r.storage_data.record
-                        continue
-                    written: _WrittenParts = r.storage_data
-                    for i, name in enumerate(written.files):
-                        mine = np.flatnonzero(written.rows[:, 0] == i)
-                        rows_by_file[name].append(written.rows[mine][:, 2:5])
-                        numbers = written.rows[mine, 1].tolist()
-                        etags[name].extend(zip(numbers, [written.etags[j] for j in mine.tolist()], strict=True))
-            sizes = {f.name: f.size for f in layout.files}
-            checksums = {
-                name: format_crc32(_check_tiled(name, size, np.concatenate(rows_by_file[name] or [np.zeros((0, 3), np.int64)])))
-                for name, size in sizes.items()
-            }
-            published = [f.name for f in layout.files]
-            objects_file = None
-            if objects:
-                objects_file = OBJECTS_FILE
-                storage.write_small(session, objects_file, json.dumps(dict(sorted(objects.items())), indent=1).encode())
-                published.append(objects_file)
-            for name, body in self._extra_files.items():
-                storage.write_small(session, name, body)
-                published.append(name)
-            aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
-            index = build_index(
-                snapshot=session.snapshot,
-                weight_map=layout.weight_map(MODEL_GROUP),
-                total_size=layout.total_size(MODEL_GROUP),
-                files={name: (sizes[name], checksums[name]) for name in sizes},
-                extra_weight_map=layout.weight_map(TRAINING_STATE_GROUP),
-                objects_file=objects_file,
-                model_prefix=self.model_prefix,
-                aliases=self._file_names(aliases, layout),
-            )
-            storage.commit_save(session, published, dict(etags), index)
-        except BaseException:
-            storage.abort_save(session)
-            raise
+        written = [r.storage_data for rr in results for r in rr if isinstance(r.storage_data, WrittenParts)]
+        objects = {r.index.fqn: r.storage_data.record for rr in results for r in rr if isinstance(r.storage_data, _WrittenObject)}
+        aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
+        published = save.commit(
+            written,
+            objects=objects,
+            extra_files=self._extra_files,
+            model_prefix=self.model_prefix,
+            aliases=self._file_names(aliases, save.layout),
+        )
         self._phases["commit"] = time.perf_counter() - commit_started
-        self._log_summary(len(published), sum(sizes.values()))
+        self._log_summary(len(published), sum(f.size for f in save.layout.files))
 
     def _log_summary(self, files: int, nbytes: int) -> None:
         """One line per save on the coordinator: INFO when it took a second or more, else DEBUG."""
@@ -536,16 +476,16 @@ class SafetensorsWriter(StorageWriter):
                 # over as it is; every such key of this rank is named at once below.
                 meta[item.index.fqn] = None
                 continue
-            runs = write.runs
-            if tensor.numel() * tensor.element_size() != runs.nbytes:
+            extents = write.extents
+            if tensor.numel() * tensor.element_size() != extents.nbytes:
                 raise LayoutError(
                     f"tensor {item.index.fqn!r}: planner resolved {tensor.numel() * tensor.element_size()} bytes "
-                    f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {runs.nbytes} bytes"
+                    f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {extents.nbytes} bytes"
                 )
             flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             view = memoryview(flat)  # type: ignore[arg-type]
-            for i, off in enumerate(runs.offsets().tolist()):
-                source.add(write.file, off, view[i * runs.length : (i + 1) * runs.length])
+            for i, off in enumerate(extents.offsets().tolist()):
+                source.add(write.file, off, view[i * extents.length : (i + 1) * extents.length])
         if meta:
             keys = list(meta)
             raise ConfigurationError(
@@ -560,15 +500,9 @@ class SafetensorsWriter(StorageWriter):
         """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""
         writer = storage.part_writer(data.session)
         parts = data.writes.parts
-        files = {name: i for i, name in enumerate(dict.fromkeys(p.file for p in parts))}
 
-        def write_one(part: PartPlan) -> tuple[tuple[int, int, int, int, int], Any]:
-            views = source.read(part.file, part.start, part.end - part.start)
-            crc = 0
-            for v in views:  # a part's views are consecutive bytes: the CRC runs on across them
-                crc = crc32(v, crc)
-            token = writer.write(part, views)
-            return (files[part.file], part.number, part.start, part.end - part.start, crc), token
+        def write_one(part: PartPlan) -> WrittenPart:
+            return write_part(writer, part, source.read(part.file, part.start, part.end - part.start))
 
         try:
             if self.write_threads > 1 and len(parts) > 1:
@@ -580,10 +514,8 @@ class SafetensorsWriter(StorageWriter):
             writer.close()
         if not out:
             return []
-        written = _WrittenParts(
-            tuple(files), np.asarray([row for row, _ in out], dtype=np.int64), tuple(etag for _, etag in out)
-        )
-        return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), int(written.rows[:, 3].sum()), written)]
+        written = WrittenParts.of(out)
+        return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), written.nbytes, written)]
 
 
 def _unusable_plan(data: Any) -> LayoutError:
@@ -597,45 +529,3 @@ def _unusable_plan(data: Any) -> LayoutError:
         f"write_data got a plan without this writer's storage data ({type(data).__name__}): the plan was not "
         "made by SafetensorsWriter.prepare_global_plan"
     )
-
-
-def _check_tiled(name: str, size: int, rows: np.ndarray) -> int:
-    """The file's CRC-32 if the parts' ``(start, length, crc)`` rows cover ``[0, size)`` exactly once.
-
-    Raises :class:`LayoutError` naming the first hole or overlap otherwise.
-    """
-    rows = rows[np.argsort(rows[:, 0], kind="stable")]
-    starts, lengths = rows[:, 0], rows[:, 1]
-    expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(rows) else starts
-    wrong = np.flatnonzero(starts != expected)
-    if len(wrong):
-        i = int(wrong[0])
-        what = "a hole" if starts[i] > expected[i] else "an overlap"
-        raise LayoutError(
-            f"{name}: written parts leave {what} at byte {int(min(starts[i], expected[i]))}; refusing to commit"
-        )
-    end = int(lengths.sum())
-    if end != size:
-        raise LayoutError(f"{name}: written parts end at byte {end}, the file must be {size} bytes; refusing to commit")
-    return combine_run_arrays(lengths, rows[:, 2])
-
-
-def _config_files(hf_config: Any, generation_config: Any, strip_auto_map: bool) -> dict[str, bytes]:
-    """``config.json`` / ``generation_config.json`` bodies, as ``save_pretrained`` writes them."""
-    out = {}
-    for name, config in zip(CONFIG_FILES, (hf_config, generation_config)):
-        if config is None:
-            continue
-        if hasattr(config, "to_dict"):
-            body = config.to_dict()
-        elif isinstance(config, dict):
-            body = dict(config)
-        else:
-            raise ConfigurationError(f"{name}: expected a transformers config or a dict, got {type(config).__name__}")
-        if strip_auto_map:
-            body.pop("auto_map", None)
-        try:
-            out[name] = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
-        except TypeError as e:
-            raise ConfigurationError(f"{name}: not JSON-serialisable ({e})") from None
-    return out

@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from dcp_safetensors import SafetensorsReader, SafetensorsWriter, read_checkpoint, verify
 from dcp_safetensors.cli import main
-from dcp_safetensors.convert import PIECE, convert
+from dcp_safetensors.convert import convert
+from dcp_safetensors.sources import PIECE
 
 MB = 10**6
 

@@ -37,17 +37,17 @@ from dcp_safetensors.layout import (
     MODEL_GROUP,
     CheckpointLayout,
     ChunkSpec,
-    Runs,
+    Extents,
     TensorSpec,
     check_tiling,
-    chunk_runs,
+    chunk_extents,
     chunk_table,
     file_names,
     natural_key,
     parse_size,
     plan_layout,
 )
-from dcp_safetensors.layout.geometry import chunk_run_arrays
+from dcp_safetensors.layout.geometry import chunk_extent_arrays
 from dcp_safetensors.layout.tiling import _check_by_sweep
 
 META = {"format": "pt"}
@@ -236,52 +236,52 @@ def test_file_names() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# chunk_runs
+# chunk_extents
 # --------------------------------------------------------------------------------------------
 
 
 def test_chunk_runs_shard0_is_one_run() -> None:
-    runs = chunk_runs((4, 6), 4, (2, 0), (2, 6), base=100)
-    assert runs == Runs(148, 48)
+    runs = chunk_extents((4, 6), 4, (2, 0), (2, 6), base=100)
+    assert runs == Extents(148, 48)
     assert runs.offsets().tolist() == [148] and runs.nbytes == 48 and runs.count == 1
 
 
 def test_chunk_runs_shard1_is_one_run_per_row() -> None:
-    runs = chunk_runs((4, 6), 4, (0, 3), (4, 3))
-    assert runs == Runs(12, 12, (4,), (24,))
+    runs = chunk_extents((4, 6), 4, (0, 3), (4, 3))
+    assert runs == Extents(12, 12, (4,), (24,))
     assert runs.offsets().tolist() == [12, 36, 60, 84]
     assert runs.nbytes == 48
 
 
 def test_chunk_runs_3d_middle_dim_shard() -> None:
     # shape (2, 6, 5), bf16: rows of 5 elements, Shard(1) in 2 of 3 pieces.
-    runs = chunk_runs((2, 6, 5), 2, (0, 2, 0), (2, 3, 5), base=8)
-    assert runs == Runs(8 + 20, 30, (2,), (60,))
+    runs = chunk_extents((2, 6, 5), 2, (0, 2, 0), (2, 3, 5), base=8)
+    assert runs == Extents(8 + 20, 30, (2,), (60,))
     assert runs.offsets().tolist() == [28, 88]
 
 
 def test_chunk_runs_single_index_outer_dims_are_dropped() -> None:
-    runs = chunk_runs((4, 6, 5), 2, (1, 2, 0), (1, 3, 5))
-    assert runs == Runs((1 * 30 + 2 * 5) * 2, 30)
-    runs = chunk_runs((2, 3, 4), 1, (1, 1, 2), (1, 2, 2))
-    assert runs == Runs(18, 2, (2,), (4,))
+    runs = chunk_extents((4, 6, 5), 2, (1, 2, 0), (1, 3, 5))
+    assert runs == Extents((1 * 30 + 2 * 5) * 2, 30)
+    runs = chunk_extents((2, 3, 4), 1, (1, 1, 2), (1, 2, 2))
+    assert runs == Extents(18, 2, (2,), (4,))
     assert runs.offsets().tolist() == [18, 22]
 
 
 def test_chunk_runs_two_outer_dims() -> None:
-    runs = chunk_runs((3, 4, 5), 1, (1, 1, 1), (2, 2, 3))
-    assert runs == Runs(20 + 5 + 1, 3, (2, 2), (20, 5))
+    runs = chunk_extents((3, 4, 5), 1, (1, 1, 1), (2, 2, 3))
+    assert runs == Extents(20 + 5 + 1, 3, (2, 2), (20, 5))
     assert runs.offsets().tolist() == [26, 31, 46, 51]
 
 
 def test_chunk_runs_0dim_and_full() -> None:
-    assert chunk_runs((), 8, (), (), base=16) == Runs(16, 8)
-    assert chunk_runs((3, 4), 2, (0, 0), (3, 4), base=5) == Runs(5, 24)
+    assert chunk_extents((), 8, (), (), base=16) == Extents(16, 8)
+    assert chunk_extents((3, 4), 2, (0, 0), (3, 4), base=5) == Extents(5, 24)
 
 
 def test_chunk_runs_zero_size() -> None:
     for shape, offsets, sizes in [((4, 0), (0, 0), (4, 0)), ((4, 6), (4, 0), (0, 6)), ((0,), (0,), (0,))]:
-        runs = chunk_runs(shape, 4, offsets, sizes, base=64)
+        runs = chunk_extents(shape, 4, offsets, sizes, base=64)
         assert runs.nbytes == 0 and runs.count == 0
         assert runs.offsets().tolist() == []
 
@@ -305,13 +305,13 @@ def test_chunk_runs_gather_the_box(box) -> None:
     full = np.arange(math.prod(shape) * itemsize, dtype=np.int64).reshape(shape + (itemsize,))
     file = np.concatenate([np.full(base, -1, dtype=np.int64), full.reshape(-1)])
     expected = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))].reshape(-1)
-    runs = chunk_runs(shape, itemsize, offsets, sizes, base)
+    runs = chunk_extents(shape, itemsize, offsets, sizes, base)
     assert runs.nbytes == expected.size
     gathered = [file[o : o + runs.length] for o in runs.offsets().tolist()]
     assert all(len(g) == runs.length for g in gathered)
     got = np.concatenate(gathered) if gathered else np.zeros(0, dtype=np.int64)
     assert got.tolist() == expected.tolist()
-    # Runs are maximal: no run ends where the next begins (those would be one run).
+    # Extents are maximal: no run ends where the next begins (those would be one run).
     starts = runs.offsets().tolist()
     assert all(a + runs.length < b for a, b in zip(starts, starts[1:]))
 
@@ -336,12 +336,12 @@ def test_chunk_run_arrays_are_chunk_runs_of_every_chunk(case) -> None:
     expected = sorted(
         (start, runs.length, c.rank)
         for c in chunks
-        for runs in [chunk_runs(shape, itemsize, c.offsets, c.sizes, base)]
+        for runs in [chunk_extents(shape, itemsize, c.offsets, c.sizes, base)]
         for start in runs.offsets().tolist()
         if runs.length
     )
     table = chunk_table(chunks).get("w")
-    got = [] if table is None else sorted(zip(*(a.tolist() for a in chunk_run_arrays(shape, itemsize, table, base))))
+    got = [] if table is None else sorted(zip(*(a.tolist() for a in chunk_extent_arrays(shape, itemsize, table, base))))
     assert got == expected
 
 
@@ -709,10 +709,10 @@ def assemble(layout: CheckpointLayout, case: Case, full: dict[str, np.ndarray]):
         for w in layout.chunk_writes(rank):
             written[rank, w.key, w.offsets] += 1
             chunk = box_bytes(full[w.key], w.offsets, sizes_of[rank, w.key, w.offsets])
-            assert chunk.size == w.runs.nbytes
-            starts = w.runs.offsets()
-            assert starts.size == w.runs.count
-            index = (starts[:, None] + np.arange(w.runs.length, dtype=np.int64)[None, :]).reshape(-1)
+            assert chunk.size == w.extents.nbytes
+            starts = w.extents.offsets()
+            assert starts.size == w.extents.count
+            index = (starts[:, None] + np.arange(w.extents.length, dtype=np.int64)[None, :]).reshape(-1)
             data[w.file][index] = chunk
             np.add.at(cover[w.file], index, 1)
     # Each rank is told to write exactly its own non-empty chunks, once each.
@@ -766,7 +766,7 @@ def test_plan_layout_writes_save_file_bytes(case: Case) -> None:
             if f.data_size:  # the header goes with the rank holding the first data byte
                 first = [
                     r for r, p in layout.rank_plans.items()
-                    for w in layout.chunk_writes(r) if w.file == f.name and int(w.runs.offsets()[0]) == f.data_start
+                    for w in layout.chunk_writes(r) if w.file == f.name and int(w.extents.offsets()[0]) == f.data_start
                 ]
                 assert header_writers[f.name] == first
             # A valid safetensors file holding exactly the full tensors.
@@ -829,8 +829,8 @@ def test_plan_layout_parts_and_transfers_deliver_every_byte(case: Case, min_part
             held[r][h.file][: len(h.data)] = True
         for w in layout.chunk_writes(r):
             assert (r, w.key, w.offsets) in sizes_of
-            for o in w.runs.offsets().tolist():
-                held[r][w.file][o : o + w.runs.length] = True
+            for o in w.extents.offsets().tolist():
+                held[r][w.file][o : o + w.extents.length] = True
     # Parts: numbered 1..n, tiling each file, at least min_part but the last, each in its writer's plan.
     writer = {f: np.full(n, -1, dtype=np.int64) for f, n in size_of.items()}
     parts_of = defaultdict(list)

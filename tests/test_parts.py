@@ -103,7 +103,7 @@ def test_posix_saves_cut_a_ranks_range_into_max_part_writes(tmp_path):
     state = {"w": torch.arange(10240, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int8)}
     writer = SafetensorsWriter(tmp_path, max_part=4096)
     dcp.save(state, storage_writer=writer, no_dist=True)
-    assert len(writer._layout.rank_plans[0].parts) == 11  # ceil(40968 / 4096): header + data
+    assert len(writer._save.layout.rank_plans[0].parts) == 11  # ceil(40968 / 4096): header + data
     assert verify_all(str(tmp_path)).ok
     assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "model.safetensors")).items())
 

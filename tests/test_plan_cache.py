@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import dcp_safetensors
-from dcp_safetensors.checkpoint import TRAINING_STATE_DIR
+from dcp_safetensors.names import TRAINING_STATE_DIR
 
 SOAK = os.environ.get("DCP_SAFETENSORS_SOAK") == "1"
 EXAMPLES = 300 if SOAK else int(os.environ.get("DCP_SAFETENSORS_STATEFUL_EXAMPLES", "40"))

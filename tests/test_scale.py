@@ -62,7 +62,7 @@ def test_global_step_matches_torch_and_plans_stay_per_rank(tmp_path, scheme):
             ), key
         final = writer.prepare_global_plan(ours)
         largest[world] = max(len(__import__("pickle").dumps(p)) for p in final)
-        writer._storage().abort_save(writer._session)
+        writer._save.abort()
     # 4x the ranks: each rank holds 1/4 of the bytes but as many chunks, so its plan stays put.
     assert largest[64] <= largest[16] * 1.25, largest
 

@@ -7,7 +7,7 @@ every rank's chunk of it (what DCP's coordinator sees in
 1. which file each tensor goes to (``max_shard_size``, natural key order),
 2. where it sits inside the file (``save_file``'s order: dtype, then name),
 3. each file's exact header bytes and size,
-4. the byte runs each rank's chunk occupies in its file (:class:`Runs`), and
+4. the byte runs each rank's chunk occupies in its file (:class:`Extents`), and
 5. which rank writes each file's header (the owner of its first data byte).
 
 The result, :class:`CheckpointLayout`, is the frozen snapshot: headers, the
@@ -37,7 +37,7 @@ Example:
     >>> layout = plan_layout(specs, chunks, max_shard_size=10**9, metadata={"format": "pt"})
     >>> [f.name for f in layout.files]
     ['model.safetensors']
-    >>> [(w.runs.start, w.runs.length) for w in layout.rank_plans[1].chunk_writes([("w", (2, 0), (2, 2))])]
+    >>> [(w.extents.start, w.extents.length) for w in layout.rank_plans[1].chunk_writes([("w", (2, 0), (2, 2))])]
     [(112, 16)]
 """
 
@@ -46,9 +46,10 @@ from dcp_safetensors.layout.geometry import (
     MODEL_GROUP,
     ChunkArrays,
     ChunkSpec,
-    Runs,
+    Extents,
+    TensorLocation,
     TensorSpec,
-    chunk_runs,
+    chunk_extents,
     chunk_table,
 )
 from dcp_safetensors.layout.parts import (
@@ -65,9 +66,8 @@ from dcp_safetensors.layout.plan import (
     ChunkWrite,
     HeaderWrite,
     RankWritePlan,
-    TensorPlacement,
     plan_layout,
-    restamp,
+    with_header_metadata,
 )
 from dcp_safetensors.layout.tiling import check_tiling
 
@@ -75,22 +75,22 @@ __all__ = [
     "MODEL_GROUP",
     "MAX_PARTS",
     "TensorSpec",
+    "TensorLocation",
     "ChunkSpec",
-    "Runs",
+    "Extents",
     "ChunkWrite",
     "HeaderWrite",
     "RankWritePlan",
-    "TensorPlacement",
     "PartTable",
     "ChunkArrays",
     "chunk_table",
     "check_tiling",
-    "restamp",
+    "with_header_metadata",
     "FileLayout",
     "CheckpointLayout",
     "parse_size",
     "natural_key",
-    "chunk_runs",
+    "chunk_extents",
     "plan_layout",
     "plan_parts",
     "plan_rounds",

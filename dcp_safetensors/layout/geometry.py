@@ -4,15 +4,15 @@ Owns the vocabulary the rest of :mod:`dcp_safetensors.layout` speaks:
 :class:`TensorSpec` (a tensor of the checkpoint), :class:`ChunkSpec` (the box
 one rank holds), :class:`ChunkArrays` and :func:`chunk_table` (every chunk of
 a tensor as numpy columns, how thousands of ranks' chunks travel), and the
-byte-run arithmetic: :func:`chunk_runs` turns a box of a row-major tensor into
-:class:`Runs`, the fewest contiguous byte runs that hold it, and
-:func:`chunk_run_arrays` does the same for all of a tensor's chunks at once
+byte-run arithmetic: :func:`chunk_extents` turns a box of a row-major tensor into
+:class:`Extents`, the fewest contiguous byte runs that hold it, and
+:func:`chunk_extent_arrays` does the same for all of a tensor's chunks at once
 (numpy; the planner's path for thousands of ranks). Nothing here knows about
 files or ranks' writes.
 
 Example:
-    >>> chunk_runs((4, 6), 4, (0, 3), (4, 3), base=96)  # a Shard(1) half: one run per row
-    Runs(start=108, length=12, counts=(4,), strides=(24,))
+    >>> chunk_extents((4, 6), 4, (0, 3), (4, 3), base=96)  # a Shard(1) half: one run per row
+    Extents(start=108, length=12, counts=(4,), strides=(24,))
     >>> chunk_table([ChunkSpec(0, "w", (0,), (2,)), ChunkSpec(1, "w", (2,), (2,))])["w"].ranks.tolist()
     [0, 1]
 """
@@ -27,18 +27,19 @@ from typing import NamedTuple
 import numpy as np
 
 from dcp_safetensors.errors import LayoutError
-from dcp_safetensors.format import tensor_nbytes
+from dcp_safetensors.format import DTYPE_ITEMSIZE, tensor_nbytes
 from dcp_safetensors.names import MODEL_GROUP
 
 __all__ = [
     "MODEL_GROUP",
     "TensorSpec",
     "ChunkSpec",
-    "Runs",
+    "TensorLocation",
+    "Extents",
     "ChunkArrays",
     "chunk_table",
-    "chunk_runs",
-    "chunk_run_arrays",
+    "chunk_extents",
+    "chunk_extent_arrays",
     "row_major_strides",
     "describe",
 ]
@@ -84,7 +85,7 @@ def describe(c: ChunkSpec) -> str:
 
 
 @dataclass(frozen=True)
-class Runs:
+class Extents:
     """Where a chunk's bytes go: ``prod(counts)`` runs of ``length`` bytes.
 
     Run ``i`` (row-major over ``counts``) holds bytes ``[i*length, (i+1)*length)``
@@ -93,7 +94,7 @@ class Runs:
     (``Shard(0)``) is one run; a column shard (``Shard(1)``) one run per row.
 
     Example:
-        >>> Runs(100, 8, (3,), (32,)).offsets().tolist()
+        >>> Extents(100, 8, (3,), (32,)).offsets().tolist()
         [100, 132, 164]
     """
 
@@ -116,6 +117,36 @@ class Runs:
         for count, stride in zip(self.counts, self.strides, strict=False):
             out = (out[:, None] + np.arange(count, dtype=np.int64)[None, :] * stride).reshape(-1)
         return out
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes sit: ``file``, the absolute ``offset`` of its first byte, dtype name, shape.
+
+    The one placement record: the planner gives each rank the locations of the
+    tensors it writes, a read checkpoint the locations of every tensor.
+
+    Example:
+        >>> TensorLocation("model.safetensors", 96, "F32", (4, 6)).extents((0, 3), (4, 3))
+        Extents(start=108, length=12, counts=(4,), strides=(24,))
+    """
+
+    file: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+    def extents(self, offsets: Sequence[int], sizes: Sequence[int]) -> Extents:
+        """The file extents of the box ``[offsets, offsets + sizes)`` of this tensor."""
+        return chunk_extents(self.shape, self.itemsize, offsets, sizes, self.offset)
 
 
 class ChunkArrays(NamedTuple):
@@ -180,43 +211,43 @@ def row_major_strides(shape: Sequence[int]) -> list[int]:
     return strides
 
 
-def chunk_runs(
+def chunk_extents(
     shape: Sequence[int], itemsize: int, offsets: Sequence[int], sizes: Sequence[int], base: int = 0
-) -> Runs:
+) -> Extents:
     """The byte runs of the box ``[offsets, offsets + sizes)`` of a row-major tensor at ``base``.
 
     Example:
-        >>> chunk_runs((4, 6), 4, (0, 3), (4, 3))  # a Shard(1) half: one run per row
-        Runs(start=12, length=12, counts=(4,), strides=(24,))
-        >>> chunk_runs((4, 6), 4, (2, 0), (2, 6))  # a Shard(0) half: one run
-        Runs(start=48, length=48, counts=(), strides=())
+        >>> chunk_extents((4, 6), 4, (0, 3), (4, 3))  # a Shard(1) half: one run per row
+        Extents(start=12, length=12, counts=(4,), strides=(24,))
+        >>> chunk_extents((4, 6), 4, (2, 0), (2, 6))  # a Shard(0) half: one run
+        Extents(start=48, length=48, counts=(), strides=())
     """
     if math.prod(sizes) == 0:
-        return Runs(base, 0, (0,), (0,))
+        return Extents(base, 0, (0,), (0,))
     strides = row_major_strides(shape)
     start = base + sum(o * s for o, s in zip(offsets, strides, strict=False)) * itemsize
     split = next((d for d in range(len(shape) - 1, -1, -1) if sizes[d] != shape[d]), -1)
     if split < 0:
-        return Runs(start, math.prod(shape) * itemsize)
+        return Extents(start, math.prod(shape) * itemsize)
     length = sizes[split] * strides[split] * itemsize
     outer = [(sizes[d], strides[d] * itemsize) for d in range(split) if sizes[d] != 1]
-    return Runs(start, length, tuple(c for c, _ in outer), tuple(s for _, s in outer))
+    return Extents(start, length, tuple(c for c, _ in outer), tuple(s for _, s in outer))
 
 
-def chunk_run_arrays(
+def chunk_extent_arrays(
     shape: Sequence[int], itemsize: int, chunks: ChunkArrays, base: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`chunk_runs` of every non-empty chunk at once: ``(starts, lengths, ranks)`` of each run.
+    """:func:`chunk_extents` of every non-empty chunk at once: ``(starts, lengths, ranks)`` of each run.
 
     A chunk whose dims before the last partial one are all 1 (``Shard(0)``,
     or a row of anything) is one run, computed with numpy for all such chunks
-    together; the others (column shards) go through :func:`chunk_runs`. Runs
+    together; the others (column shards) go through :func:`chunk_extents`. Extents
     come chunk by chunk, the single-run chunks first.
 
     Example:
         >>> t = chunk_table([ChunkSpec(0, "w", (0, 0), (2, 6)), ChunkSpec(1, "w", (2, 0), (2, 3)),
         ...                  ChunkSpec(2, "w", (2, 3), (2, 3))])
-        >>> [a.tolist() for a in chunk_run_arrays((4, 6), 4, t["w"], base=100)]
+        >>> [a.tolist() for a in chunk_extent_arrays((4, 6), 4, t["w"], base=100)]
         [[100, 148, 172, 160, 184], [48, 12, 12, 12, 12], [0, 1, 1, 2, 2]]
     """
     dims = np.asarray(shape, dtype=np.int64)
@@ -237,7 +268,7 @@ def chunk_run_arrays(
         return starts, lengths, owners
     s_out, n_out, r_out = [starts[single]], [lengths[single]], [owners[single]]
     for i in np.flatnonzero(~single).tolist():
-        runs = chunk_runs(shape, itemsize, offsets[i].tolist(), sizes[i].tolist(), base)
+        runs = chunk_extents(shape, itemsize, offsets[i].tolist(), sizes[i].tolist(), base)
         at = runs.offsets()
         s_out.append(at)
         n_out.append(np.full(len(at), runs.length, dtype=np.int64))

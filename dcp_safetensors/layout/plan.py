@@ -6,15 +6,15 @@ chunk fills (:mod:`.geometry`), parts and transfer rounds (:mod:`.parts`).
 Its result, :class:`CheckpointLayout`, is the frozen snapshot: headers, the
 index and every rank's writes all derive from it. Each rank receives only its
 :class:`RankWritePlan`: where the tensors it holds sit
-(:class:`TensorPlacement`), the headers it writes and its parts; it turns its
+(:class:`~.geometry.TensorLocation`), the headers it writes and its parts; it turns its
 chunks into byte runs itself (:meth:`RankWritePlan.chunk_writes`).
-:func:`restamp` re-encodes the headers for a new snapshot id.
+:func:`with_header_metadata` re-encodes the headers for a new snapshot id.
 
 Example:
     >>> layout = plan_layout([TensorSpec("w", "w", "F32", (4,))], [ChunkSpec(0, "w", (0,), (4,))],
     ...                      max_shard_size="1GB", metadata={})
-    >>> len(layout.files[0].header), layout.rank_plans[0].chunk_writes([("w", (0,), (4,))])[0].runs
-    (88, Runs(start=88, length=16, counts=(), strides=()))
+    >>> len(layout.files[0].header), layout.rank_plans[0].chunk_writes([("w", (0,), (4,))])[0].extents
+    (88, Extents(start=88, length=16, counts=(), strides=()))
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from dcp_safetensors.layout.geometry import (
     MODEL_GROUP,
     ChunkArrays,
     ChunkSpec,
-    Runs,
+    Extents,
+    TensorLocation,
     TensorSpec,
-    chunk_run_arrays,
-    chunk_runs,
+    chunk_extent_arrays,
     chunk_table,
     describe,
 )
@@ -52,43 +52,23 @@ from dcp_safetensors.layout.parts import (
 from dcp_safetensors.layout.tiling import check_tiling
 
 __all__ = [
-    "TensorPlacement",
     "ChunkWrite",
     "HeaderWrite",
     "RankWritePlan",
     "CheckpointLayout",
     "plan_layout",
-    "restamp",
+    "with_header_metadata",
 ]
 
 
 @dataclass(frozen=True)
-class TensorPlacement:
-    """Where a tensor's bytes sit: ``file``, the absolute offset of its first byte, shape, itemsize.
-
-    Example:
-        >>> TensorPlacement("model.safetensors", 96, (4, 6), 4).runs((0, 3), (4, 3))
-        Runs(start=108, length=12, counts=(4,), strides=(24,))
-    """
-
-    file: str
-    start: int
-    shape: tuple[int, ...]
-    itemsize: int
-
-    def runs(self, offsets: Sequence[int], sizes: Sequence[int]) -> Runs:
-        """The file runs of the box ``[offsets, offsets + sizes)`` of this tensor."""
-        return chunk_runs(self.shape, self.itemsize, offsets, sizes, self.start)
-
-
-@dataclass(frozen=True)
 class ChunkWrite:
-    """One chunk a rank writes: the DCP item it comes from and the runs it fills in ``file``."""
+    """One chunk a rank writes: the DCP item it comes from and the extents it fills in ``file``."""
 
     key: str
     offsets: tuple[int, ...]
     file: str
-    runs: Runs
+    extents: Extents
 
 
 @dataclass(frozen=True)
@@ -112,7 +92,7 @@ class RankWritePlan:
     """
 
     rank: int = 0
-    tensors: Mapping[str, TensorPlacement] = field(default_factory=dict)
+    tensors: Mapping[str, TensorLocation] = field(default_factory=dict)
     headers: tuple[HeaderWrite, ...] = ()
     part_table: PartTable = field(default_factory=lambda: PartTable(0))
     rounds: tuple[TransferRound, ...] = ()
@@ -136,7 +116,7 @@ class RankWritePlan:
         placement = self.tensors.get(key)
         if placement is None:
             raise LayoutError(f"rank {self.rank}: tensor {key!r} has no place in this save's plan")
-        return ChunkWrite(key, tuple(offsets), placement.file, placement.runs(offsets, sizes))
+        return ChunkWrite(key, tuple(offsets), placement.file, placement.extents(offsets, sizes))
 
     def chunk_writes(self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]) -> list[ChunkWrite]:
         """:meth:`chunk_write` of each ``(key, offsets, sizes)``, empty chunks left out."""
@@ -236,12 +216,12 @@ def _check_chunk_keys(tensors: Sequence[TensorSpec], table: Mapping[str, ChunkAr
             raise LayoutError(f"{describe(arrays.specs(key)[0])} names tensor {key!r}, which no plan declares")
 
 
-def _place_tensors(files: Sequence[FileLayout], tensors: Sequence[TensorSpec]) -> list[dict[str, TensorPlacement]]:
+def _place_tensors(files: Sequence[FileLayout], tensors: Sequence[TensorSpec]) -> list[dict[str, TensorLocation]]:
     """Per file, ``{key: placement}`` of its tensors, in file order."""
     key_of = {(s.group, s.name): s.key for s in tensors}
     return [
         {
-            key_of[f.group, e.name]: TensorPlacement(f.name, f.data_start + e.begin, e.shape, DTYPE_ITEMSIZE[e.dtype])
+            key_of[f.group, e.name]: TensorLocation(f.name, f.data_start + e.begin, e.dtype, e.shape)
             for e in f.entries
         }
         for f in files
@@ -249,10 +229,10 @@ def _place_tensors(files: Sequence[FileLayout], tensors: Sequence[TensorSpec]) -
 
 
 def _tensors_by_rank(
-    table: Mapping[str, ChunkArrays], placement: Mapping[str, TensorPlacement]
-) -> dict[int, dict[str, TensorPlacement]]:
+    table: Mapping[str, ChunkArrays], placement: Mapping[str, TensorLocation]
+) -> dict[int, dict[str, TensorLocation]]:
     """``{rank: {key: placement}}`` of the tensors each rank holds a non-empty chunk of."""
-    tensors_of: dict[int, dict[str, TensorPlacement]] = defaultdict(dict)
+    tensors_of: dict[int, dict[str, TensorLocation]] = defaultdict(dict)
     for key, arrays in table.items():
         live = arrays.sizes.prod(axis=1) > 0
         for rank in np.unique(arrays.ranks[live]).tolist():
@@ -262,7 +242,7 @@ def _tensors_by_rank(
 
 def _plan_parts(
     files: Sequence[FileLayout],
-    placed: Sequence[Mapping[str, TensorPlacement]],
+    placed: Sequence[Mapping[str, TensorLocation]],
     table: Mapping[str, ChunkArrays],
     *,
     min_part: int,
@@ -295,7 +275,7 @@ def _plan_parts(
 def _rank_plans(
     writers: Sequence[int],
     files: Sequence[FileLayout],
-    tensors_of: Mapping[int, Mapping[str, TensorPlacement]],
+    tensors_of: Mapping[int, Mapping[str, TensorLocation]],
     headers: Mapping[int, Sequence[HeaderWrite]],
     parts: np.ndarray,
     rounds: Sequence[Sequence[Transfer]],
@@ -331,13 +311,13 @@ def _part_table(rank: int, files: Sequence[FileLayout], mine: np.ndarray) -> Par
     )
 
 
-def _file_runs(members: Sequence[tuple[TensorPlacement, ChunkArrays | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _file_runs(members: Sequence[tuple[TensorLocation, ChunkArrays | None]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(starts, ends, ranks)`` of every byte run of the file's data, sorted: who holds which bytes."""
     starts, lengths, ranks = [], [], []
     for place, arrays in members:
         if arrays is None:
             continue
-        s, n, r = chunk_run_arrays(place.shape, place.itemsize, arrays, place.start)
+        s, n, r = chunk_extent_arrays(place.shape, place.itemsize, arrays, place.offset)
         starts.append(s)
         lengths.append(n)
         ranks.append(r)
@@ -350,7 +330,7 @@ def _file_runs(members: Sequence[tuple[TensorPlacement, ChunkArrays | None]]) ->
     return start, start + np.concatenate(lengths)[order], np.concatenate(ranks)[order]
 
 
-def restamp(layout: CheckpointLayout, metadata: Mapping[str, str]) -> CheckpointLayout:
+def with_header_metadata(layout: CheckpointLayout, metadata: Mapping[str, str]) -> CheckpointLayout:
     """``layout`` with every header re-encoded for new ``__metadata__`` (a new snapshot id).
 
     Offsets stay valid only if no header changes length: raises
@@ -359,7 +339,7 @@ def restamp(layout: CheckpointLayout, metadata: Mapping[str, str]) -> Checkpoint
     Example:
         >>> layout = plan_layout([TensorSpec("w", "w", "F32", (2,))], [ChunkSpec(0, "w", (0,), (2,))],
         ...                      max_shard_size=100, metadata={"snapshot": "a"})
-        >>> restamp(layout, {"snapshot": "b"}).rank_plans[0].headers[0].data[8:].strip()
+        >>> with_header_metadata(layout, {"snapshot": "b"}).rank_plans[0].headers[0].data[8:].strip()
         b'{"__metadata__":{"snapshot":"b"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
     """
     files = []
