@@ -371,9 +371,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _error_of(e: BaseException) -> BaseException:
     """The error inside DCP's ``CheckpointException`` (the first failing rank's), or ``e`` itself."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = failures[min(failures)]
+    # Only a command that ran DCP can raise its exception; the others never import torch.
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    if api is not None and isinstance(e, api.CheckpointException) and e.failures:
+        first = e.failures[min(e.failures)]
         return first[0] if isinstance(first, tuple) else first
     return e
 

@@ -350,6 +350,13 @@ def test_chunk_run_arrays_are_chunk_runs_of_every_chunk(case) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def chunk_writes(layout, rank: int) -> list:
+    """What ``rank`` writes of its own chunks, as the writer asks its RankWritePlan for each."""
+    plan = layout.rank_plans[rank]
+    mine = [c for key, arrays in layout.chunks.items() for c in arrays.specs(key) if c.rank == rank]
+    return [w for c in mine if (w := plan.chunk_write(c.key, c.offsets, c.sizes)) is not None]
+
+
 def spec(shape, key="w", dtype="F32") -> TensorSpec:
     return TensorSpec(key, key, dtype, tuple(shape))
 
@@ -706,7 +713,7 @@ def assemble(layout: CheckpointLayout, case: Case, full: dict[str, np.ndarray]):
             data[h.file][: len(h.data)] = np.frombuffer(h.data, dtype=np.uint8)
             cover[h.file][: len(h.data)] += 1
             header_writers[h.file].append(rank)
-        for w in layout.chunk_writes(rank):
+        for w in chunk_writes(layout, rank):
             written[rank, w.key, w.offsets] += 1
             chunk = box_bytes(full[w.key], w.offsets, sizes_of[rank, w.key, w.offsets])
             assert chunk.size == w.extents.nbytes
@@ -766,7 +773,7 @@ def test_plan_layout_writes_save_file_bytes(case: Case) -> None:
             if f.data_size:  # the header goes with the rank holding the first data byte
                 first = [
                     r for r, p in layout.rank_plans.items()
-                    for w in layout.chunk_writes(r) if w.file == f.name and int(w.extents.offsets()[0]) == f.data_start
+                    for w in chunk_writes(layout, r) if w.file == f.name and int(w.extents.offsets()[0]) == f.data_start
                 ]
                 assert header_writers[f.name] == first
             # A valid safetensors file holding exactly the full tensors.
@@ -827,7 +834,7 @@ def test_plan_layout_parts_and_transfers_deliver_every_byte(case: Case, min_part
     for r, plan in layout.rank_plans.items():
         for h in plan.headers:
             held[r][h.file][: len(h.data)] = True
-        for w in layout.chunk_writes(r):
+        for w in chunk_writes(layout, r):
             assert (r, w.key, w.offsets) in sizes_of
             for o in w.extents.offsets().tolist():
                 held[r][w.file][o : o + w.extents.length] = True
@@ -913,7 +920,7 @@ def test_groups_get_separate_files_and_weight_maps() -> None:
     assert layout.total_size() == 64 + 64 + 16
     assert layout.total_size(TRAINING) == 64 + 64 + 8
     # Chunks of the optimizer's layers.0.w go to the training-state file, not the model's.
-    files_of = {(r, w.key): w.file for r in layout.rank_plans for w in layout.chunk_writes(r)}
+    files_of = {(r, w.key): w.file for r in layout.rank_plans for w in chunk_writes(layout, r)}
     assert files_of[0, "optim.state.layers.0.w.exp_avg"] == "training_state/state-00001-of-00002.safetensors"
     assert files_of[0, "model.layers.0.w"] == "model-00002-of-00003.safetensors"
     # Within a file, save_file's order: wider dtypes first, then by name.

@@ -1,13 +1,14 @@
-"""Property tests of part planning and transfer rounds (layout.plan_parts / plan_rounds)."""
+"""Property tests of part planning and transfer rounds (layout.cut_parts / plan_rounds)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcp_safetensors.layout import Transfer, plan_parts, plan_rounds
+from dcp_safetensors.layout import PartPlan, Transfer, cut_parts, plan_rounds
 from dcp_safetensors.layout.parts import _foreign_bytes
 
 
@@ -21,6 +22,13 @@ def ownership(draw):
         owned.append((pos, pos + length, draw(st.integers(0, world - 1))))
         pos += length
     return pos, owned
+
+
+def plan_parts(file: str, size: int, owned, **rules) -> list[PartPlan]:
+    """cut_parts on ``(start, end, rank)`` tuples, as numbered PartPlans."""
+    a = np.asarray(owned, dtype=np.int64).reshape(-1, 3)
+    rows, _ = cut_parts(file, size, a[:, 0], a[:, 1], a[:, 2], **{"max_part": None, **rules})
+    return [PartPlan(file, n, s, e, r) for n, (s, e, r) in enumerate(rows.tolist(), 1)]
 
 
 @settings(max_examples=300, deadline=None)

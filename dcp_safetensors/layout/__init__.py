@@ -19,7 +19,7 @@ Built for thousands of ranks: chunks travel as per-tensor numpy arrays
 (:class:`ChunkArrays`), runs and parts are computed a tensor or a file at a
 time, and each rank's :class:`RankWritePlan` holds only where its own
 tensors sit and the parts it writes; the rank turns its chunks into byte
-runs itself (:meth:`RankWritePlan.chunk_writes`).
+runs itself (:meth:`RankWritePlan.chunk_write`).
 
 Modules, each importing only those above it:
 
@@ -37,8 +37,8 @@ Example:
     >>> layout = plan_layout(specs, chunks, max_shard_size=10**9, metadata={"format": "pt"})
     >>> [f.name for f in layout.files]
     ['model.safetensors']
-    >>> [(w.extents.start, w.extents.length) for w in layout.rank_plans[1].chunk_writes([("w", (2, 0), (2, 2))])]
-    [(112, 16)]
+    >>> layout.rank_plans[1].chunk_write("w", (2, 0), (2, 2)).extents
+    Extents(start=112, length=16, counts=(), strides=())
 """
 
 from dcp_safetensors.layout.files import FileLayout, file_names, natural_key, parse_size
@@ -58,7 +58,7 @@ from dcp_safetensors.layout.parts import (
     PartTable,
     Transfer,
     TransferRound,
-    plan_parts,
+    cut_parts,
     plan_rounds,
 )
 from dcp_safetensors.layout.plan import (
@@ -92,7 +92,7 @@ __all__ = [
     "natural_key",
     "chunk_extents",
     "plan_layout",
-    "plan_parts",
+    "cut_parts",
     "plan_rounds",
     "PartPlan",
     "Transfer",

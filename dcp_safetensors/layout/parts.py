@@ -1,7 +1,7 @@
 """How a file is cut into parts, who writes each, and the transfers that bring them their bytes.
 
 Owns the step after the byte layout: given who holds which bytes of a file
-(``(start, end, rank)`` ranges tiling it), :func:`plan_parts` cuts it into
+(``(start, end, rank)`` ranges tiling it), :func:`cut_parts` cuts it into
 parts that obey the storage's size rules (S3: at least 5 MiB but the last),
 each written by the rank holding most of its bytes; the bytes a writer lacks
 become :class:`Transfer` objects, which :func:`plan_rounds` packs into
@@ -9,8 +9,8 @@ become :class:`Transfer` objects, which :func:`plan_rounds` packs into
 rank's parts, columnar. Pure: plain ints and numpy, no file or tensor.
 
 Example:
-    >>> plan_parts("f", 10, [(0, 6, 0), (6, 10, 1)], min_part=1)
-    [PartPlan(file='f', number=1, start=0, end=6, rank=0), PartPlan(file='f', number=2, start=6, end=10, rank=1)]
+    >>> cut_parts("f", 10, np.array([0, 6]), np.array([6, 10]), np.array([0, 1]), min_part=1, max_part=None)[0].tolist()
+    [[0, 6, 0], [6, 10, 1]]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "PartTable",
     "Transfer",
     "TransferRound",
-    "plan_parts",
     "plan_rounds",
     "cut_parts",
 ]
@@ -99,33 +98,6 @@ class PartTable:
 MAX_PARTS = 10_000
 
 
-def plan_parts(
-    file: str,
-    size: int,
-    owned: Sequence[tuple[int, int, int]],
-    *,
-    min_part: int,
-    max_part: int | None = None,
-    max_parts: int = MAX_PARTS,
-) -> list[PartPlan]:
-    """Cut a file into parts, each at least ``min_part`` bytes (but the last) and at most ``max_part``.
-
-    ``owned`` lists ``(start, end, rank)`` ranges tiling ``[0, size)`` in
-    order: who holds which bytes. Parts follow ownership boundaries where the
-    rules allow, so large shards are written by their holder with nothing
-    moved; each part goes to the rank holding most of its bytes. With
-    ``min_part = 1`` and no ``max_part`` (POSIX), every part is one holder's
-    maximal contiguous range.
-
-    Example:
-        >>> plan_parts("f", 12, [(0, 3, 0), (3, 12, 1)], min_part=4, max_part=8)
-        [PartPlan(file='f', number=1, start=0, end=4, rank=0), PartPlan(file='f', number=2, start=4, end=12, rank=1)]
-    """
-    a = np.asarray(owned, dtype=np.int64).reshape(-1, 3)
-    cut, _ = cut_parts(file, size, a[:, 0], a[:, 1], a[:, 2], min_part=min_part, max_part=max_part, max_parts=max_parts)
-    return [PartPlan(file, n, s, e, r) for n, (s, e, r) in enumerate(cut.tolist(), 1)]
-
-
 def cut_parts(
     file: str,
     size: int,
@@ -137,7 +109,21 @@ def cut_parts(
     max_part: int | None,
     max_parts: int = MAX_PARTS,
 ) -> tuple[np.ndarray, list[Transfer]]:
-    """:func:`plan_parts` on arrays: ``(start, end, rank)`` rows of the parts, and the transfers they need."""
+    """Cut a file into parts, each at least ``min_part`` bytes (but the last) and at most ``max_part``.
+
+    ``starts``, ``ends``, ``ranks`` list the ranges tiling ``[0, size)`` in
+    order, and who holds each. Parts follow ownership boundaries where the
+    rules allow, so large shards are written by their holder with nothing
+    moved; each part goes to the rank holding most of its bytes. With
+    ``min_part = 1`` and no ``max_part`` (POSIX), every part is one holder's
+    maximal contiguous range. Returns the parts' ``(start, end, rank)`` rows
+    (part ``i + 1`` is row ``i``) and the transfers they need.
+
+    Example:
+        >>> rows, moved = cut_parts("f", 12, np.array([0, 3]), np.array([3, 12]), np.array([0, 1]), min_part=4, max_part=8)
+        >>> rows.tolist(), moved
+        ([[0, 4, 0], [4, 12, 1]], [Transfer(src=1, dst=0, file='f', offset=3, length=1)])
+    """
     if min_part < 1:
         raise ConfigurationError(f"min_part must be >= 1, got {min_part}")
     limit = max(max_part or size, min_part, -(-size // max_parts))

@@ -7,13 +7,13 @@ Its result, :class:`CheckpointLayout`, is the frozen snapshot: headers, the
 index and every rank's writes all derive from it. Each rank receives only its
 :class:`RankWritePlan`: where the tensors it holds sit
 (:class:`~.geometry.TensorLocation`), the headers it writes and its parts; it turns its
-chunks into byte runs itself (:meth:`RankWritePlan.chunk_writes`).
+chunks into byte runs itself (:meth:`RankWritePlan.chunk_write`).
 :func:`with_header_metadata` re-encodes the headers for a new snapshot id.
 
 Example:
     >>> layout = plan_layout([TensorSpec("w", "w", "F32", (4,))], [ChunkSpec(0, "w", (0,), (4,))],
     ...                      max_shard_size="1GB", metadata={})
-    >>> len(layout.files[0].header), layout.rank_plans[0].chunk_writes([("w", (0,), (4,))])[0].extents
+    >>> len(layout.files[0].header), layout.rank_plans[0].chunk_write("w", (0,), (4,)).extents
     (88, Extents(start=88, length=16, counts=(), strides=()))
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,7 +85,7 @@ class RankWritePlan:
 
     Only what this rank needs, so its size follows the rank's own chunks, not
     the world size: where each tensor it holds sits (``tensors``; the rank
-    turns its chunks into byte runs itself, :meth:`chunk_writes`), the
+    turns its chunks into byte runs itself, :meth:`chunk_write`), the
     ``headers`` it writes, its ``parts`` and the transfer ``rounds`` that
     bring other ranks' bytes of those parts (every rank runs the same number
     of rounds).
@@ -118,10 +118,6 @@ class RankWritePlan:
             raise LayoutError(f"rank {self.rank}: tensor {key!r} has no place in this save's plan")
         return ChunkWrite(key, tuple(offsets), placement.file, placement.extents(offsets, sizes))
 
-    def chunk_writes(self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]) -> list[ChunkWrite]:
-        """:meth:`chunk_write` of each ``(key, offsets, sizes)``, empty chunks left out."""
-        return [w for c in chunks if (w := self.chunk_write(*c)) is not None]
-
 
 @dataclass(frozen=True, eq=False)
 class CheckpointLayout:
@@ -131,11 +127,6 @@ class CheckpointLayout:
     tensors: tuple[TensorSpec, ...]
     rank_plans: Mapping[int, RankWritePlan] = field(default_factory=dict)
     chunks: Mapping[str, ChunkArrays] = field(default_factory=dict)
-
-    def chunk_writes(self, rank: int) -> list[ChunkWrite]:
-        """What ``rank`` writes of its own chunks (what :meth:`RankWritePlan.chunk_writes` gives that rank)."""
-        mine = [c for key, arrays in self.chunks.items() for c in arrays.specs(key) if c.rank == rank]
-        return self.rank_plans[rank].chunk_writes((c.key, c.offsets, c.sizes) for c in mine)
 
     def weight_map(self, group: str = MODEL_GROUP) -> dict[str, str]:
         """``{name in file: file name}`` for the tensors of ``group``."""
@@ -163,7 +154,7 @@ def plan_layout(
     ``tensors`` lists each tensor once; ``chunks`` holds every rank's chunk
     (after DCP's dedup of replicated items), as :class:`ChunkSpec` objects or
     a :func:`chunk_table`. ``min_part``/``max_part`` are the storage's rules
-    for one writer's contiguous byte run (see :func:`plan_parts`);
+    for one writer's contiguous byte run (see :func:`~.parts.cut_parts`);
     ``transfer_budget`` bounds the bytes one rank sends or receives per round.
     Raises :class:`LayoutError` if two tensors share a name within a group, a
     chunk names an unknown tensor, or a tensor's chunks do not tile it exactly
