@@ -26,8 +26,8 @@ process dies) or is trusted for a lease after its record's PUT (object
 stores, which cannot tell). A reader that meets a live publish reads the
 committed snapshot through its record (:meth:`~dcp_safetensors.storage.base.Storage.open_staged`).
 
-Implementations: :class:`~dcp_safetensors.storage.local.RenameCommit`
-(POSIX: rename from staging) and :class:`~dcp_safetensors.storage.s3.RecordCommit`
+Implementations: :class:`~dcp_safetensors.storage.rename_commit.RenameCommit`
+(POSIX: rename from staging) and :class:`~dcp_safetensors.storage.record_commit.RecordCommit`
 (object stores: complete uploads from the record).
 
 Example:

@@ -26,6 +26,7 @@ from helpers import free_port
 import dcp_safetensors.commit as commit_mod
 from dcp_safetensors import SafetensorsWriter
 from dcp_safetensors.storage import local as local_mod
+from dcp_safetensors.storage.rename_commit import RenameCommit
 
 
 def state(value: float, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -70,7 +71,7 @@ def install_kill(phase: str, object_store: bool) -> None:
     elif phase == "before-commit" and object_store:
         _die_on_call(store, "commit_save", lambda n, *a: True)
     elif phase == "before-commit":
-        _die_on_call(local_mod.RenameCommit, "commit", lambda n, *a: True)
+        _die_on_call(RenameCommit, "commit", lambda n, *a: True)
     elif phase == "mid-publish" and object_store:
         # After the commit record and the first completed upload, before the index.
         _die_on_call(store, "retry", lambda n, self, what, *a: what.startswith("CompleteMultipartUpload"), after=True)
@@ -82,7 +83,7 @@ def install_kill(phase: str, object_store: bool) -> None:
             after=True,
         )
     elif phase == "after-commit":
-        _die_on_call(store if object_store else local_mod.RenameCommit, "commit_save" if object_store else "commit", lambda n, *a: True, after=True)
+        _die_on_call(store if object_store else RenameCommit, "commit_save" if object_store else "commit", lambda n, *a: True, after=True)
 
 
 def main(rank: int, world: int, port: int, path: str, value: float, phase: str, kill_rank: int, options: dict) -> None:

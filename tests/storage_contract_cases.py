@@ -56,14 +56,14 @@ def save_until(kind: str, location: str, options: dict[str, Any], version: int, 
 def _die_when_publishing(kind: str) -> None:
     """Die right after the commit point, before anything is published."""
     if kind == "local":
-        from dcp_safetensors.storage.local import RenameCommit
+        from dcp_safetensors.storage.rename_commit import RenameCommit
 
         def die(self: Any, staging: str) -> None:
             os._exit(17)
 
         RenameCommit.roll_forward = die  # type: ignore[method-assign]
     else:
-        from dcp_safetensors.storage.s3 import RecordCommit
+        from dcp_safetensors.storage.record_commit import RecordCommit
 
         def die_s3(self: Any, staging: str, record: Any, *, resumed: bool) -> None:
             os._exit(17)

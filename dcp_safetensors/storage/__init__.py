@@ -2,10 +2,10 @@
 
 * :class:`~dcp_safetensors.storage.local.LocalStorage`: local and shared POSIX
   filesystems (NVMe, Lustre, GPFS, NFS): ``pwrite``/``pread``, staged commit
-  with renames (:class:`~dcp_safetensors.storage.local.RenameCommit`).
+  with renames (:class:`~dcp_safetensors.storage.rename_commit.RenameCommit`).
 * :class:`~dcp_safetensors.storage.s3.S3Storage`: ``s3://``, multipart uploads
   by the ranks holding the bytes, committed by one record
-  (:class:`~dcp_safetensors.storage.s3.RecordCommit`).
+  (:class:`~dcp_safetensors.storage.record_commit.RecordCommit`).
 * :class:`~dcp_safetensors.storage.fsspec.FsspecStorage`: any other fsspec
   URL, one writer per file, written in place.
 
