@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from torch.distributed.tensor import DTensor
 
@@ -20,10 +21,10 @@ from dcp_safetensors.errors import ConfigurationError
 __all__ = ["rename_keys", "tied_keys", "is_meta", "refuse_partial", "refuse_misplaced"]
 
 
-def rename_keys(planner: Any, names: dict[str, str]) -> None:
+def rename_keys(planner: DefaultSavePlanner | DefaultLoadPlanner, names: dict[str, str]) -> None:
     """Rename the planner's flattened state dict (and DCP's flatten mappings) to ``names``; keys without one go."""
     planner.state_dict = {names[k]: v for k, v in planner.state_dict.items() if k in names}
-    if getattr(planner, "flatten_state_dict", False):
+    if planner.flatten_state_dict:
         planner.mappings = {names[k]: path for k, path in planner.mappings.items() if k in names}
 
 
