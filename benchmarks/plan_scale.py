@@ -342,9 +342,9 @@ def run_save(method: str, model: str, scheme: str, world: int, tensors: list[Ten
 
 
 def _abort(writer: Any) -> None:
-    session = getattr(writer, "_session", None)
-    if session is not None:
-        writer._storage().abort_save(session)
+    """Drop our writer's staged save (torch's writers stage nothing)."""
+    if isinstance(writer, SafetensorsWriter) and writer._save is not None:
+        writer._save.abort()
 
 
 @dataclass

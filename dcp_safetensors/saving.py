@@ -5,8 +5,8 @@ DCP's calls) and :func:`~dcp_safetensors.convert.convert` (one process
 streaming a source) save the same way, through this module:
 
 1. :class:`LayoutSave` opens the storage's session for the layout's files;
-2. every part is written by :func:`write_part`, which CRC-32s its bytes and
-   returns a :class:`WrittenPart`; a rank's parts travel to the coordinator
+2. every part is written by :func:`write_part` (:func:`write_parts` on a
+   few threads), which CRC-32s its bytes and returns a :class:`WrittenPart`; a rank's parts travel to the coordinator
    as one columnar :class:`WrittenParts`;
 3. :meth:`LayoutSave.commit` proves the written parts cover every file exactly
    once, combines their CRCs into each file's checksum, writes
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,7 +47,7 @@ from dcp_safetensors.names import MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROU
 from dcp_safetensors.storage import SaveSession, Storage
 from dcp_safetensors.storage.base import PartWriter
 
-__all__ = ["LayoutSave", "WrittenPart", "WrittenParts", "write_part", "file_checksum"]
+__all__ = ["LayoutSave", "WrittenPart", "WrittenParts", "write_part", "write_parts", "file_checksum"]
 
 
 class WrittenPart(NamedTuple):
@@ -63,6 +64,51 @@ def write_part(writer: PartWriter, part: PartPlan, views: Sequence[memoryview]) 
     for view in views:  # a part's views are consecutive bytes: the CRC runs on across them
         crc = crc32(view, crc)
     return WrittenPart(part, crc, writer.write(part, views))
+
+
+def write_parts(
+    writer: PartWriter,
+    parts: Iterable[PartPlan],
+    views_of: Callable[[PartPlan], Sequence[memoryview]],
+    threads: int,
+) -> list[WrittenPart]:
+    """:func:`write_part` of every part, on up to ``threads`` threads; the result is in ``parts`` order.
+
+    Threads take runs of consecutive parts of about equal bytes, not one part
+    each: a column shard is one part per row on POSIX, and a task per part
+    (8,200 for one rank of a 2x2 FSDP x TP save) cost 1.5 s of a 2 s save in
+    thread hand-offs alone.
+
+    Example:
+        >>> import tempfile
+        >>> from dcp_safetensors.storage import open_storage
+        >>> storage = open_storage(tempfile.mkdtemp())
+        >>> session = storage.begin_save("s", ["f"])
+        >>> parts = [PartPlan("f", n + 1, 4 * n, 4 * n + 4, 0) for n in range(3)]
+        >>> data = memoryview(b"abcdefghijkl")
+        >>> writer = storage.part_writer(session)
+        >>> [w.part.number for w in write_parts(writer, parts, lambda p: [data[p.start:p.end]], threads=2)]
+        [1, 2, 3]
+        >>> writer.close(); storage.abort_save(session)
+    """
+    parts = list(parts)
+    if threads <= 1 or len(parts) <= 1:
+        return [write_part(writer, p, views_of(p)) for p in parts]
+    target = -(-sum(p.end - p.start for p in parts) // threads)
+    batches: list[list[PartPlan]] = [[]]
+    size = 0
+    for part in parts:
+        if size >= target:
+            batches.append([])
+            size = 0
+        batches[-1].append(part)
+        size += part.end - part.start
+
+    def write_batch(batch: list[PartPlan]) -> list[WrittenPart]:
+        return [write_part(writer, p, views_of(p)) for p in batch]
+
+    with ThreadPoolExecutor(min(threads, len(batches)), thread_name_prefix="dcp-safetensors-write") as pool:
+        return [w for done in pool.map(write_batch, batches) for w in done]
 
 
 @dataclass(frozen=True, eq=False)

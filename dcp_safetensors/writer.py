@@ -42,7 +42,6 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +63,6 @@ from dcp_safetensors.layout import (
     CheckpointLayout,
     ChunkArrays,
     HeaderWrite,
-    PartPlan,
     RankWritePlan,
     TensorSpec,
     parse_size,
@@ -77,7 +75,7 @@ from dcp_safetensors.names import (
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
-from dcp_safetensors.saving import LayoutSave, WrittenPart, WrittenParts, write_part
+from dcp_safetensors.saving import LayoutSave, WrittenParts, write_parts
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
 
 __all__ = ["SafetensorsWriter"]
@@ -499,17 +497,10 @@ class SafetensorsWriter(StorageWriter):
     def _write_parts(self, storage: Storage, data: _RankStorageData, source: ByteSource) -> list[WriteResult]:
         """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""
         writer = storage.part_writer(data.session)
-        parts = data.writes.parts
-
-        def write_one(part: PartPlan) -> WrittenPart:
-            return write_part(writer, part, source.read(part.file, part.start, part.end - part.start))
-
         try:
-            if self.write_threads > 1 and len(parts) > 1:
-                with ThreadPoolExecutor(self.write_threads, thread_name_prefix="dcp-safetensors-write") as pool:
-                    out = list(pool.map(write_one, parts))
-            else:
-                out = [write_one(p) for p in parts]
+            out = write_parts(
+                writer, data.writes.parts, lambda p: source.read(p.file, p.start, p.end - p.start), self.write_threads
+            )
         finally:
             writer.close()
         if not out:

@@ -158,3 +158,32 @@ def _read_concurrently() -> None:
             t.join()
         assert errors == []
         assert all(results[i] == data[i * 32768 : (i + 1) * 32768] for i in range(8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=300), st.integers(1, 9), st.randoms(use_true_random=False))
+def test_threaded_part_writes_give_the_bytes_and_crcs_of_one_thread(lengths, threads, rnd):
+    """saving.write_parts hands threads runs of parts: same file bytes, same CRCs, same order as one thread."""
+    import tempfile
+    import zlib
+
+    from dcp_safetensors.saving import write_parts
+    from dcp_safetensors.storage import open_storage
+
+    data = bytes(rnd.getrandbits(8) for _ in range(sum(lengths)))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    parts = [PartPlan("f", i + 1, s, s + n, 0) for i, (s, n) in enumerate(zip(starts, lengths))]
+    view = memoryview(data)
+    results = {}
+    for t in (1, threads):
+        storage = open_storage(tempfile.mkdtemp())
+        session = storage.begin_save("s", ["f"])
+        writer = storage.part_writer(session)
+        written = write_parts(writer, parts, lambda p: [view[p.start : p.start + 1], view[p.start + 1 : p.end]], t)
+        writer.close()
+        with open(storage.path(f"{session.staging}/f"), "rb") as f:
+            assert f.read() == data
+        results[t] = [(w.part, w.crc) for w in written]
+        assert [c for _, c in results[t]] == [zlib.crc32(data[p.start : p.end]) for p in parts]
+        storage.abort_save(session)
+    assert results[1] == results[threads]

@@ -72,6 +72,11 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _start_writeback_fn = _sync_file_range()
 
+WRITEBACK_MIN = 1 << 20
+"""Smallest part whose writeback starts as soon as it is written. Smaller parts (a column
+shard is one part per row) are left to the final ``fsync``, which submits them together:
+starting 8,200 rows of 8 KiB one by one cost 0.23 s on this machine's disk, the fsync 1 ms."""
+
 
 class WritableFile:
     """An open file that several ranks may write at disjoint offsets."""
@@ -210,7 +215,8 @@ class _LocalPartWriter:
             if f is None:
                 f = self._files[part.file] = self._storage.open_for_write(posixpath.join(self._staging, part.file))
         f.pwritev(views, part.start)
-        f.start_writeback(part.start, part.end - part.start)
+        if part.end - part.start >= WRITEBACK_MIN:
+            f.start_writeback(part.start, part.end - part.start)
         return None
 
     def close(self) -> None:
