@@ -52,10 +52,7 @@ import numpy as np
 import torch
 
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
-from dcp_safetensors.errors import (
-    ConfigurationError,
-    LayoutError,
-)
+from dcp_safetensors.errors import ConfigurationError, ConversionError, LayoutError
 from dcp_safetensors.hf_config import with_torch_dtype
 from dcp_safetensors.layout import (
     ChunkSpec,
@@ -75,7 +72,7 @@ from dcp_safetensors.sources import PIECE, Source, open_source
 from dcp_safetensors.storage import Storage, open_storage
 from dcp_safetensors.verification import ProgressCallback
 
-__all__ = ["convert", "ConvertResult", "CAST_DTYPES"]
+__all__ = ["convert", "ConvertResult", "ConversionError", "CAST_DTYPES"]  # ConversionError: where it was first documented
 
 logger = logging.getLogger("dcp_safetensors")
 
