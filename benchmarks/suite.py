@@ -77,7 +77,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch.distributed.checkpoint  # noqa: E402,F401  (imported once here; forked ranks inherit it)
+# Imported once here; forked ranks inherit them. torch._dynamo: a sub-mesh (mesh["tp"]) and FSDP2's
+# state dict import it lazily, ~1 s of CPU per rank otherwise (5-20 s per method run at 4 ranks on 2 cores).
+import torch._dynamo  # noqa: E402,F401
+import torch.distributed.checkpoint  # noqa: E402,F401
 import torch.distributed.fsdp  # noqa: E402,F401
 import torch.distributed.tensor.parallel  # noqa: E402,F401
 from common import PeakRSS, evict, free_port, io_bytes, storage_of, tree_bytes  # noqa: E402
