@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: peak-RSS sampling, page-cache eviction, ports, sizes."""
+"""Helpers shared by the benchmarks: peak-RSS sampling, page-cache eviction, ports, sizes, storage kinds."""
 
 from __future__ import annotations
 
@@ -69,3 +69,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def storage_of(path: str) -> tuple[str, str]:
+    """``("tmpfs" | "disk", filesystem type)`` of the mount holding ``path`` (``/proc/mounts``).
+
+    tmpfs and ramfs are "tmpfs" (memory: the software's cost without the disk's); anything else
+    is "disk". Without ``/proc/mounts``, a path under ``/dev/shm`` is taken for tmpfs.
+    """
+    real = os.path.realpath(path)
+    mount, fs = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(mount):
+                    mount, fs = point, fields[2]
+    except OSError:
+        pass
+    if not fs:
+        fs = "tmpfs" if real == "/dev/shm" or real.startswith("/dev/shm/") else "unknown"
+    return ("tmpfs" if fs in ("tmpfs", "ramfs") else "disk"), fs
