@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from isal import isal_zlib
 
-__all__ = ["crc32", "crc32_combine", "combine_runs", "combine_run_arrays", "format_crc32"]
+__all__ = ["crc32", "crc32_combine", "combine_runs", "combine_run_arrays", "crc32_share", "crc32_of_shares", "format_crc32"]
 
 
 def crc32(data: Any, value: int = 0) -> int:
@@ -162,6 +162,47 @@ def combine_run_arrays(lengths: np.ndarray, crcs: np.ndarray) -> int:
             total = np.append(total, lengths[-1])
         crcs, lengths = joined, total
     return int(crcs[0])
+
+
+def _zeros_crc(lengths: np.ndarray) -> np.ndarray:
+    """``zlib.crc32(bytes(n))`` for every ``n`` of ``lengths``: the register's map on ``~0``, vectorized."""
+    ones = np.full(len(lengths), 0xFFFFFFFF, dtype=np.uint32)
+    return _shift(ones, lengths) ^ np.uint32(0xFFFFFFFF)
+
+
+def crc32_share(crcs: np.ndarray, lengths: np.ndarray, after: np.ndarray) -> int:
+    """One writer's share of a file's CRC-32, from the runs it wrote, in any order.
+
+    Run ``i`` holds ``lengths[i]`` bytes of CRC ``crcs[i]`` and is followed by
+    ``after[i]`` bytes of the file. CRC-32 is affine, so the file's CRC is
+    ``zlib.crc32(bytes(size))`` XOR each run's term
+    ``shift(crcs[i] ^ zeros(lengths[i]), after[i])``; a share is the XOR of its
+    runs' terms, and :func:`crc32_of_shares` joins the shares of every writer.
+    Unlike :func:`combine_run_arrays` no run's position travels: a writer whose
+    runs interleave with others' (a column shard: one run per row) reports one
+    number per file, not a row per run.
+
+    Example:
+        >>> import zlib
+        >>> data = b"abcdefgh"
+        >>> runs = {0: [(0, 2), (4, 2)], 1: [(2, 2), (6, 2)]}  # (start, length), two writers interleaved
+        >>> shares = [crc32_share(np.array([zlib.crc32(data[s:s + n]) for s, n in r]), np.array([n for _, n in r]),
+        ...                       np.array([len(data) - s - n for s, n in r])) for r in runs.values()]
+        >>> crc32_of_shares(len(data), shares) == zlib.crc32(data)
+        True
+    """
+    crcs = np.asarray(crcs, dtype=np.uint32)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    terms = _shift(crcs ^ _zeros_crc(lengths), np.asarray(after, dtype=np.int64))
+    return int(np.bitwise_xor.reduce(terms)) if len(terms) else 0
+
+
+def crc32_of_shares(size: int, shares: Iterable[int]) -> int:
+    """The CRC-32 of a ``size``-byte file from the :func:`crc32_share` of every writer (runs tiling it)."""
+    crc = int(_zeros_crc(np.array([size], dtype=np.int64))[0])
+    for share in shares:
+        crc ^= share
+    return crc
 
 
 def format_crc32(crc: int) -> str:

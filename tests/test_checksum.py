@@ -8,7 +8,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcp_safetensors.checksum import combine_runs, crc32, crc32_combine, format_crc32
+from dcp_safetensors.checksum import (
+    combine_runs,
+    crc32,
+    crc32_combine,
+    crc32_of_shares,
+    crc32_share,
+    format_crc32,
+)
 
 crc_values = st.integers(0, 2**32 - 1)
 
@@ -194,3 +201,44 @@ def test_combine_against_zlib_for_a_file_over_4_gib() -> None:
     second = combine_runs([(len(block), block_crc)] * count + [(len(tail), zlib.crc32(tail))])
     assert crc32_combine(head, second, length) == streamed
     assert reference_crc32_combine(head, second, length) == streamed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=3000), st.lists(st.integers(0, 3000), max_size=40), st.integers(1, 5), st.randoms())
+def test_shares_of_interleaved_writers_give_the_file_crc(data, cuts, writers, rnd):
+    """crc32_share/crc32_of_shares: runs tiling a file, dealt to writers in any order, give zlib's CRC of the file."""
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    runs = list(zip(bounds, bounds[1:]))
+    rnd.shuffle(runs)
+    mine: dict[int, list[tuple[int, int]]] = {w: [] for w in range(writers)}
+    for start, end in runs:
+        mine[rnd.randrange(writers)].append((start, end))
+    shares = [
+        crc32_share(
+            np.array([zlib.crc32(data[s:e]) for s, e in r], dtype=np.uint32),
+            np.array([e - s for s, e in r], dtype=np.int64),
+            np.array([len(data) - e for s, e in r], dtype=np.int64),
+        )
+        for r in mine.values()
+    ]
+    assert crc32_of_shares(len(data), shares) == zlib.crc32(data)
+
+
+def test_a_share_misses_a_changed_or_lost_run():
+    data = bytes(range(256)) * 64
+    runs = [(i, i + 512) for i in range(0, len(data), 512)]
+
+    def share(pieces, payload):
+        return crc32_share(
+            np.array([zlib.crc32(payload[s:e]) for s, e in pieces], dtype=np.uint32),
+            np.array([e - s for s, e in pieces]),
+            np.array([len(payload) - e for s, e in pieces]),
+        )
+
+    assert crc32_of_shares(len(data), [share(runs, data)]) == zlib.crc32(data)
+    assert crc32_of_shares(len(data), [share(runs[:-1], data)]) != zlib.crc32(data)
+    flipped = bytearray(data)
+    flipped[700] ^= 1
+    assert crc32_of_shares(len(data), [share(runs, bytes(flipped))]) != zlib.crc32(data)
+    # 2**40 zero bytes after a run: the shift is O(log n), not O(n).
+    assert crc32_share(np.array([zlib.crc32(b"x")]), np.array([1]), np.array([1 << 40])) != 0
