@@ -1,6 +1,6 @@
 """Processes for the concurrency tests: a writer loop, a reader loop, a writer that dies mid-publish.
 
-Run in spawned processes (a real second process: locks, renames and open descriptors behave as
+Run in processes of their own (a real second process: locks, renames and open descriptors behave as
 between two jobs). Results come back through a multiprocessing queue as plain dicts.
 """
 
