@@ -126,12 +126,15 @@ class SeaweedS3:
     Unlike moto it checks every request's signature and answers a missing bucket with
     NoSuchBucket. One identity may do anything with ``key``/``secret``; anonymous requests
     may only read, write and list bucket ``open_bucket``, which ``paging_proxy`` fronts
-    (see :class:`s3_proxy.S3Proxy`: only unsigned requests get AWS's page size).
+    (see :class:`s3_proxy.S3Proxy`: only unsigned requests get its page size, ``upload_page``).
     """
 
     bucket = "ckpt"
     open_bucket = "open"
     key, secret = "dcp-test-key", "dcp-test-secret"
+    upload_page = 50
+    """The page size ``paging_proxy`` asks for: AWS's is 1,000, and a test that needs more than one
+    page of open uploads makes one page and a bit (each upload is a request to make)."""
 
     def __init__(self, root: str) -> None:
         import boto3
@@ -188,7 +191,7 @@ class SeaweedS3:
             self._stop()
             raise
         self.startup_seconds = time.perf_counter() - started
-        self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=1000)
+        self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=self.upload_page)
 
     def _wait_ready(self, deadline: float) -> None:
         """Until a bucket can be made and an object written (the filer, then a volume, are up)."""
