@@ -1,6 +1,7 @@
 """2-rank dcp.async_save in PROCESS mode with our writer (pool workers are daemonic and cannot fork one).
 
 Usage: python async_process_worker.py PATH; prints OK on every rank whose load matches.
+(test_api.py calls :func:`run` in a process of ``helpers.process_context``: no new interpreter.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,19 @@ def main(rank: int, world: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+def run(path: str, stdout: str | None = None, stderr: str | None = None) -> None:
+    """The 2-rank job; ``stdout``/``stderr``: files that take this process's and the ranks' output.
+
+    Forked ranks (not spawned): nothing but imports has run here, and each rank is spared
+    importing torch again. The checkpoint processes are torch's own, spawned either way.
+    """
+    for fd, name in ((1, stdout), (2, stderr)):
+        if name is not None:
+            target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+    mp.start_processes(main, args=(2, free_port(), path), nprocs=2, join=True, start_method="fork")
+
+
 if __name__ == "__main__":
-    # Forked ranks (not spawned): nothing but imports has run here, and each rank is spared
-    # importing torch again. The checkpoint processes are torch's own, spawned either way.
-    mp.start_processes(main, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True, start_method="fork")
+    run(sys.argv[1])

@@ -1,4 +1,4 @@
-"""Helpers of the CLI tests: the console script as a subprocess, S3 options as CLI flags, and
+"""Helpers of the CLI tests: the console script in a process of its own, S3 options as CLI flags, and
 per-rank cases run by ``rank_pool.RankPool`` on every rank of a gloo group."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from helpers import fsdp_toy
+from helpers import fsdp_toy, process_context
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -19,12 +20,44 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "dcp-safetensors")
 CLI = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "dcp_safetensors.cli"]
 
 
-def run_cli(*args: object, rc: int = 0) -> subprocess.CompletedProcess:
-    """Run the ``dcp-safetensors`` console script; check its exit code and that no traceback was printed."""
-    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=180)
+def run_cli(*args: object, rc: int = 0, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the ``dcp-safetensors`` command; check its exit code and that no traceback was printed.
+
+    It runs as the console script runs it, ``sys.exit(cli.main())``, in a process of its own
+    with its stdout and stderr in files, forked from ``helpers.process_context``'s server: a
+    new interpreter would import torch and the package again, 3-4 s of each call. ``fresh``
+    runs the installed console script itself, in a new interpreter (what a user types,
+    anything printed while importing included).
+    """
+    argv = list(map(str, args))
+    if fresh:
+        p = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=180)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            proc = process_context().Process(target=_console_script, args=(argv, out, err))
+            proc.start()
+            proc.join(180)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+            with open(out) as f_out, open(err) as f_err:
+                p = subprocess.CompletedProcess(["dcp-safetensors", *argv], proc.exitcode, f_out.read(), f_err.read())
     assert p.returncode == rc, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
     return p
+
+
+def _console_script(argv: list[str], stdout: str, stderr: str) -> None:
+    """What the console script does, with file descriptors 1 and 2 on ``stdout`` and ``stderr``."""
+    from dcp_safetensors.cli import main
+
+    for fd, name in ((1, stdout), (2, stderr)):
+        target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = ["dcp-safetensors", *argv]
+    sys.exit(main())
 
 
 def no_dist(fn, *args, **kwargs):

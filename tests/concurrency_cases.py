@@ -1,6 +1,6 @@
 """Processes for the concurrency tests: a writer loop, a reader loop, a writer that dies mid-publish.
 
-Run in spawned processes (a real second process: locks, renames and open descriptors behave as
+Run in processes of their own (a real second process: locks, renames and open descriptors behave as
 between two jobs). Results come back through a multiprocessing queue as plain dicts.
 """
 
@@ -112,8 +112,9 @@ def hold_a_save_open(path: str, ready_file: str, release_file: str) -> None:
 
     storage = LocalStorage(path)
     session = storage.begin_save("held", ["model.safetensors"])
+    staging = session.staging  # before the ready file exists: the test goes on once it does
     with open(ready_file, "w") as f:
-        f.write(session["staging"])
+        f.write(staging)
     while not os.path.exists(release_file):
         time.sleep(0.01)
     storage.abort_save(session)

@@ -17,7 +17,8 @@ from helpers import free_port, free_ports  # noqa: E402
 from rank_pool import RankPool, close_pools  # noqa: E402
 
 # Rank pools stay alive across tests and modules: a world of a new size means new processes,
-# and their start-up (torch's import, the process group) is most of a small case's time. An
+# and their start-up (a fork of helpers.process_context's server, the process group) is
+# most of a small case's time. An
 # idle rank costs memory only (~0.5-0.8 GB resident, no CPU), so up to this many rank processes
 # are kept (worlds 1, 2, 3 and 4 together); beyond it, or with less memory available than
 # RANK_POOL_MIN_AVAILABLE, the least recently used worlds are closed first.
@@ -29,6 +30,60 @@ def _memory_available() -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+# --- workers ----------------------------------------------------------------------------------
+# A run of the whole suite (no paths given: pytest's testpaths, as `make test` runs it) uses
+# this many pytest-xdist workers when pytest-xdist is installed (the test extra), each taking
+# whole files (--dist loadfile: a module's fixtures are made once), the slowest files first
+# (SLOW_FILES). Most of the suite's time is one process at a time (a save, a server, the test
+# process), so a second worker keeps the second core busy. A run of chosen files or tests, a
+# run with -n given, or a run without pytest-xdist (-p no:xdist) is one process, as before.
+TEST_WORKERS = int(os.environ.get("DCP_SAFETENSORS_TEST_WORKERS", str(min(2, os.cpu_count() or 1))))
+
+# Files by time taken, slowest first (measured on 2 cores); a worker takes the next file when
+# it is done with one, so a slow file started last would keep one worker busy alone at the end.
+# Files not listed follow in their usual order.
+SLOW_FILES = [
+    "test_concurrency.py",
+    "test_storage_contract.py",
+    "test_plan_cache.py",
+    "test_s3.py",
+    "test_hardening.py",
+    "test_crash.py",
+    "test_convert.py",
+    "test_s3_real.py",
+    "test_scale.py",
+    "test_experts.py",
+    "test_bench_suite.py",
+    "test_api.py",
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Turn on the workers for a whole-suite run (see TEST_WORKERS); runs before pytest-xdist's own."""
+    if (
+        TEST_WORKERS > 1
+        and config.pluginmanager.hasplugin("xdist")
+        and not hasattr(config, "workerinput")  # a worker itself
+        and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and config.option.numprocesses is None
+        and config.option.dist == "no"
+        and not config.option.collectonly
+        and not config.option.usepdb
+    ):
+        config.option.numprocesses = TEST_WORKERS
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False  # SLOW_FILES' order, not the number of tests per file
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On workers, the files of SLOW_FILES first (every worker sorts alike: their collections must match)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -126,12 +181,15 @@ class SeaweedS3:
     Unlike moto it checks every request's signature and answers a missing bucket with
     NoSuchBucket. One identity may do anything with ``key``/``secret``; anonymous requests
     may only read, write and list bucket ``open_bucket``, which ``paging_proxy`` fronts
-    (see :class:`s3_proxy.S3Proxy`: only unsigned requests get AWS's page size).
+    (see :class:`s3_proxy.S3Proxy`: only unsigned requests get its page size, ``upload_page``).
     """
 
     bucket = "ckpt"
     open_bucket = "open"
     key, secret = "dcp-test-key", "dcp-test-secret"
+    upload_page = 50
+    """The page size ``paging_proxy`` asks for: AWS's is 1,000, and a test that needs more than one
+    page of open uploads makes one page and a bit (each upload is a request to make)."""
 
     def __init__(self, root: str) -> None:
         import boto3
@@ -188,7 +246,7 @@ class SeaweedS3:
             self._stop()
             raise
         self.startup_seconds = time.perf_counter() - started
-        self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=1000)
+        self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=self.upload_page)
 
     def _wait_ready(self, deadline: float) -> None:
         """Until a bucket can be made and an object written (the filer, then a volume, are up)."""

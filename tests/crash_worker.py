@@ -1,6 +1,8 @@
 """Run a save on WORLD ranks that SIGKILLs one rank at a chosen point; used by test_crash.py.
 
 Usage: python crash_worker.py PATH VALUE PHASE RANK [STORAGE_OPTIONS_JSON [WORLD]]
+(test_crash.py calls :func:`run` in a process of ``helpers.process_context``, which
+has imported torch and the package already: the same save, without a new interpreter.)
 PHASE: none | planning | mid-write | before-commit | mid-publish | after-commit
 (mid-write is a pwrite on POSIX, an UploadPart on object stores; the commit
 phases hook the POSIX protocol in dcp_safetensors.commit or the object store's
@@ -96,12 +98,25 @@ def main(rank: int, world: int, port: int, path: str, value: float, phase: str, 
     dist.destroy_process_group()
 
 
+def run(path: str, value: float, phase: str, kill_rank: int, options: dict, world: int = 2, log: str | None = None) -> None:
+    """The save on ``world`` forked ranks; raises once a rank dies (the one killed, or any other).
+
+    Forked ranks: this process has imported torch and nothing more (no threads, no process
+    group), and forking saves each rank importing torch again, most of a run's time.
+    ``log``: a file that takes this process's and the ranks' stdout and stderr.
+    """
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    mp.start_processes(
+        main, args=(world, free_port(), path, value, phase, kill_rank, options), nprocs=world, join=True, start_method="fork"
+    )
+
+
 if __name__ == "__main__":
     path, value, phase, kill_rank = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     world = int(sys.argv[6]) if len(sys.argv) > 6 else 2
-    # Forked ranks: this process has imported torch and nothing more (no threads, no process
-    # group), and forking saves each rank importing torch again, most of a run's time.
-    mp.start_processes(
-        main, args=(world, free_port(), path, value, phase, kill_rank, options), nprocs=world, join=True, start_method="fork"
-    )
+    run(path, value, phase, kill_rank, options, world)

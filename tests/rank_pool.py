@@ -1,7 +1,8 @@
 """A pool of N gloo ranks started once and reused by many test cases.
 
 Process and torch start-up dominate on two cores, so each world size gets one
-pool per test session; a case is a module-level function run on every rank
+pool per test session (its ranks forked from ``helpers.process_context``'s server,
+which has imported torch already); a case is a module-level function run on every rank
 with ``pool.run(fn, *args)``. A case that fails on a rank raises here with
 that rank's traceback; a case that hangs past its timeout kills the pool (the
 next case starts a fresh one) and raises naming the ranks still running.
@@ -9,7 +10,6 @@ next case starts a fresh one) and raises naming the ranks still running.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import time
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from helpers import free_port
+from helpers import free_port, process_context
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
@@ -51,7 +51,7 @@ class RankPool:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        ctx = mp.get_context("spawn")
+        ctx = process_context()
         port = free_port()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()

@@ -4,7 +4,7 @@ Tests point s3fs at the proxy (``endpoint_url``); the proxy forwards every
 request to the server over loopback. ``Faults`` decides, per request, whether
 to answer 500 / 503 SlowDown / 403 AccessDenied or to drop the connection
 instead of forwarding. With ``max_uploads``, an unsigned ListMultipartUploads
-asks for AWS's page size (see :class:`S3Proxy`). Nothing leaves 127.0.0.1.
+asks for pages of that size, as AWS's are of 1,000 (see :class:`S3Proxy`). Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class S3Proxy:
 
     ``max_uploads``: AWS lists at most 1,000 multipart uploads a page, SeaweedFS 10,000 and
     moto all of them; a ListMultipartUploads that names no page size is forwarded asking
-    for this many, so paging shows at AWS's size. Only unsigned requests can be changed
-    (a signature covers the query string).
+    for this many, so paging shows as on AWS (at a smaller size, a page costs fewer uploads
+    to make). Only unsigned requests can be changed (a signature covers the query string).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, max_uploads: int | None = None) -> None:

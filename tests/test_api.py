@@ -63,12 +63,17 @@ def test_save_logs_bytes_files_and_phases(tmp_path, caplog):
 
 def test_async_save_in_process_mode_pickles_the_writer(tmp_path):
     """dcp.async_save(PROCESS) pickles our writer into a checkpoint process with a fresh gloo group."""
-    import os
-    import subprocess
-    import sys
+    import async_process_worker
+    from helpers import process_context
 
-    worker = os.path.join(os.path.dirname(__file__), "async_process_worker.py")
-    proc = subprocess.run([sys.executable, worker, str(tmp_path)], capture_output=True, timeout=240, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("OK") == 2, proc.stdout[-2000:]
-    dcp_safetensors.verify(str(tmp_path))
+    ckpt, stdout, stderr = tmp_path / "ckpt", tmp_path / "stdout", tmp_path / "stderr"
+    # Not the rank pool's: its ranks are daemonic and may not start the checkpoint process.
+    proc = process_context().Process(target=async_process_worker.run, args=(str(ckpt), str(stdout), str(stderr)))
+    proc.start()
+    proc.join(240)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0, stderr.read_text()[-3000:]
+    assert stdout.read_text().count("OK") == 2, stdout.read_text()[-2000:]
+    dcp_safetensors.verify(str(ckpt))

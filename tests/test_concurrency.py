@@ -6,7 +6,6 @@ against a reader loop, a writer killed mid-publish, two writers, overlapping asy
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ from concurrency_cases import (
     state,
     writer_loop,
 )
+from helpers import process_context
 
 import dcp_safetensors
 from dcp_safetensors import commit, verify
@@ -27,10 +27,6 @@ from dcp_safetensors.errors import CheckpointChangedError, ConcurrentSaveError
 from dcp_safetensors.storage.local import LocalStorage
 
 NUMEL = 256 << 10  # 1 MiB of fp32 per tensor: 24 files of 1 MiB with max_shard_size = 1 MiB
-
-
-def _spawn() -> multiprocessing.context.SpawnContext:
-    return multiprocessing.get_context("spawn")
 
 
 def loaded_step(path: str, numel: int = NUMEL, **options) -> float:
@@ -43,7 +39,7 @@ def loaded_step(path: str, numel: int = NUMEL, **options) -> float:
 
 def run_reader_against_writer(path: str, steps: int, options: dict, tmp_path) -> tuple[dict, dict]:
     dcp_safetensors.save(state(0, NUMEL), path, max_shard_size=NUMEL * 4, **options)
-    ctx = _spawn()
+    ctx = process_context()
     out = ctx.Queue()
     stop, go = str(tmp_path / "stop"), str(tmp_path / "go")
     reader = ctx.Process(target=reader_loop, args=(path, NUMEL, options, stop, out, go))
@@ -131,7 +127,7 @@ def test_a_load_during_a_publish_reads_the_new_snapshot_through_its_record(tmp_p
 def test_a_writer_killed_mid_publish_is_rolled_forward_by_a_reader(tmp_path):
     path = str(tmp_path)
     dcp_safetensors.save(state(1, NUMEL), path, max_shard_size=NUMEL * 4)
-    proc = _spawn().Process(target=die_while_publishing, args=(path, NUMEL, 10))
+    proc = process_context().Process(target=die_while_publishing, args=(path, NUMEL, 10))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 17  # died after the commit point, 10 files moved
@@ -146,7 +142,7 @@ def test_a_second_writer_gets_a_clear_error_while_a_save_is_open_and_goes_on_onc
     path = str(tmp_path / "ckpt")
     dcp_safetensors.save(state(1, NUMEL), path, max_shard_size=NUMEL * 4)
     ready, release = str(tmp_path / "ready"), str(tmp_path / "release")
-    holder = _spawn().Process(target=hold_a_save_open, args=(path, ready, release))
+    holder = process_context().Process(target=hold_a_save_open, args=(path, ready, release))
     holder.start()
     deadline = time.monotonic() + 60
     while not os.path.exists(ready) and time.monotonic() < deadline:
@@ -165,7 +161,7 @@ def test_two_writer_loops_on_one_directory_never_corrupt_it(tmp_path):
     """Two jobs saving to one directory at once: each save either commits or gets ConcurrentSaveError."""
     path = str(tmp_path / "ckpt")
     dcp_safetensors.save(state(0, NUMEL), path, max_shard_size=NUMEL * 4)
-    ctx = _spawn()
+    ctx = process_context()
     out = ctx.Queue()
     writers = [ctx.Process(target=writer_loop, args=(path, first, 8, NUMEL, {"max_shard_size": NUMEL * 4}, out))
                for first in (100, 200)]
@@ -240,7 +236,7 @@ def test_an_s3_writer_killed_mid_publish_is_rolled_forward_by_a_reader_at_once(s
 
     url, options = s3.url(s3.prefix), {"storage_options": s3.storage_options}
     dcp_safetensors.save(state(1, 1024), url, max_shard_size=4096 * 4, **options)
-    proc = _spawn().Process(target=die_before_publishing_on_s3, args=(url, 1024, options))
+    proc = process_context().Process(target=die_before_publishing_on_s3, args=(url, 1024, options))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 17

@@ -273,7 +273,7 @@ def test_conversion_memory_stays_bounded(tmp_path):
 
 
 def test_missing_source_is_one_line_on_stderr_and_exit_1(tmp_path):
-    p = run_cli("convert", tmp_path / "nope", tmp_path / "dst", rc=1)
+    p = run_cli("convert", tmp_path / "nope", tmp_path / "dst", rc=1, fresh=True)  # the installed script, from its first line
     assert p.stderr.startswith("error: CheckpointNotFoundError:") and "nope" in p.stderr
     assert not (tmp_path / "dst").exists() or not os.listdir(tmp_path / "dst")
 

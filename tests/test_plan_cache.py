@@ -108,11 +108,14 @@ class SaveSequence(RuleBasedStateMachine):
         self.diverged: str | None = None
         self.saves = 0
 
+    def _files(self) -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in self.path.rglob("*") if p.is_file()} if self.path.exists() else {}
+
     def _run(self, fn: Any, *args: Any) -> list[Any]:
         return self.pool.run(fn, *args) if self.pool is not None else [fn(*args)]
 
     def _save(self) -> None:
-        before = {p: p.read_bytes() for p in self.path.rglob("*") if p.is_file()} if self.path.exists() else {}
+        before = self._files() if self.diverged is not None else {}  # the refused save must leave them so
         out = self._run(cases.save_and_load, self.spec, self.options, str(self.path), self.diverged)
         self.saves += 1
         type(self).total += 1
@@ -124,8 +127,7 @@ class SaveSequence(RuleBasedStateMachine):
                 assert "LayoutError" in result["error"] or "RankFailedError" in result["error"], result["trace"]
             mapping = cases.mapping_of(self.options) if self.options["planner"] != "dcp" else None
             assert (mapping.name_of(self.diverged) if mapping else self.diverged) in out[0]["error"], out[0]["error"]
-            after = {p: p.read_bytes() for p in self.path.rglob("*") if p.is_file()}
-            assert after == before, "a refused save changed the directory"
+            assert self._files() == before, "a refused save changed the directory"
             self.diverged = None
             return
         for result in out:

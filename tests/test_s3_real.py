@@ -164,15 +164,20 @@ def test_roundtrip_2_ranks_bytes_in_the_files_and_back(ranks, seaweed, prefix):
 
 
 def test_a_save_aborts_every_upload_left_open_beyond_the_first_page(seaweed, prefix):
-    """1,003 uploads an interrupted save left open under the checkpoint, more than one page of
-    ListMultipartUploads (1,000 on AWS; the paging proxy asks SeaweedFS for AWS's page size):
-    the next save aborts them all, and none under a neighbouring prefix."""
+    """A page and 3 more uploads an interrupted save left open under the checkpoint, more than one
+    page of ListMultipartUploads (1,000 on AWS; the paging proxy asks SeaweedFS for pages of
+    ``seaweed.upload_page``, 50): the next save aborts them all, and none under a neighbouring prefix.
+
+    The uploads go to 7 files in turn, so the page ends inside one file's uploads (the next
+    page starts from both markers), as 1,003 uploads in pages of 1,000 would.
+    """
     bucket = seaweed.open_bucket
-    # Unsigned requests (the bucket is open): a thousand of them need no signing.
+    left_open = seaweed.upload_page + 3
+    # Unsigned requests (the bucket is open): the paging proxy may set their page size.
     anon = boto3.client("s3", endpoint_url=seaweed.endpoint, region_name="us-east-1", config=Config(signature_version=UNSIGNED))
     started = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
-        keys = [f"{prefix}/model-{i % 7 + 1:05d}-of-00007.safetensors" for i in range(1003)] + [f"{prefix}-next/model.safetensors"]
+        keys = [f"{prefix}/model-{i % 7 + 1:05d}-of-00007.safetensors" for i in range(left_open)] + [f"{prefix}-next/model.safetensors"]
         list(pool.map(lambda key: anon.create_multipart_upload(Bucket=bucket, Key=key), keys))
     created = time.perf_counter() - started
     proxy = seaweed.paging_proxy
@@ -185,11 +190,11 @@ def test_a_save_aborts_every_upload_left_open_beyond_the_first_page(seaweed, pre
     }
     started = time.perf_counter()
     dcp_safetensors.save({"w": torch.arange(4.0)}, seaweed.url(prefix, bucket), storage_options=options)
-    print(f"created 1,004 uploads in {created:.1f} s; the save aborted 1,003 in {time.perf_counter() - started:.1f} s")
+    print(f"created {left_open + 1} uploads in {created:.1f} s; the save aborted {left_open} in {time.perf_counter() - started:.1f} s")
     assert seaweed.open_uploads(prefix, bucket) == []
     assert [u["Key"] for u in seaweed.open_uploads(f"{prefix}-next", bucket)] == [f"{prefix}-next/model.safetensors"]
-    assert proxy.stats.requests["ListMultipartUploads"] == 2  # pages of 1,000 and 3
-    assert proxy.stats.requests["AbortMultipartUpload"] == 1003
+    assert proxy.stats.requests["ListMultipartUploads"] == 2  # pages of 50 and 3
+    assert proxy.stats.requests["AbortMultipartUpload"] == left_open
     out = {"w": torch.zeros(4)}
     dcp_safetensors.load(out, seaweed.url(prefix, bucket), storage_options=options)
     assert out["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -8,13 +8,13 @@ that leaves with ``os._exit`` in the phase under test.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from helpers import process_context
 from storage_contract_cases import FILES, content, parts, save_until
 
 from dcp_safetensors.commit import INDEX_NAME
@@ -132,7 +132,7 @@ def test_recover_after_a_writer_died(backend, phase):
     checkpoint stays whole until then."""
     storage = backend.storage()
     save(storage, 1)
-    proc = multiprocessing.get_context("spawn").Process(
+    proc = process_context().Process(
         target=save_until, args=(backend.kind, backend.location, backend.options, 2, phase)
     )
     proc.start()
@@ -149,7 +149,7 @@ def test_recover_after_a_writer_died(backend, phase):
 def test_a_reader_finishes_a_dead_writers_commit(backend):
     storage = backend.storage()
     save(storage, 1)
-    proc = multiprocessing.get_context("spawn").Process(
+    proc = process_context().Process(
         target=save_until, args=(backend.kind, backend.location, backend.options, 2, "committed")
     )
     proc.start()
