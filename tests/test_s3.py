@@ -230,11 +230,11 @@ def test_a_refusal_after_the_commit_point_keeps_the_committed_save(s3, monkeypat
 
     import dcp_safetensors
     from dcp_safetensors.errors import StorageAccessError
-    from dcp_safetensors.storage import s3 as object_storage
+    from dcp_safetensors.storage import record_commit
 
     # The record's writer is this live process, so the reader leaves the record to it until
     # the lease passes, then rolls it forward: a 2 s lease instead of 20 s of waiting.
-    monkeypatch.setattr(object_storage, "PUBLISH_LEASE", 2.0)
+    monkeypatch.setattr(record_commit, "PUBLISH_LEASE", 2.0)
 
     url = s3.url(s3.prefix)
     dcp_safetensors.save({"w": torch.ones(4)}, url, storage_options=options(s3))
