@@ -201,7 +201,7 @@ def crc32_of_shares(size: int, shares: Iterable[int]) -> int:
     """The CRC-32 of a ``size``-byte file from the :func:`crc32_share` of every writer (runs tiling it)."""
     crc = int(_zeros_crc(np.array([size], dtype=np.int64))[0])
     for share in shares:
-        crc ^= share
+        crc ^= int(share)
     return crc
 
 

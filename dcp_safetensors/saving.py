@@ -6,11 +6,17 @@ streaming a source) save the same way, through this module:
 
 1. :class:`LayoutSave` opens the storage's session for the layout's files;
 2. every part is written by :func:`write_part` (:func:`write_parts` on a
-   few threads), which CRC-32s its bytes and returns a :class:`WrittenPart`; a rank's parts travel to the coordinator
-   as one columnar :class:`WrittenParts`;
-3. :meth:`LayoutSave.commit` proves the written parts cover every file exactly
-   once, combines their CRCs into each file's checksum, writes
-   ``objects.json`` and the config files, builds the index and commits.
+   few threads), which CRC-32s its bytes and returns a :class:`WrittenPart`;
+   on POSIX a layout planned ``in_place`` has no parts: :func:`write_in_place`
+   writes a rank's chunk runs where they lie and CRC-32s each into the
+   rank's share of the file's checksum (:func:`~.checksum.crc32_share`).
+   Either way a rank's report travels to the coordinator as one columnar
+   :class:`WrittenParts`;
+3. :meth:`LayoutSave.commit` proves the written bytes cover every file exactly
+   once (parts: they tile it; in place: each rank wrote the bytes its plan
+   holds, whose chunks were proved to tile every tensor), combines the CRCs
+   into each file's checksum, writes ``objects.json`` and the config files,
+   builds the index and commits.
    Any failure aborts the session: the checkpoint committed before stays.
 
 Example:
@@ -30,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,15 +46,30 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dcp_safetensors.checksum import combine_run_arrays, crc32, format_crc32
+from dcp_safetensors.checksum import (
+    combine_run_arrays,
+    crc32,
+    crc32_of_shares,
+    crc32_share,
+    format_crc32,
+)
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.index import build_index
-from dcp_safetensors.layout import CheckpointLayout, PartPlan
+from dcp_safetensors.layout import CheckpointLayout, Extents, PartPlan
 from dcp_safetensors.names import MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROUP
 from dcp_safetensors.storage import SaveSession, Storage
-from dcp_safetensors.storage.base import PartWriter
+from dcp_safetensors.storage.base import PartWriter, RunWriter
 
-__all__ = ["LayoutSave", "WrittenPart", "WrittenParts", "write_part", "write_parts", "file_checksum"]
+__all__ = [
+    "LayoutSave",
+    "WrittenPart",
+    "WrittenParts",
+    "RunWrite",
+    "write_part",
+    "write_parts",
+    "write_in_place",
+    "file_checksum",
+]
 
 
 class WrittenPart(NamedTuple):
@@ -111,17 +133,88 @@ def write_parts(
         return [w for done in pool.map(write_batch, batches) for w in done]
 
 
+class RunWrite(NamedTuple):
+    """Bytes a rank writes in place: ``data`` cut into the runs of ``extents`` in ``file``, in order."""
+
+    file: str
+    extents: Extents
+    data: memoryview
+
+
+def write_in_place(
+    writer: RunWriter, writes: Sequence[RunWrite], file_sizes: Mapping[str, int], *, rank: int, threads: int, piece: int
+) -> WrittenParts:
+    """Write every run of ``writes`` where it lies and CRC-32 it, on up to ``threads`` threads.
+
+    No part is planned: a column shard's runs (one per row) go out in a tight
+    loop, each rank reporting per file only its byte count and its share of
+    the file's CRC (:func:`~.checksum.crc32_share`; ``file_sizes`` gives each
+    file's size). Threads take units of about ``piece`` bytes: a run longer
+    than that is cut, shorter runs of one chunk are grouped.
+
+    Example:
+        >>> import tempfile, zlib
+        >>> from dcp_safetensors.storage import open_storage
+        >>> storage = open_storage(tempfile.mkdtemp())
+        >>> session = storage.begin_save("s", ["f"])
+        >>> writer = storage.part_writer(session)
+        >>> out = write_in_place(writer, [RunWrite("f", Extents(1, 2, (2,), (3,)), memoryview(b"abcd"))],
+        ...                      {"f": 6}, rank=0, threads=2, piece=1)
+        >>> writer.close(); storage.abort_save(session)
+        >>> out.in_place.tolist()[0][:2], crc32_of_shares(6, [out.in_place[0, 2]]) == zlib.crc32(b"_ab_cd".replace(b"_", bytes(1)))
+        ([0, 4], True)
+    """
+    units: list[tuple[str, np.ndarray, int, memoryview]] = []
+    for write in writes:
+        offsets, length = write.extents.offsets(), write.extents.length
+        if length > piece:
+            cuts = np.arange(0, length, piece, dtype=np.int64)
+            for i, offset in enumerate(offsets.tolist()):
+                for cut in cuts.tolist():
+                    size = min(piece, length - cut)
+                    units.append((write.file, np.array([offset + cut]), size, write.data[i * length + cut :][:size]))
+        else:
+            step = max(1, piece // max(length, 1))
+            for first in range(0, len(offsets), step):
+                runs = offsets[first : first + step]
+                units.append((write.file, runs, length, write.data[first * length : (first + len(runs)) * length]))
+
+    def write_unit(unit: tuple[str, np.ndarray, int, memoryview]) -> tuple[str, int, int]:
+        file, offsets, length, data = unit
+        crcs = np.array([crc32(data[i * length : (i + 1) * length]) for i in range(len(offsets))], dtype=np.uint32)
+        writer.write_runs(file, offsets.tolist(), length, data)
+        after = file_sizes[file] - offsets - length
+        return file, len(offsets) * length, crc32_share(crcs, np.full(len(offsets), length), after)
+
+    if threads <= 1 or len(units) <= 1:
+        done = [write_unit(u) for u in units]
+    else:
+        with ThreadPoolExecutor(min(threads, len(units)), thread_name_prefix="dcp-safetensors-write") as pool:
+            done = list(pool.map(write_unit, units))
+    totals: dict[str, list[int]] = {}
+    for file, nbytes, share in done:
+        total = totals.setdefault(file, [0, 0])
+        total[0] += nbytes
+        total[1] ^= share
+    rows = np.asarray([(i, n, share) for i, (n, share) in enumerate(totals.values())], dtype=np.int64).reshape(-1, 3)
+    return WrittenParts(tuple(totals), np.zeros((0, 5), dtype=np.int64), (), rows, rank)
+
+
 @dataclass(frozen=True, eq=False)
 class WrittenParts:
-    """Written parts, columnar: what a rank reports to the coordinator (one result per rank keeps it small).
+    """What a rank wrote, columnar: its report to the coordinator (one result per rank keeps it small).
 
     ``rows`` holds ``(file index, number, start, length, crc32)`` per part, the
     file index into ``files``; ``etags`` the storage's tag of each part.
+    ``in_place`` holds ``(file index, bytes, crc32 share)`` per file that
+    ``rank`` wrote in place (:func:`write_in_place`).
     """
 
     files: tuple[str, ...]
     rows: np.ndarray
     etags: tuple[str | None, ...]
+    in_place: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    rank: int = 0
 
     @classmethod
     def of(cls, written: Sequence[WrittenPart]) -> WrittenParts:
@@ -132,7 +225,7 @@ class WrittenParts:
 
     @property
     def nbytes(self) -> int:
-        return int(self.rows[:, 3].sum())
+        return int(self.rows[:, 3].sum() + self.in_place[:, 1].sum())
 
 
 def file_checksum(name: str, size: int, rows: np.ndarray) -> str:
@@ -160,6 +253,24 @@ def file_checksum(name: str, size: int, rows: np.ndarray) -> str:
     if end != size:
         raise LayoutError(f"{name}: written parts end at byte {end}, the file must be {size} bytes; refusing to commit")
     return format_crc32(combine_run_arrays(lengths, rows[:, 2]))
+
+
+def _check_in_place(planned: Mapping[tuple[int, str], int], written: Mapping[tuple[int, str], int]) -> None:
+    """Raise :class:`LayoutError` unless every rank wrote exactly the bytes its in-place plan holds, file by file.
+
+    With the plan's proof that the chunks tile every tensor, this proves each
+    file written exactly once without a row per run.
+
+    Example:
+        >>> _check_in_place({(0, "f"): 8}, {(0, "f"): 4})
+        Traceback (most recent call last):
+        ...
+        dcp_safetensors.errors.LayoutError: f: rank 0 wrote 4 bytes, its plan holds 8; refusing to commit
+    """
+    for rank, name in sorted(planned.keys() | written.keys(), key=lambda k: (k[1], k[0])):
+        want, got = planned.get((rank, name), 0), written.get((rank, name), 0)
+        if want != got:
+            raise LayoutError(f"{name}: rank {rank} wrote {got} bytes, its plan holds {want}; refusing to commit")
 
 
 class LayoutSave:
@@ -193,15 +304,25 @@ class LayoutSave:
         try:
             rows_of: dict[str, list[np.ndarray]] = defaultdict(list)
             etags: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+            shares: dict[str, list[int]] = defaultdict(list)
+            in_place: dict[tuple[int, str], int] = {}
             for parts in written:
                 for i, name in enumerate(parts.files):
                     mine = np.flatnonzero(parts.rows[:, 0] == i)
                     rows_of[name].append(parts.rows[mine][:, 2:5])
                     numbers = parts.rows[mine, 1].tolist()
                     etags[name].extend(zip(numbers, [parts.etags[j] for j in mine.tolist()], strict=True))
+                for i, nbytes, share in parts.in_place.tolist():
+                    in_place[parts.rank, parts.files[i]] = nbytes
+                    shares[parts.files[i]].append(share)
+            if self.layout.in_place_bytes or in_place:
+                _check_in_place(self.layout.in_place_bytes, in_place)
             empty = np.zeros((0, 3), np.int64)
-            files = {f.name: (f.size, file_checksum(f.name, f.size, np.concatenate(rows_of[f.name] or [empty])))
-                     for f in self.layout.files}
+            files = {
+                f.name: (f.size, format_crc32(crc32_of_shares(f.size, shares[f.name])) if self.layout.in_place_bytes
+                         else file_checksum(f.name, f.size, np.concatenate(rows_of[f.name] or [empty])))
+                for f in self.layout.files
+            }
             published = list(files)
             objects_file = None
             if objects:

@@ -6,16 +6,18 @@ DCP calls the methods in this order (``dcp.save``)::
     all ranks    set_up_storage_writer(is_coordinator, rank=, use_collectives=)
     all ranks    prepare_local_plan(plan)        -> the planner's items, unchanged
     coordinator  prepare_global_plan(plans)      plans the whole byte layout once:
-                                                 files, headers, every rank's runs,
-                                                 parts (storage's min_part/max_part)
-                                                 and transfers; a fresh snapshot id;
+                                                 files, headers, where each rank's
+                                                 tensors lie, parts and transfers
+                                                 (object stores: min_part/max_part);
+                                                 a fresh snapshot id;
                                                  storage.begin_save (staging dir on
                                                  POSIX, multipart uploads on S3)
-    all ranks    write_data(plan, planner)       resolve own chunks; rounds of
-                                                 all_to_all for bytes of other ranks'
-                                                 parts (none on POSIX); write own
-                                                 parts (pwrite / UploadPart), CRC-32
-                                                 each, fsync
+    all ranks    write_data(plan, planner)       resolve own chunks; on POSIX write
+                                                 them in place (pwrite per run, a
+                                                 CRC-32 share per file), fsync; on
+                                                 object stores rounds of all_to_all
+                                                 for bytes of other ranks' parts,
+                                                 then own parts (UploadPart)
     coordinator  finish(metadata, results)       checks the parts tile every file,
                                                  writes the index, commits
 
@@ -62,6 +64,7 @@ from dcp_safetensors.hooks import ObjectSource
 from dcp_safetensors.layout import (
     CheckpointLayout,
     ChunkArrays,
+    Extents,
     HeaderWrite,
     RankWritePlan,
     TensorSpec,
@@ -75,8 +78,9 @@ from dcp_safetensors.names import (
 )
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
-from dcp_safetensors.saving import LayoutSave, WrittenParts, write_parts
+from dcp_safetensors.saving import LayoutSave, RunWrite, WrittenParts, write_in_place, write_parts
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
+from dcp_safetensors.storage.base import RunWriter
 
 __all__ = ["SafetensorsWriter"]
 
@@ -306,6 +310,7 @@ class SafetensorsWriter(StorageWriter):
             transfer_budget=self.transfer_budget,
             world_size=len(plans),
             tiling_checked=checked,
+            in_place=storage.min_part == 1,
         )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -335,7 +340,11 @@ class SafetensorsWriter(StorageWriter):
                     mine.pop("config files"), coordinator.pop("config files")
                 check_against_coordinator("SafetensorsWriter", data.writes.rank, mine, coordinator)
                 storage = self._storage()
-                self._resolve(plan, planner, data.writes, source, results)
+                writes = self._resolve(plan, planner, data.writes, results)
+                if not data.writes.in_place:
+                    for w in writes:
+                        for i, offset in enumerate(w.extents.offsets().tolist()):
+                            source.add(w.file, offset, w.data[i * w.extents.length : (i + 1) * w.extents.length])
             except Exception as e:
                 error = e
             if data.writes.rounds:
@@ -348,7 +357,7 @@ class SafetensorsWriter(StorageWriter):
             if error is None:
                 assert storage is not None
                 try:
-                    results.extend(self._write_parts(storage, data, source))
+                    results.extend(self._write_parts(storage, data, source, writes))
                 except Exception as e:
                     error = e
             # A last status exchange: a failed or dead rank (the collective itself then
@@ -441,15 +450,14 @@ class SafetensorsWriter(StorageWriter):
 
     @staticmethod
     def _resolve(
-        plan: SavePlan, planner: SavePlanner, writes: RankWritePlan, source: ByteSource, results: list[WriteResult]
-    ) -> None:
-        """Put every byte this rank holds (headers, chunk runs) into ``source``; encode objects.
+        plan: SavePlan, planner: SavePlanner, writes: RankWritePlan, results: list[WriteResult]
+    ) -> list[RunWrite]:
+        """Every byte this rank holds (headers, chunks) and where it goes; encode objects into ``results``.
 
         Raises :class:`ConfigurationError` naming every key of this rank whose
         tensor is on the ``meta`` device, whatever the planner.
         """
-        for h in writes.headers:
-            source.add(h.file, 0, memoryview(h.data))
+        out = [RunWrite(h.file, Extents(0, len(h.data)), memoryview(h.data)) for h in writes.headers]
         meta: dict[str, None] = {}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
@@ -481,9 +489,7 @@ class SafetensorsWriter(StorageWriter):
                     f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {extents.nbytes} bytes"
                 )
             flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            view = memoryview(flat)  # type: ignore[arg-type]
-            for i, off in enumerate(extents.offsets().tolist()):
-                source.add(write.file, off, view[i * extents.length : (i + 1) * extents.length])
+            out.append(RunWrite(write.file, extents, memoryview(flat)))  # type: ignore[arg-type]
         if meta:
             keys = list(meta)
             raise ConfigurationError(
@@ -493,20 +499,28 @@ class SafetensorsWriter(StorageWriter):
                 "planner=SafetensorsSavePlanner(meta_resolver=...) to supply their data "
                 "(dcp_safetensors.offload.accelerate_resolver(model) for accelerate's CPU offload)"
             )
+        return out
 
-    def _write_parts(self, storage: Storage, data: _RankStorageData, source: ByteSource) -> list[WriteResult]:
-        """Write (pwrite / UploadPart) every part this rank owns, CRC-32 each, concurrently."""
+    def _write_parts(
+        self, storage: Storage, data: _RankStorageData, source: ByteSource, writes: list[RunWrite]
+    ) -> list[WriteResult]:
+        """Write this rank's bytes, CRC-32 them, concurrently: in place (POSIX), or the parts it owns (pwrite / UploadPart)."""
+        plan = data.writes
         writer = storage.part_writer(data.session)
         try:
-            out = write_parts(
-                writer, data.writes.parts, lambda p: source.read(p.file, p.start, p.end - p.start), self.write_threads
-            )
+            if plan.in_place:
+                if not isinstance(writer, RunWriter):
+                    raise ConfigurationError(f"{type(storage).__name__} cannot write runs in place; its plan needs parts")
+                written = write_in_place(writer, writes, plan.file_sizes, rank=plan.rank, threads=self.write_threads,
+                                         piece=storage.max_part or self.max_part)
+            else:
+                out = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start), self.write_threads)
+                written = WrittenParts.of(out)
         finally:
             writer.close()
-        if not out:
+        if not len(written.rows) and not len(written.in_place):
             return []
-        written = WrittenParts.of(out)
-        return [WriteResult(MetadataIndex(f"__parts__/{data.writes.rank}"), written.nbytes, written)]
+        return [WriteResult(MetadataIndex(f"__parts__/{plan.rank}"), written.nbytes, written)]
 
 
 def _unusable_plan(data: Any) -> LayoutError:

@@ -69,7 +69,7 @@ def install_kill(phase: str, object_store: bool) -> None:
     elif phase == "mid-write" and object_store:
         _die_on_call(s3_mod._UploadPartWriter, "write", lambda n, *a: n == 1)
     elif phase == "mid-write":
-        _die_on_call(local_mod.WritableFile, "pwritev", lambda n, *a: n == 3)
+        _die_on_call(local_mod.WritableFile, "pwrite", lambda n, *a: n == 3)
     elif phase == "before-commit" and object_store:
         _die_on_call(store, "commit_save", lambda n, *a: True)
     elif phase == "before-commit":

@@ -7,6 +7,7 @@ import json
 import shutil
 import struct
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -166,42 +167,37 @@ def test_missing_checkpoint_error_has_our_type_on_every_rank(ranks, tmp_path):
 
 
 class _LosingWriter(SafetensorsWriter):
-    """Reports one written part fewer than it wrote: finish must find the hole and refuse to commit.
+    """Reports 4 KiB fewer than it wrote to its second file: finish must see the shortfall and refuse to commit.
 
-    Each rank reports its parts as one columnar record (one row per part); the
-    second part of the second file is dropped and remembered in ``lost``.
+    On POSIX each rank writes its runs in place and reports per file its bytes
+    and CRC share; the commit checks every rank's bytes against its plan.
     """
 
-    lost: tuple[str, int] | None = None
+    lost: tuple[str, int, int] | None = None
 
     def write_data(self, plan, planner):
         (result,) = super().write_data(plan, planner).value()
         written = result.storage_data
-        rows = [i for i, row in enumerate(written.rows.tolist()) if row[0] == 1]
-        drop = rows[1]
-        self.lost = (written.files[1], int(written.rows[drop, 2]))
-        keep = [i for i in range(len(written.rows)) if i != drop]
-        trimmed = dataclasses.replace(
-            written, rows=written.rows[keep], etags=tuple(written.etags[i] for i in keep)
-        )
+        rows = written.in_place.copy()
+        (row,) = np.flatnonzero(rows[:, 0] == 1)
+        self.lost = (written.files[1], int(rows[row, 1]) - 4096, int(rows[row, 1]))
+        rows[row, 1] -= 4096
         fut = torch.futures.Future()
-        fut.set_result([dataclasses.replace(result, storage_data=trimmed)])
+        fut.set_result([dataclasses.replace(result, storage_data=dataclasses.replace(written, in_place=rows))])
         return fut
 
 
-def test_finish_refuses_parts_that_leave_a_hole(tmp_path):
+def test_finish_refuses_a_rank_that_wrote_less_than_its_plan(tmp_path):
     save(tmp_path, 1.0)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     state = {f"layer.{i}.w": torch.full((64, 64), 5.0 + i) for i in range(4)}
-    # 4 files of 16 KiB of data; 4 KiB parts give each file several parts.
-    writer = _LosingWriter(str(tmp_path), max_shard_size=20000, max_part=4096)
+    writer = _LosingWriter(str(tmp_path), max_shard_size=20000, max_part=4096)  # 4 files of 16 KiB of data
     with pytest.raises(CheckpointException) as info:
         dcp.save(state, storage_writer=writer, no_dist=True)
     (exc, _), = info.value.failures.values()
-    name, start = writer.lost
-    assert start > 0
+    name, got, want = writer.lost
     assert type(exc).__name__ == "LayoutError"
-    assert str(exc) == f"{name}: written parts leave a hole at byte {start}; refusing to commit"
+    assert str(exc) == f"{name}: rank 0 wrote {got} bytes, its plan holds {want}; refusing to commit"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 

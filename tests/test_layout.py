@@ -882,6 +882,38 @@ def test_plan_layout_parts_and_transfers_deliver_every_byte(case: Case, min_part
         assert ((mine + received[f]) == 1).all(), f
 
 
+@settings(max_examples=100, deadline=None)
+@given(cases())
+def test_in_place_plans_give_each_rank_its_own_bytes_and_no_parts(case: Case) -> None:
+    """POSIX plans: the same files, headers and tensor places as planned parts, no parts or rounds, and the
+    bytes each rank must write to each file (what the commit checks) equal to its chunks' and headers' bytes."""
+    parts = plan_layout(case.specs, case.chunks, max_shard_size=case.max_shard_size, metadata=META,
+                        world_size=case.world_size)
+    layout = plan_layout(case.specs, case.chunks, max_shard_size=case.max_shard_size, metadata=META,
+                         world_size=case.world_size, in_place=True)
+    assert layout.files == parts.files and set(layout.rank_plans) == set(parts.rank_plans)
+    expected: Counter = Counter()
+    for r, plan in layout.rank_plans.items():
+        assert plan.in_place and not plan.parts and not plan.rounds
+        assert plan.headers == parts.rank_plans[r].headers  # the header goes with the file's first data byte
+        assert dict(plan.tensors) == dict(parts.rank_plans[r].tensors)
+        for h in plan.headers:
+            expected[r, h.file] += len(h.data)
+        for w in chunk_writes(layout, r):
+            expected[r, w.file] += w.extents.nbytes
+    assert dict(layout.in_place_bytes) == dict(expected)
+    size_of = {f.name: f.size for f in layout.files}
+    for f in layout.files:
+        assert sum(n for (_, name), n in expected.items() if name == f.name) == f.size
+    for r, plan in layout.rank_plans.items():
+        assert dict(plan.file_sizes) == {name: size_of[name] for (w, name) in expected if w == r}
+
+
+def test_in_place_plans_need_storage_that_takes_any_run() -> None:
+    with pytest.raises(ConfigurationError, match="min_part 1"):
+        plan_layout([spec((4,))], [C(0, (0,), (4,))], max_shard_size=100, metadata=META, min_part=5, in_place=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Groups and plan_layout's LayoutErrors
 # --------------------------------------------------------------------------------------------

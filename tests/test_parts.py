@@ -97,21 +97,35 @@ def test_rounds_stay_within_the_budget_and_keep_every_byte(raw, budget):
     assert sum(t.length for rnd in rounds for t in rnd) == sum(t.length for t in transfers)
 
 
-def test_posix_saves_cut_a_ranks_range_into_max_part_writes(tmp_path):
+def test_posix_saves_write_in_place_in_max_part_pieces(tmp_path, monkeypatch):
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
     from dcp_safetensors import SafetensorsWriter
     from dcp_safetensors.checkpoint import verify_all
-    from dcp_safetensors.storage.local import LocalStorage
+    from dcp_safetensors.storage import local
 
-    # The same planner serves POSIX: a 40 KB file becomes eleven 4 KiB writes, checksummed per part.
-    assert LocalStorage(str(tmp_path)).max_part == 64 << 20
+    # POSIX plans no parts: the rank writes its runs where they lie, a long run cut into
+    # max_part pieces (threads and early writeback work on pieces), each CRC-32'd into the file's checksum.
+    assert local.LocalStorage(str(tmp_path)).max_part == 64 << 20
+    calls = []
+    real = local._LocalPartWriter.write_runs
+
+    def spy(self, file, offsets, length, data):
+        calls.append((file, list(offsets), length))
+        return real(self, file, offsets, length, data)
+
+    monkeypatch.setattr(local._LocalPartWriter, "write_runs", spy)
     state = {"w": torch.arange(10240, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int8)}
     writer = SafetensorsWriter(tmp_path, max_part=4096)
     dcp.save(state, storage_writer=writer, no_dist=True)
-    assert len(writer._save.layout.rank_plans[0].parts) == 11  # ceil(40968 / 4096): header + data
+    plan = writer._save.layout.rank_plans[0]
+    assert plan.in_place and not plan.parts and not plan.rounds
+    header = len(plan.headers[0].data)
+    pieces = sorted((offsets[0], length) for _, offsets, length in calls)
+    assert [length for _, length in pieces] == [header] + [4096] * 10 + [3]  # header, w in 10 pieces, b
+    assert [start for start, _ in pieces] == [0, *range(header, header + 40960, 4096), header + 40960]
     assert verify_all(str(tmp_path)).ok
     assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "model.safetensors")).items())
 
@@ -161,8 +175,8 @@ def _read_concurrently() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(1, 5000), min_size=1, max_size=300), st.integers(1, 9), st.randoms(use_true_random=False))
-def test_threaded_part_writes_give_the_bytes_and_crcs_of_one_thread(lengths, threads, rnd):
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=300), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_threaded_part_writes_give_the_bytes_and_crcs_of_one_thread(lengths, threads, seed):
     """saving.write_parts hands threads runs of parts: same file bytes, same CRCs, same order as one thread."""
     import tempfile
     import zlib
@@ -170,7 +184,8 @@ def test_threaded_part_writes_give_the_bytes_and_crcs_of_one_thread(lengths, thr
     from dcp_safetensors.saving import write_parts
     from dcp_safetensors.storage import open_storage
 
-    data = bytes(rnd.getrandbits(8) for _ in range(sum(lengths)))
+    # From a seed, not drawn byte by byte: that exceeded hypothesis's entropy limit (a flaky health check).
+    data = np.random.default_rng(seed).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     parts = [PartPlan("f", i + 1, s, s + n, 0) for i, (s, n) in enumerate(zip(starts, lengths))]
     view = memoryview(data)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dcp_safetensors.errors import LayoutError
+from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.format import DTYPE_ITEMSIZE, encode_header
 from dcp_safetensors.layout.files import FileLayout, parse_size, plan_files
 from dcp_safetensors.layout.geometry import (
@@ -88,7 +88,9 @@ class RankWritePlan:
     turns its chunks into byte runs itself, :meth:`chunk_write`), the
     ``headers`` it writes, its ``parts`` and the transfer ``rounds`` that
     bring other ranks' bytes of those parts (every rank runs the same number
-    of rounds).
+    of rounds). An ``in_place`` plan has neither parts nor rounds: the rank
+    writes its headers and chunks where they lie, and ``file_sizes`` holds
+    the size of each file it writes to (for its share of the file's CRC).
     """
 
     rank: int = 0
@@ -96,6 +98,8 @@ class RankWritePlan:
     headers: tuple[HeaderWrite, ...] = ()
     part_table: PartTable = field(default_factory=lambda: PartTable(0))
     rounds: tuple[TransferRound, ...] = ()
+    in_place: bool = False
+    file_sizes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def parts(self) -> tuple[PartPlan, ...]:
@@ -127,6 +131,8 @@ class CheckpointLayout:
     tensors: tuple[TensorSpec, ...]
     rank_plans: Mapping[int, RankWritePlan] = field(default_factory=dict)
     chunks: Mapping[str, ChunkArrays] = field(default_factory=dict)
+    in_place_bytes: Mapping[tuple[int, str], int] = field(default_factory=dict)
+    """For an ``in_place`` layout, ``{(rank, file): bytes}`` each rank must write (headers included)."""
 
     def weight_map(self, group: str = MODEL_GROUP) -> dict[str, str]:
         """``{name in file: file name}`` for the tensors of ``group``."""
@@ -148,6 +154,7 @@ def plan_layout(
     transfer_budget: int = 256 << 20,
     world_size: int | None = None,
     tiling_checked: bool = False,
+    in_place: bool = False,
 ) -> CheckpointLayout:
     """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
 
@@ -161,6 +168,14 @@ def plan_layout(
     (``tiling_checked=True``: the caller already proved that with
     :func:`check_tiling`, as our planner's global step does).
 
+    ``in_place=True`` (storage that takes a run of any size at any offset:
+    POSIX files, ``min_part`` 1) plans no parts and no transfers: each rank
+    writes its own chunks' runs where they lie, so a column shard's thousands
+    of row runs never become thousands of planned parts. Planning is then
+    O(tensors + chunks), never O(runs), and a rank's plan holds only the
+    places of its tensors; ``in_place_bytes`` is what the commit checks each
+    rank's report against.
+
     Near-linear in the number of chunks: the work per tensor and per file is
     numpy over all its chunks at once, and each rank's plan holds only its
     own tensors' places and parts.
@@ -172,11 +187,23 @@ def plan_layout(
     if not tiling_checked:
         for spec in tensors:
             check_tiling(spec, table.get(spec.key))
+    if in_place and min_part != 1:
+        raise ConfigurationError(f"in-place writes need storage that takes runs of any size (min_part 1), not {min_part}")
     files = plan_files(tensors, max_bytes, metadata)
     placed = _place_tensors(files, tensors)
+    tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
+    if in_place:
+        headers, written = _plan_in_place(files, placed, table)
+        writers = sorted(set(tensors_of) | set(headers) | set(range(world_size or 0)))
+        sizes = {f.name: f.size for f in files}
+        plans = {
+            r: RankWritePlan(r, tensors_of.get(r, {}), tuple(headers.get(r, ())), PartTable(r), (), True,
+                             {name: sizes[name] for (w, name) in written if w == r})
+            for r in writers
+        }
+        return CheckpointLayout(tuple(files), tuple(tensors), plans, table, written)
     headers, parts, transfers = _plan_parts(files, placed, table, min_part=min_part, max_part=max_part)
     rounds = plan_rounds(transfers, transfer_budget)
-    tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
     writers = sorted(set(tensors_of) | set(headers) | set(parts[:, 0].tolist()) | set(range(world_size or 0)))
     plans = _rank_plans(writers, files, tensors_of, headers, parts, rounds)
     return CheckpointLayout(tuple(files), tuple(tensors), plans, table)
@@ -229,6 +256,37 @@ def _tensors_by_rank(
         for rank in np.unique(arrays.ranks[live]).tolist():
             tensors_of[rank][key] = placement[key]
     return tensors_of
+
+
+def _plan_in_place(
+    files: Sequence[FileLayout], placed: Sequence[Mapping[str, TensorLocation]], table: Mapping[str, ChunkArrays]
+) -> tuple[dict[int, list[HeaderWrite]], dict[tuple[int, str], int]]:
+    """Every file's header writer, and the bytes each rank writes to each file, from chunk boxes alone (no runs).
+
+    The header goes with the rank holding the file's first data byte, as in
+    :func:`_plan_parts`: the chunk of the file's first non-empty tensor that
+    starts at its origin.
+    """
+    headers: dict[int, list[HeaderWrite]] = defaultdict(list)
+    written: dict[tuple[int, str], int] = defaultdict(int)
+    for f, in_file in zip(files, placed, strict=True):
+        header_rank = None
+        for key, place in sorted(in_file.items(), key=lambda kv: kv[1].offset):
+            arrays = table.get(key)
+            if arrays is None:
+                continue
+            nbytes = arrays.sizes.prod(axis=1) * place.itemsize
+            live = nbytes > 0
+            if header_rank is None and live.any():
+                origin = live & (arrays.offsets == 0).all(axis=1)
+                header_rank = int(arrays.ranks[np.argmax(origin)])
+            ranks, per_rank = np.unique(arrays.ranks[live], return_inverse=True)
+            for rank, total in zip(ranks.tolist(), np.bincount(per_rank, weights=nbytes[live]).tolist(), strict=True):
+                written[rank, f.name] += int(total)
+        header_rank = 0 if header_rank is None else header_rank
+        headers[header_rank].append(HeaderWrite(f.name, f.header))
+        written[header_rank, f.name] += len(f.header)
+    return headers, dict(written)
 
 
 def _plan_parts(

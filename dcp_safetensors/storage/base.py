@@ -10,7 +10,10 @@ A backend is a :class:`Storage`. DCP's save reaches it through
                                         rank inside its plan
     all ranks    part_writer(session).write(part, views) ... .close()
                                         each rank's parts; write returns a part's
-                                        tag (an ETag on S3, else None)
+                                        tag (an ETag on S3, else None); on POSIX
+                                        (min_part 1) .write_runs(file, offsets,
+                                        length, data) instead: a rank's chunk
+                                        runs where they lie (RunWriter)
     coordinator  write_small(session, name, data)   objects.json, config.json
     coordinator  commit_save(session, files, etags, index)
                                         the commit point, then publish
@@ -41,11 +44,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from dcp_safetensors.layout import PartPlan
 
-__all__ = ["Storage", "SaveSession", "ReadHandle", "PartWriter"]
+__all__ = ["Storage", "SaveSession", "ReadHandle", "PartWriter", "RunWriter"]
 
 
 @dataclass
@@ -86,6 +89,14 @@ class PartWriter(Protocol):
 
     def close(self) -> None:
         """Make every written part durable (POSIX: fsync); called once, after the last write."""
+
+
+@runtime_checkable
+class RunWriter(PartWriter, Protocol):
+    """A rank's writes of one save to storage that takes a run of any size at any offset (``min_part`` 1)."""
+
+    def write_runs(self, file: str, offsets: Sequence[int], length: int, data: memoryview) -> None:
+        """Write ``data[i * length : (i + 1) * length]`` at ``offsets[i]`` of ``file``, for every ``i``."""
 
 
 class Storage(ABC):

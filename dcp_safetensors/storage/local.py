@@ -87,7 +87,10 @@ class WritableFile:
 
     def pwrite(self, data: Any, offset: int) -> None:
         """Write all of ``data`` (any buffer) at ``offset``."""
-        self.pwritev([memoryview(data).cast("B")], offset)
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def pwritev(self, views: Sequence[memoryview], offset: int) -> None:
         """Write the buffers back to back from ``offset`` (one syscall when the kernel takes it all)."""
@@ -209,15 +212,26 @@ class _LocalPartWriter:
         self._files: dict[str, WritableFile] = {}
         self._opening = threading.Lock()  # parts of one file are written from several threads
 
-    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+    def _open(self, name: str) -> WritableFile:
         with self._opening:
-            f = self._files.get(part.file)
+            f = self._files.get(name)
             if f is None:
-                f = self._files[part.file] = self._storage.open_for_write(posixpath.join(self._staging, part.file))
+                f = self._files[name] = self._storage.open_for_write(posixpath.join(self._staging, name))
+            return f
+
+    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+        f = self._open(part.file)
         f.pwritev(views, part.start)
         if part.end - part.start >= WRITEBACK_MIN:
             f.start_writeback(part.start, part.end - part.start)
         return None
+
+    def write_runs(self, file: str, offsets: Sequence[int], length: int, data: memoryview) -> None:
+        f = self._open(file)
+        for i, offset in enumerate(offsets):
+            f.pwrite(data[i * length : (i + 1) * length], offset)
+            if length >= WRITEBACK_MIN:
+                f.start_writeback(offset, length)
 
     def close(self) -> None:
         try:
