@@ -52,7 +52,9 @@ def config_label(cfg: dict, axes: bool = True) -> str:
     """``1 GiB fp32 x4`` (+ `` cuda``), then `` fsdp_tp tmpfs`` when the run has those axes and ``axes``."""
     gpu = " cuda" if cfg.get("device") == "cuda" else ""
     where = f" {cfg['layout']} {cfg['storage']}" if axes and "layout" in cfg else ""
-    return f"{cfg['gib']:g} GiB {cfg['dtype']} x{cfg['world']}{gpu}{where}"
+    shards = cfg.get("max_shard_size", "5GB")
+    files = "" if shards == "5GB" else f" max_shard_size={shards}"
+    return f"{cfg['gib']:g} GiB {cfg['dtype']} x{cfg['world']}{gpu}{where}{files}"
 
 
 def layout_of(cfg: dict) -> str:
@@ -224,6 +226,11 @@ def _secs(r: dict | None, phase: str) -> str:
     return f"{seconds_min(r, phase):.2f} / {r[f'{phase}_s']:.2f}"
 
 
+def _files(r: dict | None) -> str:
+    """How many files of tensor data a run's save wrote (``-`` for runs from before it was counted)."""
+    return "-" if r is None or r.get("data_files") is None else str(r["data_files"])
+
+
 def _ratio(r: dict | None, ours: dict | None, phase: str) -> str:
     """``r``'s "ours ÷ method" on the minima / on the medians (older runs: minima from every round's time)."""
     if r is None or ours is None or "error" in r or "error" in ours or r.get(f"{phase}_ours_speedup") is None:
@@ -241,10 +248,10 @@ def _side_by_side(runs: list[dict]) -> list[str]:
            "(ours' throughput over .distcp's: above 1 ours is faster), on the minima / the medians. "
            "Moved: bytes ours' save plan sent between ranks (0 on POSIX: every rank writes its own bytes); "
            "written: bytes of the checkpoint's files.\n",
-           "| storage | layout | mesh | world | dtype | size MB | save s ours | save s .distcp | ours ÷ .distcp, save "
-           "| load s ours | load s .distcp | ours ÷ .distcp, load | moved between ranks MB | written MB "
-           "| extra RSS ours save / load, max rank (MiB) | correct |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| storage | layout | mesh | world | dtype | size MB | data files ours / .distcp | save s ours | save s .distcp "
+           "| ours ÷ .distcp, save | load s ours | load s .distcp | ours ÷ .distcp, load | moved between ranks MB "
+           "| written MB | extra RSS ours save / load, max rank (MiB) | correct |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for storage, layout in _groups(runs):
         for cfg in _configs(runs):
             if (storage_of(cfg), layout_of(cfg)) != (storage, layout):
@@ -258,7 +265,8 @@ def _side_by_side(runs: list[dict]) -> list[str]:
                                            else "**NO**")
             out.append(
                 f"| {storage} | {layout} | {'-' if bad else _mesh(ours) or '-'} | {cfg['world']} | {cfg['dtype']} "
-                f"| {'-' if bad else _mb(ours['state_bytes'])} | {_secs(ours, 'save')} | {_secs(peer, 'save')} "
+                f"| {'-' if bad else _mb(ours['state_bytes'])} | {_files(ours)} / {_files(peer)} "
+                f"| {_secs(ours, 'save')} | {_secs(peer, 'save')} "
                 f"| {_ratio(peer, ours, 'save')} | {_secs(ours, 'load')} | {_secs(peer, 'load')} "
                 f"| {_ratio(peer, ours, 'load')} "
                 f"| {'-' if bad else _mb(ours.get('moved_between_ranks_bytes'), 1)} "

@@ -102,15 +102,18 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
-def save_once(method: str, path: str, model, sd: dict):
-    """One save; returns ours' writer (its plan has the bytes moved between ranks), else None."""
+def save_once(method: str, path: str, model, sd: dict, max_shard_size: str = "5GB"):
+    """One save; returns ours' writer (its plan has the bytes moved between ranks), else None.
+
+    ``max_shard_size`` is ours' (HF's file size limit; the other methods have no such knob).
+    """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     if method == "ours":
         from dcp_safetensors import SafetensorsWriter
 
-        writer = SafetensorsWriter(path)
+        writer = SafetensorsWriter(path, max_shard_size=max_shard_size)
         dcp.save(sd, storage_writer=writer)
         return writer
     if method == "torch_hf":
@@ -133,6 +136,11 @@ def save_once(method: str, path: str, model, sd: dict):
     else:
         raise ValueError(method)
     return None
+
+
+def data_file_count(path: str) -> int:
+    """Files of tensor data a save wrote (``.safetensors``, ``.distcp``), anywhere under ``path``."""
+    return sum(f.endswith((".safetensors", ".distcp")) for _, _, files in os.walk(path) for f in files)
 
 
 def moved_between_ranks(writer) -> int | None:
@@ -240,7 +248,8 @@ def rank_main(rank: int, world: int, port: int, method: str, cfg: dict, rounds: 
     # Warm-up: one untimed save + load to a scratch directory.
     warm = os.path.join(root, "warmup")
     clear(warm)
-    save_once(method, warm, src, src_sd)
+    shards = cfg.get("max_shard_size", "5GB")
+    save_once(method, warm, src, src_sd, shards)
     zero_dst()
     load_once(method, warm, dst, dst_sd)
     warm_ok = all_equal()
@@ -250,14 +259,16 @@ def rank_main(rank: int, world: int, port: int, method: str, cfg: dict, rounds: 
     path = os.path.join(root, "ckpt")
     for _ in range(rounds):
         clear(path)
-        save, writer = timed(lambda: save_once(method, path, src, src_sd))
+        save, writer = timed(lambda: save_once(method, path, src, src_sd, shards))
         on_disk = tree_bytes(path) if rank == 0 else 0
+        data_files = data_file_count(path) if rank == 0 else 0
         if rank == 0:
             evict(path)
         zero_dst()
         dist.barrier()
         load, _ = timed(lambda: load_once(method, path, dst, dst_sd))
-        done.append({"save": save, "load": load, "bytes_on_disk": on_disk, "moved": moved_between_ranks(writer),
+        done.append({"save": save, "load": load, "bytes_on_disk": on_disk, "data_files": data_files,
+                     "moved": moved_between_ranks(writer),
                      "correct": all_equal() and warm_ok})
     clear(path)
     out[rank] = {"state_bytes": nbytes, "rounds": done}
@@ -353,6 +364,7 @@ def summarize(method: str, cfg: dict, per_rank: dict) -> dict:
         key = "io_write" if phase == "save" else "io_read"
         result[f"{phase}_{key}_bytes"] = statistics.median(sum(x[phase][key] for x in rd) for rd in rounds)
     result["bytes_on_disk"] = rounds[-1][0]["bytes_on_disk"]
+    result["data_files"] = rounds[-1][0].get("data_files")
     moved = [rd[0].get("moved") for rd in rounds]
     result["moved_between_ranks_bytes"] = None if None in moved else max(moved)
     result["correct"] = all(x["correct"] for rd in rounds for x in rd)
@@ -432,8 +444,9 @@ def run_config(cfg: dict, methods: list[str], root: str, first: int) -> list[dic
 
 
 def describe(cfg: dict) -> str:
+    shards = cfg.get("max_shard_size", "5GB")
     return (f"{cfg['storage']} {cfg['layout']} {cfg['gib']:g} GiB {cfg['dtype']} world={cfg['world']} "
-            f"{cfg['device']}")
+            f"{cfg['device']}" + ("" if shards == "5GB" else f" max_shard_size={shards}"))
 
 
 def add_ratios(runs: list[dict]) -> None:
@@ -486,6 +499,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "= --repeats: one process set per method (faster; the order alternates per configuration)")
     parser.add_argument("--width", type=int, default=4096, help="Linear layers are width x width")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: states on GPUs, NCCL")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="ours' max_shard_size: smaller gives more files, which ranks write side by side")
     parser.add_argument("--dir", nargs="+", default=None,
                         help="where checkpoints are written, one storage axis value each (default: a temp dir "
                              "on disk and one under /dev/shm)")
@@ -547,7 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
                             cfg = {"gib": gib, "dtype": dtype, "world": world, "device": args.device,
                                    "width": args.width, "repeats": args.repeats,
                                    "rounds_per_process": args.rounds_per_process, "timeout_s": args.timeout_s,
-                                   "layout": layout, "storage": storage, "fs": fs, "dir": root}
+                                   "layout": layout, "storage": storage, "fs": fs, "dir": root,
+                                   "max_shard_size": args.max_shard_size}
                             need = TMPFS_ROOM * state_bytes_of(cfg)
                             if storage == "tmpfs" and (free := shutil.disk_usage(root).free) < need:
                                 skip(f"{describe(cfg)} on {root}: {free / 2**30:.1f} GiB free on the tmpfs, "

@@ -44,12 +44,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def results_2d(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     """ours and .distcp, FSDP2 x TP on a (dp 2, tp 2) mesh of 4 gloo ranks, 4 MiB fp32 (4 Colwise/Rowwise pairs
-    256 -> 512 -> 256), on tmpfs (/dev/shm) where there is one; world 2 is asked for too and skipped."""
+    256 -> 512 -> 256), on tmpfs (/dev/shm) where there is one, in 1 MB files; world 2 is asked for too and skipped."""
     tmp = tmp_path_factory.mktemp("bench2d")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     ckpts = tempfile.mkdtemp(prefix="dcp-bench-test-", dir=shm or str(tmp))
     try:
-        return _suite(["--world", "2", "4", "--layout", "fsdp_tp", "--dir", ckpts], str(tmp / "suite.json"))
+        return _suite(["--world", "2", "4", "--layout", "fsdp_tp", "--max-shard-size", "1MB", "--dir", ckpts],
+                      str(tmp / "suite.json"))
     finally:
         shutil.rmtree(ckpts, ignore_errors=True)
 
@@ -64,7 +65,8 @@ def test_suite_json_has_every_field_and_correct_bytes(results: dict) -> None:
         cfg = dict(r["config"])
         assert cfg.pop("dir").endswith("ckpts") and cfg.pop("fs")
         assert cfg == {"gib": 0.004, "dtype": "fp32", "world": 2, "device": "cpu", "width": 256, "repeats": 1,
-                       "rounds_per_process": 1, "timeout_s": 60, "layout": "fsdp", "storage": "disk"}
+                       "rounds_per_process": 1, "timeout_s": 60, "layout": "fsdp", "storage": "disk",
+                       "max_shard_size": "5GB"}
         assert r["mesh"] == {"dp": 2}
         assert r["state_bytes"] == 16 * 256 * 256 * 4
         assert r["save_s"] > 0 and r["load_s"] > 0
@@ -77,6 +79,7 @@ def test_suite_json_has_every_field_and_correct_bytes(results: dict) -> None:
         assert "save_io_write_bytes" in r and "load_io_read_bytes" in r
     ours, distcp = results["runs"]
     assert ours["moved_between_ranks_bytes"] == 0  # POSIX: every rank writes its own bytes
+    assert (ours["data_files"], distcp["data_files"]) == (1, 2)  # one HF file; .distcp: one per rank
     assert distcp["moved_between_ranks_bytes"] is None
     assert ours["save_ours_speedup"] == 1.0 and ours["save_ours_speedup_min"] == 1.0
     assert distcp["load_ours_speedup"] == pytest.approx(distcp["load_s"] / ours["load_s"])
@@ -96,6 +99,7 @@ def test_suite_runs_fsdp_over_tp_on_tmpfs_and_skips_what_does_not_fit(results_2d
         assert "error" not in r, r
         assert r["correct"] is True
         assert r["config"]["layout"] == "fsdp_tp" and r["config"]["world"] == 4
+        assert r["config"]["max_shard_size"] == "1MB"
         if r["config"]["dir"].startswith("/dev/shm/"):
             assert r["config"]["storage"] == "tmpfs"
         assert r["mesh"] == {"dp": 2, "tp": 2}
@@ -105,6 +109,9 @@ def test_suite_runs_fsdp_over_tp_on_tmpfs_and_skips_what_does_not_fit(results_2d
     md = _report().markdown(results)
     storage = results["runs"][0]["config"]["storage"]
     assert f"| {storage} | fsdp_tp | dp 2 x tp 2 | 4 | fp32 | 4 |" in md
+    # 1 MB files hold one 512 KiB weight each: ours writes 8 files, .distcp one per rank.
+    assert f"| {storage} | fsdp_tp | dp 2 x tp 2 | 4 | fp32 | 4 | 8 / 4 |" in md
+    assert "x4 fsdp_tp " + storage + " max_shard_size=1MB" in md
     assert f"### {storage}, fsdp_tp" in md and "Skipped: fsdp_tp at world 2" in md
 
 
