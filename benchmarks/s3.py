@@ -83,7 +83,7 @@ def rank_main(rank, world, port, method, url, options, mib, rows_per_tensor, thr
         moved = 0
         if method == "dcp_safetensors":
             layout = writer._save.layout  # the coordinator's frozen plan of this save
-            moved = sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
+            moved = layout.moved_bytes
         nbytes = sum(v.numel() * v.element_size() for v in full.values())
         out.update(method=method, state_bytes=nbytes, save_s=save_s, load_s=load_s, moved_between_ranks=moved, correct=ok)
     dist.destroy_process_group()

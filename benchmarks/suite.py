@@ -148,8 +148,7 @@ def moved_between_ranks(writer) -> int | None:
     save = getattr(writer, "_save", None)
     if save is None:
         return None
-    layout = save.layout
-    return sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
+    return save.layout.moved_bytes
 
 
 def load_once(method: str, path: str, model, sd: dict) -> None:

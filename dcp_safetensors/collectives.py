@@ -18,14 +18,16 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from dcp_safetensors.errors import LayoutError, RankFailedError
-from dcp_safetensors.layout import TransferRound
+from dcp_safetensors.layout import RowSlab, TransferRound
 
-__all__ = ["ByteSource", "agree_on_errors", "exchange", "broadcast_bytes"]
+__all__ = ["ByteSource", "agree_on_errors", "exchange", "exchange_rows", "broadcast_bytes"]
 
 BROADCAST_CHUNK = 256 << 20
 """Bytes per broadcast call: bounds the staging copies a backend makes."""
@@ -111,6 +113,57 @@ def exchange(
     for t in sorted(rnd.recvs, key=lambda t: t.src):
         source.add(t.file, t.offset, memoryview(received[pos : pos + t.length]))  # type: ignore[arg-type]
         pos += t.length
+
+
+def exchange_rows(
+    slabs: Sequence[RowSlab],
+    rank: int,
+    chunks: Mapping[tuple[str, tuple[int, ...]], np.ndarray],
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> list[tuple[str, int, np.ndarray]]:
+    """Run one round of the row exchange: ``(file, offset, bytes)`` of each row block this rank then writes.
+
+    ``slabs`` are the round's slabs this rank is a member of, in plan order
+    (every member lists a slab at the same place, so the pieces one rank
+    sends another line up with what that rank expects); ``chunks`` holds
+    this rank's chunk bytes by ``(key, offsets)``. One ``all_to_all_single``
+    per round, every rank of the group taking part.
+    """
+    world = dist.get_world_size(group)
+    sends: list[list[np.ndarray]] = [[] for _ in range(world)]
+    recv_sizes = [0] * world
+    mine = []
+    for slab in slabs:
+        member = slab.ranks.index(rank)
+        chunk = chunks[slab.key, slab.offsets[member]]
+        for dst, piece in slab.sends(member, chunk).items():
+            sends[dst].append(piece)
+        a, b = slab.blocks()[member]
+        for i, src in enumerate(slab.ranks):
+            if i != member:
+                recv_sizes[src] += (b - a) * slab.widths[i]
+        mine.append((slab, member, chunk))
+    send_sizes = [sum(p.size for p in pieces) for pieces in sends]
+    flat = [p for pieces in sends for p in pieces]
+    payload = np.concatenate(flat) if flat else np.empty(0, dtype=np.uint8)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, torch.from_numpy(payload).to(device), recv_sizes, send_sizes, group=group)
+    received = recv.cpu().numpy()
+    at = np.concatenate([[0], np.cumsum(recv_sizes)]).tolist()
+    out = []
+    for slab, member, chunk in mine:
+        a, b = slab.blocks()[member]
+        got = {}
+        for i, src in enumerate(slab.ranks):
+            if i != member:
+                n = (b - a) * slab.widths[i]
+                got[src] = received[at[src] : at[src] + n]
+                at[src] += n
+        if b > a:  # a slab of fewer rows than members leaves some without a block
+            offset, block = slab.block(member, chunk, got)
+            out.append((slab.file, offset, block))
+    return out
 
 
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -312,8 +312,8 @@ class LayoutSave:
                     rows_of[name].append(parts.rows[mine][:, 2:5])
                     numbers = parts.rows[mine, 1].tolist()
                     etags[name].extend(zip(numbers, [parts.etags[j] for j in mine.tolist()], strict=True))
-                for i, nbytes, share in parts.in_place.tolist():
-                    in_place[parts.rank, parts.files[i]] = nbytes
+                for i, nbytes, share in parts.in_place.tolist():  # a rank may report several times (rounds)
+                    in_place[parts.rank, parts.files[i]] = in_place.get((parts.rank, parts.files[i]), 0) + nbytes
                     shares[parts.files[i]].append(share)
             if self.layout.in_place_bytes or in_place:
                 _check_in_place(self.layout.in_place_bytes, in_place)

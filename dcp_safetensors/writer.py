@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -47,21 +48,26 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
-from dcp_safetensors.collectives import ByteSource, agree_on_errors, collective_device, exchange
+from dcp_safetensors.collectives import (
+    ByteSource,
+    agree_on_errors,
+    collective_device,
+    exchange,
+    exchange_rows,
+)
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
 from dcp_safetensors.hf_config import config_files
-from dcp_safetensors.hooks import ObjectSource
 from dcp_safetensors.layout import (
+    SMALL_RUN,
     CheckpointLayout,
     ChunkArrays,
     Extents,
@@ -76,11 +82,11 @@ from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
 from dcp_safetensors.names import (
     SNAPSHOT_KEY,
 )
-from dcp_safetensors.objects import encode_object
 from dcp_safetensors.planner import ALIASES_KEY
+from dcp_safetensors.rank_writes import WrittenObject, resolve_writes
 from dcp_safetensors.saving import LayoutSave, RunWrite, WrittenParts, write_in_place, write_parts
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
-from dcp_safetensors.storage.base import RunWriter
+from dcp_safetensors.storage.base import PartWriter, RunWriter
 
 __all__ = ["SafetensorsWriter"]
 
@@ -123,13 +129,6 @@ class _Refresh:
         return _RankStorageData(self.session, writes, self.layout_id, self.options)
 
 
-@dataclass(frozen=True)
-class _WrittenObject:
-    """``WriteResult.storage_data`` of a non-tensor value: its encoded record."""
-
-    record: dict[str, Any]
-
-
 class SafetensorsWriter(StorageWriter):
     """Save a (sharded) state dict as a Hugging Face safetensors checkpoint.
 
@@ -150,6 +149,10 @@ class SafetensorsWriter(StorageWriter):
         max_part: largest part one rank writes (a file) or uploads (an object
             store) at once; parts are checksummed and written concurrently.
         transfer_budget: most bytes a rank sends or receives per transfer round.
+        row_exchange_below: POSIX: column shards whose runs (one per row) are
+            shorter than this many bytes are swapped between their ranks and
+            written as whole-row blocks, not a ``pwrite`` per row (0: never;
+            the default is measured on CPU ranks, see ``layout.row_blocks``).
         write_threads: concurrent part writes/uploads per rank.
         hf_config: a transformers config (anything with ``to_dict()``) or a
             dict, written as ``config.json`` in the same commit as the weights.
@@ -170,6 +173,7 @@ class SafetensorsWriter(StorageWriter):
         process_group: dist.ProcessGroup | None = None,
         max_part: int = 64 << 20,
         transfer_budget: int = 256 << 20,
+        row_exchange_below: int = SMALL_RUN,
         write_threads: int = 8,
         hf_config: Any = None,
         generation_config: Any = None,
@@ -185,6 +189,7 @@ class SafetensorsWriter(StorageWriter):
         self.process_group = process_group
         self.max_part = max_part
         self.transfer_budget = transfer_budget
+        self.row_exchange_below = row_exchange_below
         self.write_threads = write_threads
         self._extra_files = config_files(hf_config, generation_config, strip_auto_map)
         self._save: LayoutSave | None = None
@@ -259,7 +264,7 @@ class SafetensorsWriter(StorageWriter):
         options = self._agreed_options()
         # What the layout depends on (not the path: a layout serves every step's directory).
         settings = (type(storage).__name__, storage.min_part, storage.max_part, options["max_shard_size"],
-                    self.model_prefix, self.transfer_budget, len(plans))
+                    self.model_prefix, self.transfer_budget, self.row_exchange_below, len(plans))
         cache = planned.cache if planned is not None else None
         cached = cache.layout(settings) if cache is not None and planned is not None and planned.unchanged else None
         if cached is not None:
@@ -285,7 +290,7 @@ class SafetensorsWriter(StorageWriter):
             len(layout.files),
             len(layout.tensors),
             sum(f.size for f in layout.files) / 1e6,
-            sum(t.length for p in layout.rank_plans.values() for rnd in p.rounds for t in rnd.sends) / 1e6,
+            layout.moved_bytes / 1e6,
             self._phases["plan"],
         )
         return [
@@ -311,6 +316,7 @@ class SafetensorsWriter(StorageWriter):
             world_size=len(plans),
             tiling_checked=checked,
             in_place=storage.min_part == 1,
+            small_run=self.row_exchange_below,
         )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -321,6 +327,8 @@ class SafetensorsWriter(StorageWriter):
         group = self.process_group
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
         storage: Storage | None = None
+        part_writer: PartWriter | None = None
+        reports: list[WrittenParts] = []
         try:
             # Every rank reaches every collective below, failed or not: any local error
             # (opening the storage included) is carried to the next status exchange, so
@@ -340,7 +348,10 @@ class SafetensorsWriter(StorageWriter):
                     mine.pop("config files"), coordinator.pop("config files")
                 check_against_coordinator("SafetensorsWriter", data.writes.rank, mine, coordinator)
                 storage = self._storage()
-                writes = self._resolve(plan, planner, data.writes, results)
+                writes, held = resolve_writes(plan, planner, data.writes, results)
+                part_writer = storage.part_writer(data.session)
+                if data.writes.in_place and not isinstance(part_writer, RunWriter):
+                    raise ConfigurationError(f"{type(storage).__name__} cannot write runs in place; its plan needs parts")
                 if not data.writes.in_place:
                     for w in writes:
                         for i, offset in enumerate(w.extents.offsets().tolist()):
@@ -354,12 +365,27 @@ class SafetensorsWriter(StorageWriter):
                     agree_on_errors(error, group, f"transfer round {number + 1}")
                     exchange(rnd, source, group, device)
                 self._phases["transfer"] = time.perf_counter() - transfer_started
+            if data.writes.row_rounds:
+                # Short-run column chunks: swap columns so each rank writes whole rows, a round at a
+                # time (each round's blocks are written before the next, so buffers stay in budget).
+                device = collective_device(group)
+                for number, slabs in enumerate(data.writes.row_rounds):
+                    agree_on_errors(error, group, f"row exchange round {number + 1}")
+                    blocks = exchange_rows(slabs, data.writes.rank, held, group, device)
+                    try:
+                        assert isinstance(part_writer, RunWriter)
+                        runs = [RunWrite(f, Extents(o, b.size), memoryview(b)) for f, o, b in blocks]  # type: ignore[arg-type]
+                        reports.append(self._write_in_place(part_writer, data.writes, runs))
+                    except Exception as e:
+                        error = e
             if error is None:
-                assert storage is not None
+                assert part_writer is not None
                 try:
-                    results.extend(self._write_parts(storage, data, source, writes))
+                    results.extend(self._write_parts(data, source, writes, part_writer, reports))
                 except Exception as e:
                     error = e
+                finally:
+                    part_writer = None
             # A last status exchange: a failed or dead rank (the collective itself then
             # fails) makes every rank abort the save's uploads, not only the failing one.
             if distributed:
@@ -367,6 +393,9 @@ class SafetensorsWriter(StorageWriter):
             elif error is not None:
                 raise error
         except BaseException:
+            if part_writer is not None:
+                with contextlib.suppress(Exception):
+                    part_writer.close()
             if isinstance(data, (_RankStorageData, _Refresh)):
                 (storage or self._storage()).abort_save(data.session)
             raise
@@ -381,7 +410,7 @@ class SafetensorsWriter(StorageWriter):
         if save is None:
             raise LayoutError("finish() called without prepare_global_plan() on this coordinator")
         written = [r.storage_data for rr in results for r in rr if isinstance(r.storage_data, WrittenParts)]
-        objects = {r.index.fqn: r.storage_data.record for rr in results for r in rr if isinstance(r.storage_data, _WrittenObject)}
+        objects = {r.index.fqn: r.storage_data.record for rr in results for r in rr if isinstance(r.storage_data, WrittenObject)}
         aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
         published = save.commit(
             written,
@@ -448,79 +477,34 @@ class SafetensorsWriter(StorageWriter):
             specs.append(TensorSpec(key, name, dtype, shape, group))
         return specs
 
-    @staticmethod
-    def _resolve(
-        plan: SavePlan, planner: SavePlanner, writes: RankWritePlan, results: list[WriteResult]
-    ) -> list[RunWrite]:
-        """Every byte this rank holds (headers, chunks) and where it goes; encode objects into ``results``.
-
-        Raises :class:`ConfigurationError` naming every key of this rank whose
-        tensor is on the ``meta`` device, whatever the planner.
-        """
-        out = [RunWrite(h.file, Extents(0, len(h.data)), memoryview(h.data)) for h in writes.headers]
-        meta: dict[str, None] = {}
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                if not isinstance(planner, ObjectSource):
-                    raise ConfigurationError(
-                        f"planner {type(planner).__name__} has no lookup_object() (hooks.ObjectSource): cannot "
-                        f"store {item.index.fqn!r} without pickle; use a DefaultSavePlanner subclass"
-                    )
-                value = planner.lookup_object(item.index)
-                results.append(WriteResult(item.index, 0, _WrittenObject(encode_object(value))))
-                continue
-            chunk = item.tensor_data.chunk  # type: ignore[union-attr]
-            write = writes.chunk_write(item.index.fqn, chunk.offsets, chunk.sizes)
-            if write is None:  # an empty chunk (e.g. an uneven FSDP shard) has no bytes to write
-                continue
-            tensor = planner.resolve_data(item)
-            if not isinstance(tensor, torch.Tensor):
-                raise LayoutError(f"tensor {item.index.fqn!r}: planner resolved a {type(tensor).__name__}")
-            if tensor.is_meta:
-                # A meta tensor (a model built on the meta device, an offloaded or never
-                # materialised shard) has a shape but no bytes. DCP's own planner hands it
-                # over as it is; every such key of this rank is named at once below.
-                meta[item.index.fqn] = None
-                continue
-            extents = write.extents
-            if tensor.numel() * tensor.element_size() != extents.nbytes:
-                raise LayoutError(
-                    f"tensor {item.index.fqn!r}: planner resolved {tensor.numel() * tensor.element_size()} bytes "
-                    f"({tensor.dtype}, {list(tensor.shape)}) for a chunk planned as {extents.nbytes} bytes"
-                )
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            out.append(RunWrite(write.file, extents, memoryview(flat)))  # type: ignore[arg-type]
-        if meta:
-            keys = list(meta)
-            raise ConfigurationError(
-                f"rank {writes.rank}: these tensors are on the meta device and hold no data to save: "
-                f"{', '.join(repr(k) for k in keys[:20])}{' ...' if len(keys) > 20 else ''}; materialise them first "
-                "(e.g. model.to_empty(device=...) and load or initialise the weights), or save with "
-                "planner=SafetensorsSavePlanner(meta_resolver=...) to supply their data "
-                "(dcp_safetensors.offload.accelerate_resolver(model) for accelerate's CPU offload)"
-            )
-        return out
+    def _write_in_place(self, writer: RunWriter, plan: RankWritePlan, writes: list[RunWrite]) -> WrittenParts:
+        assert self._store is not None
+        return write_in_place(writer, writes, plan.file_sizes, rank=plan.rank, threads=self.write_threads,
+                              piece=self._store.max_part or self.max_part)
 
     def _write_parts(
-        self, storage: Storage, data: _RankStorageData, source: ByteSource, writes: list[RunWrite]
+        self, data: _RankStorageData, source: ByteSource, writes: list[RunWrite], writer: PartWriter,
+        reports: list[WrittenParts],
     ) -> list[WriteResult]:
-        """Write this rank's bytes, CRC-32 them, concurrently: in place (POSIX), or the parts it owns (pwrite / UploadPart)."""
+        """Write this rank's bytes, CRC-32 them, concurrently: in place (POSIX), or the parts it owns (pwrite / UploadPart).
+
+        ``reports`` holds what the row exchange rounds already wrote; closing the writer makes it all durable.
+        """
         plan = data.writes
-        writer = storage.part_writer(data.session)
         try:
             if plan.in_place:
-                if not isinstance(writer, RunWriter):
-                    raise ConfigurationError(f"{type(storage).__name__} cannot write runs in place; its plan needs parts")
-                written = write_in_place(writer, writes, plan.file_sizes, rank=plan.rank, threads=self.write_threads,
-                                         piece=storage.max_part or self.max_part)
+                assert isinstance(writer, RunWriter)
+                reports.append(self._write_in_place(writer, plan, writes))
             else:
                 out = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start), self.write_threads)
-                written = WrittenParts.of(out)
+                reports.append(WrittenParts.of(out))
         finally:
             writer.close()
-        if not len(written.rows) and not len(written.in_place):
-            return []
-        return [WriteResult(MetadataIndex(f"__parts__/{plan.rank}"), written.nbytes, written)]
+        return [
+            WriteResult(MetadataIndex(f"__parts__/{plan.rank}/{i}"), r.nbytes, r)
+            for i, r in enumerate(reports)
+            if len(r.rows) or len(r.in_place)
+        ]
 
 
 def _unusable_plan(data: Any) -> LayoutError:

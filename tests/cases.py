@@ -144,6 +144,15 @@ def save_mixed(path: str, max_shard_size="5GB", writer_kwargs: dict | None = Non
     dcp.save(sharded_mixed_state(), storage_writer=writer)
 
 
+def save_mixed_row_rounds(path: str, writer_kwargs: dict) -> int:
+    """Save the mixed state; the number of row-exchange rounds the plan gave every rank."""
+    writer = SafetensorsWriter(path, **writer_kwargs)
+    dcp.save(sharded_mixed_state(), storage_writer=writer)
+    if writer._save is None:  # not the coordinator: the layout stays there
+        return -1
+    return len(writer._save.layout.rank_plans[0].row_rounds)
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 

@@ -105,7 +105,9 @@ def test_suite_runs_fsdp_over_tp_on_tmpfs_and_skips_what_does_not_fit(results_2d
         assert r["mesh"] == {"dp": 2, "tp": 2}
         assert r["state_bytes"] == 4 * (512 * 256 + 256 * 512) * 4
         assert len(r["save_extra_rss_per_rank"]) == 4
-    assert results["runs"][0]["moved_between_ranks_bytes"] == 0
+    # The 4 RowwiseParallel weights (256 x 512 fp32, columns halved over tp: 1 KiB runs) go through the row
+    # exchange: each tp rank sends the other half of its columns, half of each weight in all.
+    assert results["runs"][0]["moved_between_ranks_bytes"] == 4 * (256 * 512 * 4) // 2
     md = _report().markdown(results)
     storage = results["runs"][0]["config"]["storage"]
     assert f"| {storage} | fsdp_tp | dp 2 x tp 2 | 4 | fp32 | 4 |" in md

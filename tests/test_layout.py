@@ -882,31 +882,68 @@ def test_plan_layout_parts_and_transfers_deliver_every_byte(case: Case, min_part
         assert ((mine + received[f]) == 1).all(), f
 
 
-@settings(max_examples=100, deadline=None)
-@given(cases())
-def test_in_place_plans_give_each_rank_its_own_bytes_and_no_parts(case: Case) -> None:
-    """POSIX plans: the same files, headers and tensor places as planned parts, no parts or rounds, and the
-    bytes each rank must write to each file (what the commit checks) equal to its chunks' and headers' bytes."""
+def in_place_writes(layout: CheckpointLayout, case: Case, full: dict[str, np.ndarray], rank: int) -> list:
+    """``(file, extents, bytes)`` of what ``rank`` writes under an in-place plan: headers, its chunks outside
+    the row exchange, and its row blocks, the exchange simulated with every rank's chunk bytes."""
+    plan = layout.rank_plans[rank]
+    out = [(h.file, Extents(0, len(h.data)), np.frombuffer(h.data, dtype=np.uint8)) for h in plan.headers]
+    exchanged = plan.row_chunks()
+    sizes_of = {(c.rank, c.key, c.offsets): c.sizes for c in case.chunks if c.numel}
+    for w in chunk_writes(layout, rank):
+        if (w.key, w.offsets) not in exchanged:
+            data = box_bytes(full[w.key], w.offsets, sizes_of[rank, w.key, w.offsets])
+            out.append((w.file, w.extents, data))
+    for rnd in plan.row_rounds:
+        for slab in rnd:
+            chunk_of = {r: box_bytes(full[slab.key], o, sizes_of[r, slab.key, o]) for r, o in zip(slab.ranks, slab.offsets)}
+            me = slab.ranks.index(rank)
+            received = {r: slab.sends(i, chunk_of[r])[rank] for i, r in enumerate(slab.ranks) if r != rank}
+            offset, block = slab.block(me, chunk_of[rank], received)
+            if block.size:  # a slab of fewer rows than members leaves some without a block
+                out.append((slab.file, Extents(offset, block.size), block))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(), st.sampled_from([1 << 30, 64, 7]), st.sampled_from([1 << 16, 17]))
+def test_in_place_plans_write_every_byte_once_with_row_blocks(case: Case, budget: int, small_run: int) -> None:
+    """POSIX plans: the same files, headers and tensor places as planned parts, no parts; the writes of every
+    rank (in place, and row blocks after the simulated exchange) cover every file exactly once with the bytes
+    the parts plan gives (checked against save_file by the property above), and each rank's bytes per file
+    are what the commit checks (``in_place_bytes``). Rounds: the same count for every rank, within budget."""
     parts = plan_layout(case.specs, case.chunks, max_shard_size=case.max_shard_size, metadata=META,
                         world_size=case.world_size)
     layout = plan_layout(case.specs, case.chunks, max_shard_size=case.max_shard_size, metadata=META,
-                         world_size=case.world_size, in_place=True)
+                         world_size=case.world_size, in_place=True, transfer_budget=budget, small_run=small_run)
     assert layout.files == parts.files and set(layout.rank_plans) == set(parts.rank_plans)
-    expected: Counter = Counter()
+    full = full_tensors(case)
+    reference, _, _ = assemble(parts, case, full)
+    data = {f.name: np.zeros(f.size, dtype=np.uint8) for f in layout.files}
+    cover = {f.name: np.zeros(f.size, dtype=np.int32) for f in layout.files}
+    written: Counter = Counter()
+    size_of = {f.name: f.size for f in layout.files}
+    assert len({len(p.row_rounds) for p in layout.rank_plans.values()}) == 1
     for r, plan in layout.rank_plans.items():
         assert plan.in_place and not plan.parts and not plan.rounds
         assert plan.headers == parts.rank_plans[r].headers  # the header goes with the file's first data byte
         assert dict(plan.tensors) == dict(parts.rank_plans[r].tensors)
-        for h in plan.headers:
-            expected[r, h.file] += len(h.data)
-        for w in chunk_writes(layout, r):
-            expected[r, w.file] += w.extents.nbytes
-    assert dict(layout.in_place_bytes) == dict(expected)
-    size_of = {f.name: f.size for f in layout.files}
+        for rnd in plan.row_rounds:
+            assert all(r in slab.ranks for slab in rnd)
+            sent = 0
+            for slab in rnd:
+                me = slab.ranks.index(r)
+                sent += sum((b - a) * slab.widths[me] for i, (a, b) in enumerate(slab.blocks()) if i != me)
+            assert sent <= budget or len(rnd) == 1
+        for file, extents, chunk in in_place_writes(layout, case, full, r):
+            index = (extents.offsets()[:, None] + np.arange(extents.length, dtype=np.int64)[None, :]).reshape(-1)
+            data[file][index] = chunk
+            np.add.at(cover[file], index, 1)
+            written[r, file] += chunk.size
+        assert dict(plan.file_sizes) == {name: size_of[name] for (w, name) in written if w == r}
     for f in layout.files:
-        assert sum(n for (_, name), n in expected.items() if name == f.name) == f.size
-    for r, plan in layout.rank_plans.items():
-        assert dict(plan.file_sizes) == {name: size_of[name] for (w, name) in expected if w == r}
+        assert (cover[f.name] == 1).all(), f.name
+        assert (data[f.name] == reference[f.name]).all(), f.name
+    assert dict(layout.in_place_bytes) == dict(written)
 
 
 def test_in_place_plans_need_storage_that_takes_any_run() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_layout import META, Case, box_bytes, cases, full_tensors
+from test_layout import META, Case, box_bytes, cases, full_tensors, in_place_writes
 
 from dcp_safetensors.collectives import ByteSource
 from dcp_safetensors.errors import LayoutError
@@ -33,7 +33,8 @@ def save(root: Path, case: Case, full, *, in_place: bool, piece: int, threads: i
     """Plan and save ``case`` to ``root`` as every rank would, in place or by parts; the files and the index."""
     storage = open_storage(str(root))
     layout = plan_layout(case.specs, case.chunks, max_shard_size=case.max_shard_size, metadata=META,
-                         world_size=case.world_size, in_place=in_place, max_part=None if in_place else piece)
+                         world_size=case.world_size, in_place=in_place, max_part=None if in_place else piece,
+                         transfer_budget=max(piece, 64))
     save = LayoutSave(storage, layout, "s1")
     # Parts need other ranks' bytes (the transfers): one process holds them all, in one source.
     source = ByteSource()
@@ -44,8 +45,8 @@ def save(root: Path, case: Case, full, *, in_place: bool, piece: int, threads: i
     reports = []
     for rank, plan in layout.rank_plans.items():
         writer = storage.part_writer(save.session)
-        if in_place:
-            writes = rank_writes(layout, case, full, rank)
+        if in_place:  # row blocks included: the exchange simulated, as the writer's collective does it
+            writes = [RunWrite(f, e, memoryview(d)) for f, e, d in in_place_writes(layout, case, full, rank)]
             reports.append(write_in_place(writer, writes, plan.file_sizes, rank=rank, threads=threads, piece=piece))
         else:
             written = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start), threads)

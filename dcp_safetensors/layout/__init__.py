@@ -27,6 +27,7 @@ Modules, each importing only those above it:
 * :mod:`.tiling`: the proof that chunks cover a tensor exactly once
 * :mod:`.files`: ``max_shard_size``, HF file names, tensor order, headers
 * :mod:`.parts`: parts of a file, their writers, transfers and rounds
+* :mod:`.row_blocks`: short-run column chunks exchanged into row blocks (POSIX)
 * :mod:`.plan`: :func:`plan_layout`, every rank's :class:`RankWritePlan`
 
 Every name is importable from here, as from the single module this was.
@@ -69,6 +70,7 @@ from dcp_safetensors.layout.plan import (
     plan_layout,
     with_header_metadata,
 )
+from dcp_safetensors.layout.row_blocks import SMALL_RUN, RowSlab, plan_row_rounds, plan_row_slabs
 from dcp_safetensors.layout.tiling import check_tiling
 
 __all__ = [
@@ -98,4 +100,8 @@ __all__ = [
     "Transfer",
     "TransferRound",
     "file_names",
+    "SMALL_RUN",
+    "RowSlab",
+    "plan_row_slabs",
+    "plan_row_rounds",
 ]

@@ -49,6 +49,7 @@ from dcp_safetensors.layout.parts import (
     cut_parts,
     plan_rounds,
 )
+from dcp_safetensors.layout.row_blocks import SMALL_RUN, RowSlab, plan_row_rounds, plan_row_slabs
 from dcp_safetensors.layout.tiling import check_tiling
 
 __all__ = [
@@ -90,8 +91,15 @@ class RankWritePlan:
     bring other ranks' bytes of those parts (every rank runs the same number
     of rounds). An ``in_place`` plan has neither parts nor rounds: the rank
     writes its headers and chunks where they lie, and ``file_sizes`` holds
-    the size of each file it writes to (for its share of the file's CRC).
+    the size of each file it writes to (for its share of the file's CRC);
+    its short-run column chunks are exchanged in ``row_rounds`` instead (the
+    slabs it takes part in, per round; every rank runs every round) and
+    written as row blocks (:mod:`.row_blocks`).
     """
+
+    def row_chunks(self) -> set[tuple[str, tuple[int, ...]]]:
+        """``(key, offsets)`` of this rank's chunks that go through the row exchange, not in place."""
+        return {(s.key, s.offsets[s.ranks.index(self.rank)]) for rnd in self.row_rounds for s in rnd}
 
     rank: int = 0
     tensors: Mapping[str, TensorLocation] = field(default_factory=dict)
@@ -100,6 +108,7 @@ class RankWritePlan:
     rounds: tuple[TransferRound, ...] = ()
     in_place: bool = False
     file_sizes: Mapping[str, int] = field(default_factory=dict)
+    row_rounds: tuple[tuple[RowSlab, ...], ...] = ()
 
     @property
     def parts(self) -> tuple[PartPlan, ...]:
@@ -134,6 +143,13 @@ class CheckpointLayout:
     in_place_bytes: Mapping[tuple[int, str], int] = field(default_factory=dict)
     """For an ``in_place`` layout, ``{(rank, file): bytes}`` each rank must write (headers included)."""
 
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes the save sends from rank to rank: part transfers (object stores) and the row exchange (POSIX)."""
+        parts = sum(t.length for p in self.rank_plans.values() for rnd in p.rounds for t in rnd.sends)
+        slabs = {s for p in self.rank_plans.values() for rnd in p.row_rounds for s in rnd}  # each member lists it
+        return parts + sum(sent for s in slabs for _, sent, _ in s.traffic())
+
     def weight_map(self, group: str = MODEL_GROUP) -> dict[str, str]:
         """``{name in file: file name}`` for the tensors of ``group``."""
         return {e.name: f.name for f in self.files if f.group == group for e in f.entries}
@@ -155,6 +171,7 @@ def plan_layout(
     world_size: int | None = None,
     tiling_checked: bool = False,
     in_place: bool = False,
+    small_run: int = SMALL_RUN,
 ) -> CheckpointLayout:
     """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
 
@@ -174,7 +191,9 @@ def plan_layout(
     of row runs never become thousands of planned parts. Planning is then
     O(tensors + chunks), never O(runs), and a rank's plan holds only the
     places of its tensors; ``in_place_bytes`` is what the commit checks each
-    rank's report against.
+    rank's report against. Column chunks with runs under ``small_run`` bytes
+    are exchanged into row blocks (:mod:`.row_blocks`; 0 turns that off),
+    in rounds under ``transfer_budget``.
 
     Near-linear in the number of chunks: the work per tensor and per file is
     numpy over all its chunks at once, and each rank's plan holds only its
@@ -193,12 +212,14 @@ def plan_layout(
     placed = _place_tensors(files, tensors)
     tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
     if in_place:
-        headers, written = _plan_in_place(files, placed, table)
+        headers, written, slabs = _plan_in_place(files, placed, table, transfer_budget, small_run)
         writers = sorted(set(tensors_of) | set(headers) | set(range(world_size or 0)))
         sizes = {f.name: f.size for f in files}
+        row_rounds = plan_row_rounds(slabs, transfer_budget)
         plans = {
             r: RankWritePlan(r, tensors_of.get(r, {}), tuple(headers.get(r, ())), PartTable(r), (), True,
-                             {name: sizes[name] for (w, name) in written if w == r})
+                             {name: sizes[name] for (w, name) in written if w == r},
+                             tuple(tuple(s for s in rnd if r in s.ranks) for rnd in row_rounds))
             for r in writers
         }
         return CheckpointLayout(tuple(files), tuple(tensors), plans, table, written)
@@ -259,16 +280,21 @@ def _tensors_by_rank(
 
 
 def _plan_in_place(
-    files: Sequence[FileLayout], placed: Sequence[Mapping[str, TensorLocation]], table: Mapping[str, ChunkArrays]
-) -> tuple[dict[int, list[HeaderWrite]], dict[tuple[int, str], int]]:
-    """Every file's header writer, and the bytes each rank writes to each file, from chunk boxes alone (no runs).
+    files: Sequence[FileLayout],
+    placed: Sequence[Mapping[str, TensorLocation]],
+    table: Mapping[str, ChunkArrays],
+    budget: int,
+    small_run: int,
+) -> tuple[dict[int, list[HeaderWrite]], dict[tuple[int, str], int], list[RowSlab]]:
+    """Every file's header writer, the bytes each rank writes to each file, and the row slabs, from chunk boxes (no runs).
 
     The header goes with the rank holding the file's first data byte, as in
     :func:`_plan_parts`: the chunk of the file's first non-empty tensor that
-    starts at its origin.
+    starts at its origin (in a row slab, that chunk's rank writes the first block).
     """
     headers: dict[int, list[HeaderWrite]] = defaultdict(list)
     written: dict[tuple[int, str], int] = defaultdict(int)
+    slabs: list[RowSlab] = []
     for f, in_file in zip(files, placed, strict=True):
         header_rank = None
         for key, place in sorted(in_file.items(), key=lambda kv: kv[1].offset):
@@ -280,13 +306,19 @@ def _plan_in_place(
             if header_rank is None and live.any():
                 origin = live & (arrays.offsets == 0).all(axis=1)
                 header_rank = int(arrays.ranks[np.argmax(origin)])
+            tensor_slabs, taken = plan_row_slabs(place, arrays, key, budget=budget, small_run=small_run)
+            for slab in tensor_slabs:
+                for rank, (a, b) in zip(slab.ranks, slab.blocks(), strict=True):
+                    written[rank, f.name] += (b - a) * slab.row_bytes
+            slabs.extend(tensor_slabs)
+            live &= ~taken
             ranks, per_rank = np.unique(arrays.ranks[live], return_inverse=True)
             for rank, total in zip(ranks.tolist(), np.bincount(per_rank, weights=nbytes[live]).tolist(), strict=True):
                 written[rank, f.name] += int(total)
         header_rank = 0 if header_rank is None else header_rank
         headers[header_rank].append(HeaderWrite(f.name, f.header))
         written[header_rank, f.name] += len(f.header)
-    return headers, dict(written)
+    return headers, {k: n for k, n in written.items() if n}, slabs
 
 
 def _plan_parts(
