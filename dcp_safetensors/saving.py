@@ -149,8 +149,9 @@ def write_in_place(
     No part is planned: a column shard's runs (one per row) go out in a tight
     loop, each rank reporting per file only its byte count and its share of
     the file's CRC (:func:`~.checksum.crc32_share`; ``file_sizes`` gives each
-    file's size). Threads take units of about ``piece`` bytes: a run longer
-    than that is cut, shorter runs of one chunk are grouped.
+    file's size), in the order of ``file_sizes``. Threads take units of about
+    ``piece`` bytes: a run longer than that is cut, shorter runs of one chunk
+    are grouped.
 
     Example:
         >>> import tempfile, zlib
@@ -186,6 +187,8 @@ def write_in_place(
         after = file_sizes[file] - offsets - length
         return file, len(offsets) * length, crc32_share(crcs, np.full(len(offsets), length), after)
 
+    order = {name: i for i, name in enumerate(file_sizes)}
+    units.sort(key=lambda u: order[u[0]])  # the plan's file order: ranks start at different files
     if threads <= 1 or len(units) <= 1:
         done = [write_unit(u) for u in units]
     else:

@@ -92,6 +92,15 @@ __all__ = ["SafetensorsWriter"]
 
 logger = logging.getLogger("dcp_safetensors")
 
+PARALLEL_FILES = 8
+"""Most files the default ``min_files`` asks for on POSIX: a GPU node's ranks.
+
+Linux serialises buffered writes to one file, per node; with at least as
+many files as a node has ranks, each rank starting at another file
+(:func:`~.layout.plan.plan_layout`), a node's ranks write apart. More files
+only add names to a Hub upload.
+"""
+
 
 @dataclass(frozen=True)
 class _RankStorageData:
@@ -137,6 +146,13 @@ class SafetensorsWriter(StorageWriter):
             ``checkpoint_id`` overrides it.
         max_shard_size: most tensor bytes per file, as transformers reads it
             (an int, ``"5GB"``, ``"2GiB"``); a larger tensor sits alone.
+        min_files: cut the weights (and the training state) into at least
+            this many files, each at least 16 MiB. ``None``: on POSIX
+            storage, one per rank up to :data:`PARALLEL_FILES`, because
+            Linux serialises writes to one file, so ranks that share a
+            file write at the speed of one (2.5x slower measured, see
+            ``docs/benchmarks.md``); 1 on object stores, where files don't
+            contend. Pass 1 for the fewest files.
         model_prefix: if set (e.g. ``"model"``), only keys under ``"model."``
             go to the HF files, without the prefix; every other tensor
             (optimizer state) goes to ``training_state/`` files that the
@@ -168,6 +184,7 @@ class SafetensorsWriter(StorageWriter):
         path: str | os.PathLike[str],
         *,
         max_shard_size: int | str = "5GB",
+        min_files: int | None = None,
         model_prefix: str | None = None,
         storage_options: dict[str, Any] | None = None,
         process_group: dist.ProcessGroup | None = None,
@@ -184,6 +201,9 @@ class SafetensorsWriter(StorageWriter):
         check_prefix(model_prefix, "model_prefix")
         self.path = os.fspath(path)
         self.max_shard_size = max_shard_size
+        if min_files is not None and min_files < 1:
+            raise ConfigurationError(f"min_files must be at least 1 (or None for the default), not {min_files}")
+        self.min_files = min_files
         self.model_prefix = model_prefix
         self.storage_options = storage_options
         self.process_group = process_group
@@ -264,7 +284,7 @@ class SafetensorsWriter(StorageWriter):
         options = self._agreed_options()
         # What the layout depends on (not the path: a layout serves every step's directory).
         settings = (type(storage).__name__, storage.min_part, storage.max_part, options["max_shard_size"],
-                    self.model_prefix, self.transfer_budget, self.row_exchange_below, len(plans))
+                    self.min_files, self.model_prefix, self.transfer_budget, self.row_exchange_below, len(plans))
         cache = planned.cache if planned is not None else None
         cached = cache.layout(settings) if cache is not None and planned is not None and planned.unchanged else None
         if cached is not None:
@@ -317,7 +337,13 @@ class SafetensorsWriter(StorageWriter):
             tiling_checked=checked,
             in_place=storage.min_part == 1,
             small_run=self.row_exchange_below,
+            min_files=self._min_files(storage, len(plans)),
         )
+
+    def _min_files(self, storage: Storage, world_size: int) -> int:
+        if self.min_files is not None:
+            return self.min_files
+        return min(world_size, PARALLEL_FILES) if storage.min_part == 1 else 1
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         write_started = time.perf_counter()
@@ -444,6 +470,7 @@ class SafetensorsWriter(StorageWriter):
         return {
             "path": self.path if "://" in self.path else os.path.abspath(self.path),
             "max_shard_size": parse_size(self.max_shard_size),
+            "min_files": self.min_files,
             "model_prefix": self.model_prefix,
             "max_part": self.max_part,
             "transfer_budget": self.transfer_budget,

@@ -68,6 +68,7 @@ def _odd_value(same: Any, other: Any) -> Any:
 
 SAVES: dict[str, Callable[[str], None]] = {
     "max_shard_size": lambda r: _save(r, writer={"max_shard_size": _odd_value("5GB", "64")}),
+    "min_files": lambda r: _save(r, writer={"min_files": _odd_value(None, 1)}),
     "model_prefix": lambda r: _save(r, writer={"model_prefix": _odd_value(None, "model")}),
     "max_part": lambda r: _save(r, writer={"max_part": _odd_value(64 << 20, 1 << 20)}),
     "transfer_budget": lambda r: _save(r, writer={"transfer_budget": _odd_value(256 << 20, 1 << 20)}),

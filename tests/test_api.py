@@ -50,6 +50,12 @@ def test_config_objects_and_generation_config_are_committed_with_the_weights(tmp
         dcp_safetensors.SafetensorsWriter(tmp_path, hf_config=object())
 
 
+@pytest.mark.parametrize("min_files", [0, -2])
+def test_min_files_below_one_is_refused_at_construction(tmp_path, min_files):
+    with pytest.raises(ConfigurationError, match=f"min_files must be at least 1 .*not {min_files}"):
+        dcp_safetensors.SafetensorsWriter(tmp_path, min_files=min_files)
+
+
 def test_save_logs_bytes_files_and_phases(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="dcp_safetensors"):
         dcp_safetensors.save({"w": torch.ones(1000)}, tmp_path)

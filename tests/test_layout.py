@@ -47,6 +47,7 @@ from dcp_safetensors.layout import (
     parse_size,
     plan_layout,
 )
+from dcp_safetensors.layout.files import MIN_SPLIT_FILE, plan_files, split_limit
 from dcp_safetensors.layout.geometry import chunk_extent_arrays
 from dcp_safetensors.layout.tiling import _check_by_sweep
 
@@ -944,6 +945,45 @@ def test_in_place_plans_write_every_byte_once_with_row_blocks(case: Case, budget
         assert (cover[f.name] == 1).all(), f.name
         assert (data[f.name] == reference[f.name]).all(), f.name
     assert dict(layout.in_place_bytes) == dict(written)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 64), st.sampled_from([MODEL_GROUP, TRAINING])), min_size=1, max_size=40),
+    st.integers(1, 12),
+    st.sampled_from([5 * 10**9, 100 << 20, 40 << 20]),
+)
+def test_min_files_cuts_each_group_into_that_many_files(sizes, min_files: int, max_bytes: int) -> None:
+    """Tensors of 1-64 MiB (their specs only): every tensor in one file, none over its limit unless alone, and at
+    least ``min_files`` files per group wherever its tensors fit the split and the files stay >= 16 MiB."""
+    specs = [TensorSpec(f"k{i}", f"layers.{i}.w", "F32", (mib << 18,), group) for i, (mib, group) in enumerate(sizes)]
+    files = plan_files(specs, max_bytes, META, min_files)
+    placed = Counter((f.group, e.name) for f in files for e in f.entries)
+    assert placed == Counter((s.group, s.name) for s in specs)
+    for group in {s.group for s in specs}:
+        members = [s for s in specs if s.group == group]
+        total = sum(s.nbytes for s in members)
+        limit = split_limit(total, max_bytes, min_files)
+        assert limit <= max_bytes and (limit >= MIN_SPLIT_FILE or limit == max_bytes)
+        in_group = [f for f in files if f.group == group]
+        assert all(sum(e.nbytes for e in f.entries) <= limit or len(f.entries) == 1 for f in in_group)
+        if min_files == 1:
+            assert in_group == [f for f in plan_files(specs, max_bytes, META) if f.group == group]
+        elif total >= min_files * MIN_SPLIT_FILE and max(s.nbytes for s in members) <= -(-total // min_files):
+            assert len(in_group) >= min_files, (len(in_group), total, limit)
+
+
+def test_in_place_ranks_write_files_starting_at_another_one() -> None:
+    """Every rank holds a row slice of every tensor (FSDP): rank r writes file r (mod 3) first, then on in turn,
+    so no two of 3 ranks start on one file; parts plans have no order to give (their ranks write parts)."""
+    specs = [TensorSpec(f"k{i}", f"layers.{i}.w", "F32", (8, 4)) for i in range(3)]
+    chunks = [ChunkSpec(r, s.key, (2 * r, 0), (2, 4)) for s in specs for r in range(4)]
+    layout = plan_layout(specs, chunks, max_shard_size=128, metadata=META, in_place=True, world_size=4)
+    names = [f.name for f in layout.files]
+    assert len(names) == 3
+    for r, plan in layout.rank_plans.items():
+        assert list(plan.file_sizes) == [names[(r + i) % 3] for i in range(3)], r
+    assert layout.rank_plans[0].file_sizes[names[0]] == layout.files[0].size
 
 
 def test_in_place_plans_need_storage_that_takes_any_run() -> None:

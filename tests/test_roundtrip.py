@@ -7,9 +7,12 @@ import json
 import pytest
 import safetensors.torch
 from cases import (
+    big_state,
+    load_big,
     load_mixed,
     load_tp_fsdp,
     mixed_state,
+    save_big,
     save_mixed,
     save_mixed_row_rounds,
     save_tp_fsdp,
@@ -71,6 +74,26 @@ def test_save_many_files_respects_max_shard_size(ranks, tmp_path):
         data = sum(e.nbytes for e in header.tensors.values())
         assert data <= 200 or len(header.tensors) == 1
     _check_files_match_full_tensors(tmp_path)
+
+
+def test_posix_saves_default_to_a_file_per_rank_with_the_same_tensors(ranks, tmp_path):
+    """On POSIX the default ``min_files`` gives 2 ranks at least 2 files (ranks sharing one file write at one
+    writer's speed); ``min_files=1`` gives one. The tensors are the same, bit for bit, and both load back."""
+    import torch
+
+    shapes = [(2048, 2048)] * 5  # 5 x 16 MiB fp32
+    ranks(2).run(save_big, str(tmp_path / "auto"), shapes, {})
+    ranks(2).run(save_big, str(tmp_path / "one"), shapes, {"min_files": 1})
+    full = big_state(shapes)
+    for name, files in (("auto", 3), ("one", 1)):
+        index = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) == files, index["weight_map"]
+        saved = {}
+        for file in set(index["weight_map"].values()):
+            saved.update(safetensors.torch.load_file(str(tmp_path / name / file)))
+        assert saved.keys() == full.keys() and all(torch.equal(saved[k], full[k]) for k in full), name
+        verify(str(tmp_path / name))
+        assert all(ranks(2).run(load_big, str(tmp_path / name), shapes, {}))
 
 
 def test_column_shards_swap_rows_in_many_rounds(ranks, tmp_path):

@@ -119,3 +119,22 @@ def test_the_commit_refuses_parts_that_leave_a_hole_or_overlap(tmp_path: Path) -
         with pytest.raises(LayoutError, match=f"model.safetensors: written parts leave {what} at byte .*; refusing to commit"):
             save.commit([report], objects={}, extra_files={}, model_prefix=None, aliases={})
         assert not (tmp_path / "model.safetensors").exists()
+
+
+class _OrderOfFiles:
+    """A RunWriter that records which file each ``write_runs`` call went to."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+
+    def write_runs(self, file: str, offsets, length: int, data) -> None:
+        self.files.append(file)
+
+
+def test_in_place_writes_go_file_by_file_in_the_plans_order() -> None:
+    """The plan starts each rank at another file (``file_sizes``' order); the writes keep that order."""
+    writes = [RunWrite(f, Extents(4 * i, 4), memoryview(b"abcd")) for i in range(2) for f in ("a", "b", "c")]
+    recorder = _OrderOfFiles()
+    write_in_place(recorder, writes, {"c": 8, "a": 8, "b": 8}, rank=2, threads=1, piece=4)
+    assert recorder.files == ["c", "c", "a", "a", "b", "b"]
+

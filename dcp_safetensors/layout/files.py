@@ -33,7 +33,12 @@ __all__ = [
     "assign_files",
     "build_file",
     "plan_files",
+    "split_limit",
+    "MIN_SPLIT_FILE",
 ]
+
+MIN_SPLIT_FILE = 16 << 20
+"""The smallest file :func:`split_limit` cuts a group into, to spread writes over files."""
 
 
 @dataclass(frozen=True)
@@ -159,14 +164,36 @@ def build_file(name: str, group: str, specs: Sequence[TensorSpec], metadata: Map
     return FileLayout(name, group, encode_header(entries, metadata), tuple(entries))
 
 
-def plan_files(tensors: Sequence[TensorSpec], max_bytes: int, metadata: Mapping[str, str]) -> list[FileLayout]:
-    """Every file of the checkpoint: groups in name order, each cut by :func:`assign_files`."""
+def split_limit(total: int, max_bytes: int, min_files: int) -> int:
+    """The file size limit that cuts ``total`` bytes into at least ``min_files`` files of at most ``max_bytes``.
+
+    Files stay at least :data:`MIN_SPLIT_FILE` bytes: a file's fixed costs
+    (its header, open, ``fsync`` and rename) outweigh writing a smaller one
+    alongside the others.
+
+    Example:
+        >>> split_limit(1 << 30, 5 * 10**9, 4) == 1 << 28, split_limit(1 << 20, 5 * 10**9, 4) == MIN_SPLIT_FILE
+        (True, True)
+    """
+    return min(max_bytes, max(-(-total // max(min_files, 1)), MIN_SPLIT_FILE))
+
+
+def plan_files(
+    tensors: Sequence[TensorSpec], max_bytes: int, metadata: Mapping[str, str], min_files: int = 1
+) -> list[FileLayout]:
+    """Every file of the checkpoint: groups in name order, each cut by :func:`assign_files`.
+
+    ``min_files`` > 1 cuts each group into at least that many files (as its
+    tensors and :func:`split_limit` allow), so that ranks can write different
+    files at once.
+    """
     groups: dict[str, list[TensorSpec]] = defaultdict(list)
     for spec in tensors:
         groups[spec.group].append(spec)
     files: list[FileLayout] = []
     for group in sorted(groups):
-        assigned = assign_files(groups[group], max_bytes)
+        limit = max_bytes if min_files <= 1 else split_limit(sum(s.nbytes for s in groups[group]), max_bytes, min_files)
+        assigned = assign_files(groups[group], limit)
         for fname, members in zip(file_names(group, len(assigned)), assigned, strict=False):
             files.append(build_file(fname, group, members, metadata))
     return files

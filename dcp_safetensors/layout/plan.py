@@ -91,7 +91,8 @@ class RankWritePlan:
     bring other ranks' bytes of those parts (every rank runs the same number
     of rounds). An ``in_place`` plan has neither parts nor rounds: the rank
     writes its headers and chunks where they lie, and ``file_sizes`` holds
-    the size of each file it writes to (for its share of the file's CRC);
+    the size of each file it writes to (for its share of the file's CRC), in
+    the order it writes them (each rank starts at another file);
     its short-run column chunks are exchanged in ``row_rounds`` instead (the
     slabs it takes part in, per round; every rank runs every round) and
     written as row blocks (:mod:`.row_blocks`).
@@ -172,6 +173,7 @@ def plan_layout(
     tiling_checked: bool = False,
     in_place: bool = False,
     small_run: int = SMALL_RUN,
+    min_files: int = 1,
 ) -> CheckpointLayout:
     """Plan files, headers, parts, transfers and every rank's writes for one checkpoint.
 
@@ -193,7 +195,8 @@ def plan_layout(
     places of its tensors; ``in_place_bytes`` is what the commit checks each
     rank's report against. Column chunks with runs under ``small_run`` bytes
     are exchanged into row blocks (:mod:`.row_blocks`; 0 turns that off),
-    in rounds under ``transfer_budget``.
+    in rounds under ``transfer_budget``. ``min_files`` cuts each group into
+    at least that many files (:func:`~.files.plan_files`).
 
     Near-linear in the number of chunks: the work per tensor and per file is
     numpy over all its chunks at once, and each rank's plan holds only its
@@ -208,17 +211,16 @@ def plan_layout(
             check_tiling(spec, table.get(spec.key))
     if in_place and min_part != 1:
         raise ConfigurationError(f"in-place writes need storage that takes runs of any size (min_part 1), not {min_part}")
-    files = plan_files(tensors, max_bytes, metadata)
+    files = plan_files(tensors, max_bytes, metadata, min_files)
     placed = _place_tensors(files, tensors)
     tensors_of = _tensors_by_rank(table, {key: p for in_file in placed for key, p in in_file.items()})
     if in_place:
         headers, written, slabs = _plan_in_place(files, placed, table, transfer_budget, small_run)
         writers = sorted(set(tensors_of) | set(headers) | set(range(world_size or 0)))
-        sizes = {f.name: f.size for f in files}
         row_rounds = plan_row_rounds(slabs, transfer_budget)
         plans = {
             r: RankWritePlan(r, tensors_of.get(r, {}), tuple(headers.get(r, ())), PartTable(r), (), True,
-                             {name: sizes[name] for (w, name) in written if w == r},
+                             _file_order(files, {name for (w, name) in written if w == r}, r),
                              tuple(tuple(s for s in rnd if r in s.ranks) for rnd in row_rounds))
             for r in writers
         }
@@ -277,6 +279,20 @@ def _tensors_by_rank(
         for rank in np.unique(arrays.ranks[live]).tolist():
             tensors_of[rank][key] = placement[key]
     return tensors_of
+
+
+def _file_order(files: Sequence[FileLayout], names: set[str], rank: int) -> dict[str, int]:
+    """``{file: size}`` of the files in ``names``, in the order ``rank`` writes them: from file ``rank`` on, cyclically.
+
+    Linux serialises buffered writes to one file (the inode lock, and the
+    page cache of one mapping), so ranks that all write every file (FSDP) go
+    at the speed of one writer if they write the files in the same order.
+    Starting each rank at another file keeps up to ``len(files)`` writers
+    apart; ``benchmarks/shared_file.py`` measures the difference.
+    """
+    count = len(files)
+    order = sorted(range(count), key=lambda i: (i - rank) % count)
+    return {files[i].name: files[i].size for i in order if files[i].name in names}
 
 
 def _plan_in_place(
