@@ -54,6 +54,7 @@ def config_label(cfg: dict, axes: bool = True) -> str:
     where = f" {cfg['layout']} {cfg['storage']}" if axes and "layout" in cfg else ""
     shards = cfg.get("max_shard_size", "5GB")
     files = "" if shards == "5GB" else f" max_shard_size={shards}"
+    files += "" if cfg.get("min_files") is None else f" min_files={cfg['min_files']}"
     return f"{cfg['gib']:g} GiB {cfg['dtype']} x{cfg['world']}{gpu}{where}{files}"
 
 

@@ -1,11 +1,14 @@
-"""The floor of many processes writing one file: separate files vs one shared file, contiguous vs interleaved.
+"""The floor of many processes writing shared files: separate files vs one shared file vs a file per process.
 
 Four processes write 134 MiB each (fsync included), as ``.distcp`` does (a file
-each) and as an HF checkpoint needs (one file for all): contiguous ranges,
-8 KiB rows interleaved (a column shard), and the same rows through ``mmap``.
-Linux serialises buffered writes to one file (the inode lock), which is what
-the shared rows pay for; ``mmap`` stores skip that lock. docs/benchmarks.md
-("2-D and 3-D layouts") quotes the results.
+each) and as an HF checkpoint written by every rank needs: one file for all
+(contiguous ranges, 8 KiB rows interleaved as a column shard, the same rows
+through ``mmap``), or as many files as processes, each process holding a
+quarter of every file (FSDP) and writing them in the same order or each
+starting at another file (what ``SafetensorsWriter`` does). Linux serialises
+buffered writes to one file, which is what shared files pay for when every
+process writes the same one. docs/benchmarks.md ("2-D and 3-D layouts")
+quotes the results.
 
 Usage::
 
@@ -25,7 +28,8 @@ import numpy as np
 RANKS = 4
 PER_RANK = 134 << 20
 ROW = 8192
-MODES = ("separate files", "shared, contiguous", "shared, rows interleaved", "shared, rows via mmap")
+MODES = ("separate files", "shared, contiguous", "shared, rows interleaved", "shared, rows via mmap",
+         "a file per rank, same order", "a file per rank, rotated")
 
 
 def _write(root: str, rank: int, mode: str, barrier, results) -> None:
@@ -33,9 +37,19 @@ def _write(root: str, rank: int, mode: str, barrier, results) -> None:
     view = memoryview(src)
     path = os.path.join(root, f"rank{rank}" if mode == MODES[0] else "shared")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    shared = [os.open(os.path.join(root, f"file{i}"), os.O_RDWR | os.O_CREAT, 0o644) for i in range(RANKS)]
     barrier.wait()
     started = time.perf_counter()
-    if mode == MODES[3]:
+    if mode in MODES[4:]:
+        quarter = PER_RANK // RANKS  # this rank's rows of each file's tensors
+        start = rank if mode == MODES[5] else 0
+        for i in [(start + k) % RANKS for k in range(RANKS)]:
+            for offset in range(0, quarter, 16 << 20):
+                size = min(16 << 20, quarter - offset)
+                os.pwrite(shared[i], view[i * quarter + offset :][:size], rank * quarter + offset)
+        for f in shared:
+            os.fsync(f)
+    elif mode == MODES[3]:
         with mmap.mmap(fd, RANKS * PER_RANK) as mapped:
             rows = PER_RANK // ROW
             np.frombuffer(mapped, dtype=np.uint8).reshape(rows, RANKS, ROW)[:, rank, :] = src.reshape(rows, ROW)
@@ -48,7 +62,8 @@ def _write(root: str, rank: int, mode: str, barrier, results) -> None:
         for offset in range(0, PER_RANK, 64 << 20):
             os.pwrite(fd, view[offset : offset + (64 << 20)], base + offset)
     os.fsync(fd)
-    os.close(fd)
+    for f in (fd, *shared):
+        os.close(f)
     results.put(time.perf_counter() - started)
 
 

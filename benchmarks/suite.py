@@ -102,10 +102,10 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
-def save_once(method: str, path: str, model, sd: dict, max_shard_size: str = "5GB"):
+def save_once(method: str, path: str, model, sd: dict, max_shard_size: str = "5GB", min_files: int | None = None):
     """One save; returns ours' writer (its plan has the bytes moved between ranks), else None.
 
-    ``max_shard_size`` is ours' (HF's file size limit; the other methods have no such knob).
+    ``max_shard_size`` and ``min_files`` are ours' (the other methods have no such knobs).
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -113,7 +113,7 @@ def save_once(method: str, path: str, model, sd: dict, max_shard_size: str = "5G
     if method == "ours":
         from dcp_safetensors import SafetensorsWriter
 
-        writer = SafetensorsWriter(path, max_shard_size=max_shard_size)
+        writer = SafetensorsWriter(path, max_shard_size=max_shard_size, min_files=min_files)
         dcp.save(sd, storage_writer=writer)
         return writer
     if method == "torch_hf":
@@ -247,8 +247,8 @@ def rank_main(rank: int, world: int, port: int, method: str, cfg: dict, rounds: 
     # Warm-up: one untimed save + load to a scratch directory.
     warm = os.path.join(root, "warmup")
     clear(warm)
-    shards = cfg.get("max_shard_size", "5GB")
-    save_once(method, warm, src, src_sd, shards)
+    shards, min_files = cfg.get("max_shard_size", "5GB"), cfg.get("min_files")
+    save_once(method, warm, src, src_sd, shards, min_files)
     zero_dst()
     load_once(method, warm, dst, dst_sd)
     warm_ok = all_equal()
@@ -258,7 +258,7 @@ def rank_main(rank: int, world: int, port: int, method: str, cfg: dict, rounds: 
     path = os.path.join(root, "ckpt")
     for _ in range(rounds):
         clear(path)
-        save, writer = timed(lambda: save_once(method, path, src, src_sd, shards))
+        save, writer = timed(lambda: save_once(method, path, src, src_sd, shards, min_files))
         on_disk = tree_bytes(path) if rank == 0 else 0
         data_files = data_file_count(path) if rank == 0 else 0
         if rank == 0:
@@ -443,9 +443,10 @@ def run_config(cfg: dict, methods: list[str], root: str, first: int) -> list[dic
 
 
 def describe(cfg: dict) -> str:
-    shards = cfg.get("max_shard_size", "5GB")
+    shards, min_files = cfg.get("max_shard_size", "5GB"), cfg.get("min_files")
     return (f"{cfg['storage']} {cfg['layout']} {cfg['gib']:g} GiB {cfg['dtype']} world={cfg['world']} "
-            f"{cfg['device']}" + ("" if shards == "5GB" else f" max_shard_size={shards}"))
+            f"{cfg['device']}" + ("" if shards == "5GB" else f" max_shard_size={shards}")
+            + ("" if min_files is None else f" min_files={min_files}"))
 
 
 def add_ratios(runs: list[dict]) -> None:
@@ -500,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: states on GPUs, NCCL")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="ours' max_shard_size: smaller gives more files, which ranks write side by side")
+    parser.add_argument("--min-files", type=int, default=None,
+                        help="ours' min_files (default: the writer's, one file per rank up to 8 on POSIX)")
     parser.add_argument("--dir", nargs="+", default=None,
                         help="where checkpoints are written, one storage axis value each (default: a temp dir "
                              "on disk and one under /dev/shm)")
@@ -562,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    "width": args.width, "repeats": args.repeats,
                                    "rounds_per_process": args.rounds_per_process, "timeout_s": args.timeout_s,
                                    "layout": layout, "storage": storage, "fs": fs, "dir": root,
-                                   "max_shard_size": args.max_shard_size}
+                                   "max_shard_size": args.max_shard_size, "min_files": args.min_files}
                             need = TMPFS_ROOM * state_bytes_of(cfg)
                             if storage == "tmpfs" and (free := shutil.disk_usage(root).free) < need:
                                 skip(f"{describe(cfg)} on {root}: {free / 2**30:.1f} GiB free on the tmpfs, "

@@ -77,6 +77,7 @@ class PinnedFiles:
         self.etags = dict(etags or {})
         self.sizes = dict(sizes or {})
         self.read_batch: int = storage.read_batch
+        self.read_span: int = storage.read_span
         self._handles: dict[str, ReadHandle] = {}
         self._lock = threading.Lock()
 

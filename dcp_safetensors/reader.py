@@ -93,8 +93,6 @@ logger = logging.getLogger("dcp_safetensors")
 
 COALESCE_GAP = 1 << 20
 """Extents of one chunk closer than this are read as one span (fewer, larger reads)."""
-SPAN_LIMIT = 64 << 20
-"""Most bytes of one coalesced span read at once: bounds the temporary buffer of a column shard."""
 
 
 @dataclass
@@ -374,9 +372,9 @@ def _read_extents(storage: PinnedFiles, file: str, extents: Extents, out: np.nda
         storage.readinto(file, extents.start, out)
         return
     span = sum((c - 1) * s for c, s in zip(extents.counts, extents.strides)) + extents.length
-    if span > SPAN_LIMIT and extents.counts[0] > 1:
-        # Read the span in slabs along the outermost run dim, each slab's span at most SPAN_LIMIT.
-        step = max(1, SPAN_LIMIT // extents.strides[0])
+    if span > storage.read_span and extents.counts[0] > 1:
+        # Read the span in slabs along the outermost run dim, each slab's span at most read_span.
+        step = max(1, storage.read_span // extents.strides[0])
         per_outer = extents.nbytes // extents.counts[0]
         for first in range(0, extents.counts[0], step):
             count = min(step, extents.counts[0] - first)

@@ -66,7 +66,7 @@ def test_suite_json_has_every_field_and_correct_bytes(results: dict) -> None:
         assert cfg.pop("dir").endswith("ckpts") and cfg.pop("fs")
         assert cfg == {"gib": 0.004, "dtype": "fp32", "world": 2, "device": "cpu", "width": 256, "repeats": 1,
                        "rounds_per_process": 1, "timeout_s": 60, "layout": "fsdp", "storage": "disk",
-                       "max_shard_size": "5GB"}
+                       "max_shard_size": "5GB", "min_files": None}
         assert r["mesh"] == {"dp": 2}
         assert r["state_bytes"] == 16 * 256 * 256 * 4
         assert r["save_s"] > 0 and r["load_s"] > 0

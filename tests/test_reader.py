@@ -11,7 +11,7 @@ from dcp_safetensors import SafetensorsReader, SafetensorsWriter
 
 
 def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
-    """A Shard(1)-style read of a tensor larger than SPAN_LIMIT is read in slabs, byte-exact."""
+    """A Shard(1)-style read of a tensor larger than the storage's read_span is read in slabs, byte-exact."""
     from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
     import dcp_safetensors.reader as reader_mod
@@ -20,10 +20,10 @@ def test_column_shard_reads_are_bounded_slabs(tmp_path, monkeypatch):
 
     full = torch.arange(300 * 40, dtype=torch.float32).reshape(300, 40)
     dcp.save({"w": full}, storage_writer=SafetensorsWriter(str(tmp_path)), no_dist=True)
-    monkeypatch.setattr(reader_mod, "SPAN_LIMIT", 1000)  # about 6 rows of 160 bytes per slab
     ckpt = read_checkpoint(str(tmp_path))  # before counting: only the tensor's reads count
     reads = []
     storage = open_storage(str(tmp_path))
+    monkeypatch.setattr(type(storage), "read_span", 1000)  # about 6 rows of 160 bytes per slab
     original = type(storage).readinto
 
     def counting(self, name, offset, buffer):

@@ -27,7 +27,9 @@ version) and the plain reads (``exists``, ``size``, ``listdir``, ...).
 ``min_part`` is the smallest byte run one writer may put into a file (1 on
 POSIX, 5 MiB for S3 multipart parts, the whole file where a file has one
 writer); ``max_part`` the largest part; ``read_batch`` how many bytes of
-neighbouring small chunks one read may merge (0: read each chunk alone).
+neighbouring small chunks one read may merge (0: read each chunk alone);
+``read_span`` how many bytes one read of a column shard's rows spans (the
+rows and the other ranks' columns between them, in a temporary buffer).
 
 Every backend passes the same conformance suite (``tests/test_storage_contract.py``).
 
@@ -105,6 +107,7 @@ class Storage(ABC):
     min_part: int
     max_part: int | None
     read_batch: int
+    read_span: int
 
     # -- reading ------------------------------------------------------------------------
 

@@ -114,6 +114,7 @@ class FsspecStorage(Storage):
     min_part = 1 << 62
     max_part: int | None = None
     read_batch = READ_BATCH
+    read_span = 64 << 20  # one GET per 64 MiB of a column shard's span: a GET costs a round trip
 
     def __init__(
         self,

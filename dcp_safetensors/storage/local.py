@@ -249,10 +249,15 @@ class LocalStorage(Storage):
     into parts of at most this size, written and checksummed concurrently.
     ``read_batch = 0``: a ``pread`` costs microseconds, so every chunk is read
     straight into its destination, never merged with its neighbours.
+    ``read_span`` is 2 MiB: a column shard's rows are read in spans that small
+    because a fresh buffer costs a page fault per 4 KiB, and glibc hands
+    small ones back for reuse (a 2x2 FSDP x TP load of 537 MB on tmpfs took
+    0.8-1.2 s in 64 MiB spans, 0.16-0.22 s in 2 MiB ones).
     """
 
     min_part = 1
     read_batch = 0
+    read_span = 2 << 20
 
     def __init__(self, root: str | os.PathLike[str], *, max_part: int | None = 64 << 20) -> None:
         self.root = os.fspath(root)
