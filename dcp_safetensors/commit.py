@@ -45,7 +45,7 @@ import os
 import re
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +99,9 @@ class CommitRecord:
 
     ``files`` are published in order. ``writer`` says which process committed
     (host, pid). On object stores the record also carries ``uploads``
-    (``{file: {"upload_id": ..., "parts": [[number, etag], ...]}}``), the
+    (``{file: {"upload_id": ..., "parts": [[number, etag, crc32], ...],
+    "crc32": file crc32}}``; records of versions before checksums have
+    ``[number, etag]`` pairs and no ``crc32``), the
     ``small`` files and the ``index``, which POSIX keeps as files in staging.
     """
 
@@ -150,7 +152,8 @@ class Commit(ABC):
     """The commit protocol on one kind of storage (see the module docstring)."""
 
     @abstractmethod
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes) -> None:
+    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+               checksums: Mapping[str, int]) -> None:
         """Coordinator: pass the commit point for ``session`` (its parts durable), then publish."""
 
     @abstractmethod

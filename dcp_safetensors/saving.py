@@ -85,7 +85,7 @@ def write_part(writer: PartWriter, part: PartPlan, views: Sequence[memoryview]) 
     crc = 0
     for view in views:  # a part's views are consecutive bytes: the CRC runs on across them
         crc = crc32(view, crc)
-    return WrittenPart(part, crc, writer.write(part, views))
+    return WrittenPart(part, crc, writer.write(part, views, crc))
 
 
 def write_parts(
@@ -231,15 +231,14 @@ class WrittenParts:
         return int(self.rows[:, 3].sum() + self.in_place[:, 1].sum())
 
 
-def file_checksum(name: str, size: int, rows: np.ndarray) -> str:
-    """The file's CRC-32 (``"crc32:..."``) if the parts' ``(start, length, crc)`` rows cover ``[0, size)`` exactly once.
+def file_checksum(name: str, size: int, rows: np.ndarray) -> int:
+    """The file's CRC-32 if the parts' ``(start, length, crc)`` rows cover ``[0, size)`` exactly once.
 
     Raises :class:`LayoutError` naming the first hole or overlap otherwise.
 
     Example:
         >>> import zlib
-        >>> file_checksum("f", 3, np.array([[1, 2, zlib.crc32(b"bc")], [0, 1, zlib.crc32(b"a")]])) == \\
-        ...     f"crc32:{zlib.crc32(b'abc'):08x}"
+        >>> file_checksum("f", 3, np.array([[1, 2, zlib.crc32(b"bc")], [0, 1, zlib.crc32(b"a")]])) == zlib.crc32(b"abc")
         True
     """
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
@@ -255,7 +254,7 @@ def file_checksum(name: str, size: int, rows: np.ndarray) -> str:
     end = int(lengths.sum())
     if end != size:
         raise LayoutError(f"{name}: written parts end at byte {end}, the file must be {size} bytes; refusing to commit")
-    return format_crc32(combine_run_arrays(lengths, rows[:, 2]))
+    return combine_run_arrays(lengths, rows[:, 2])
 
 
 def _check_in_place(planned: Mapping[tuple[int, str], int], written: Mapping[tuple[int, str], int]) -> None:
@@ -306,7 +305,7 @@ class LayoutSave:
         """
         try:
             rows_of: dict[str, list[np.ndarray]] = defaultdict(list)
-            etags: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+            etags: dict[str, list[tuple[int, Any, int]]] = defaultdict(list)
             shares: dict[str, list[int]] = defaultdict(list)
             in_place: dict[tuple[int, str], int] = {}
             for parts in written:
@@ -314,18 +313,20 @@ class LayoutSave:
                     mine = np.flatnonzero(parts.rows[:, 0] == i)
                     rows_of[name].append(parts.rows[mine][:, 2:5])
                     numbers = parts.rows[mine, 1].tolist()
-                    etags[name].extend(zip(numbers, [parts.etags[j] for j in mine.tolist()], strict=True))
+                    tags = [parts.etags[j] for j in mine.tolist()]
+                    etags[name].extend(zip(numbers, tags, parts.rows[mine, 4].tolist(), strict=True))
                 for i, nbytes, share in parts.in_place.tolist():  # a rank may report several times (rounds)
                     in_place[parts.rank, parts.files[i]] = in_place.get((parts.rank, parts.files[i]), 0) + nbytes
                     shares[parts.files[i]].append(share)
             if self.layout.in_place_bytes or in_place:
                 _check_in_place(self.layout.in_place_bytes, in_place)
             empty = np.zeros((0, 3), np.int64)
-            files = {
-                f.name: (f.size, format_crc32(crc32_of_shares(f.size, shares[f.name])) if self.layout.in_place_bytes
-                         else file_checksum(f.name, f.size, np.concatenate(rows_of[f.name] or [empty])))
+            crcs = {
+                f.name: crc32_of_shares(f.size, shares[f.name]) if self.layout.in_place_bytes
+                else file_checksum(f.name, f.size, np.concatenate(rows_of[f.name] or [empty]))
                 for f in self.layout.files
             }
+            files = {f.name: (f.size, format_crc32(crcs[f.name])) for f in self.layout.files}
             published = list(files)
             objects_file = None
             if objects:
@@ -346,7 +347,7 @@ class LayoutSave:
                 model_prefix=model_prefix,
                 aliases=dict(aliases),
             )
-            self.storage.commit_save(self.session, published, dict(etags), index)
+            self.storage.commit_save(self.session, published, dict(etags), index, crcs)
         except BaseException:
             self.abort()
             raise

@@ -44,7 +44,8 @@ def classify(method: str, path: str) -> str:
 
 @dataclass
 class Faults:
-    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403" or "drop" (n counts that operation)."""
+    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403", "drop", or "flip": forward the
+    request with one bit of its body flipped, as a bad link or NIC would (n counts that operation)."""
 
     rule: Callable[[str, int], str | None] | None = None
 
@@ -125,6 +126,10 @@ class S3Proxy:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
+                if fault == "flip":
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 0x10]) + body[middle + 1 :]
+                elif fault:
                     code, s3code = ERRORS[fault]
                     payload = f"<Error><Code>{s3code}</Code><Message>injected</Message></Error>".encode()
                     self.send_response(code)

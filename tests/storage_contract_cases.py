@@ -8,6 +8,7 @@ phase says: what it left behind is what a crashed job leaves.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 FILES = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -42,15 +43,22 @@ def save_until(kind: str, location: str, options: dict[str, Any], version: int, 
     if phase == "begun":
         os._exit(17)
     writer = storage.part_writer(session)
-    etags: dict[str, list[tuple[int, Any]]] = {}
+    etags: dict[str, list[tuple[int, Any, int]]] = {}
     for file in FILES:
         for part, view in parts(storage, file, version):
-            etags.setdefault(file, []).append((part.number, writer.write(part, [view])))
+            crc = zlib.crc32(view)
+            etags.setdefault(file, []).append((part.number, writer.write(part, [view], crc), crc))
     writer.close()
     if phase == "written":
         os._exit(17)
     storage.write_small(session, "training_state/objects.json", b'{"version": %d}' % version)
-    storage.commit_save(session, FILES + ["training_state/objects.json"], etags, b'{"version": %d}' % version)
+    storage.commit_save(session, FILES + ["training_state/objects.json"], etags, b'{"version": %d}' % version,
+                        checksums(version))
+
+
+def checksums(version: int) -> dict[str, int]:
+    """Each file's CRC-32, as the commit gets them."""
+    return {file: zlib.crc32(content(file, version)) for file in FILES}
 
 
 def _die_when_publishing(kind: str) -> None:

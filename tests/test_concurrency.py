@@ -270,11 +270,11 @@ def test_a_second_s3_writer_takes_over_and_the_first_gets_a_clear_error(seaweed,
     original = object_storage._UploadPartWriter.write
     blocked = {"first": True}
 
-    def write(self, part, views):
+    def write(self, part, views, crc32):
         if blocked.pop("first", False):
             writing.set()
             go_on.wait(60)
-        return original(self, part, views)
+        return original(self, part, views, crc32)
 
     monkeypatch.setattr(object_storage._UploadPartWriter, "write", write)
     errors: list[BaseException] = []

@@ -248,3 +248,22 @@ def test_a_refusal_after_the_commit_point_keeps_the_committed_save(s3, monkeypat
     assert state["w"].tolist() == [2.0] * 4
     assert not s3.open_uploads(s3.prefix)
     assert not [k for k in s3.keys(s3.prefix) if not k.startswith("model")]
+
+
+def test_a_part_corrupted_in_flight_is_named_by_verify_where_the_server_takes_it(s3):
+    """One bit of an UploadPart body flips between client and server. moto stores what arrives without checking
+    its CRC-32 (SeaweedFS refuses such a part: test_s3_real.py), so the save commits: verify then reads the file,
+    finds that its CRC-32 is not the one the index records, and names the file."""
+    import torch
+
+    import dcp_safetensors
+    from dcp_safetensors.errors import ChecksumMismatchError
+
+    url = s3.url(s3.prefix)
+    s3.proxy.faults.rule = lambda op, n: "flip" if op == "UploadPart" and n == 1 else None
+    dcp_safetensors.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, url, storage_options=options(s3))
+    s3.proxy.faults.rule = None
+    assert s3.proxy.stats.injected["UploadPart:flip"] == 1
+    with pytest.raises(ChecksumMismatchError, match="model.safetensors"):
+        verify(url, storage_options=options(s3))
+

@@ -7,7 +7,10 @@ bytes, so this tier checks correctness too.
 
 from __future__ import annotations
 
+import json
+import socket
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -19,8 +22,10 @@ from botocore.config import Config
 from cases import api_big, as_bytes, big_state, load_big, random_tensor, save_big
 
 import dcp_safetensors
-from dcp_safetensors import verify
+from dcp_safetensors import saving, verify
+from dcp_safetensors.checksum import crc32_base64
 from dcp_safetensors.errors import BucketNotFoundError, StorageAccessError, StorageError
+from dcp_safetensors.names import BLOCK_KEY
 
 MiB = 1 << 20
 SHAPES = [(2048, 1024)] * 2  # two 8 MiB tensors, row-sharded: each of 2 ranks uploads parts of its own
@@ -160,6 +165,74 @@ def test_roundtrip_2_ranks_bytes_in_the_files_and_back(ranks, seaweed, prefix):
     assert stored.keys() == full.keys() and all(same(stored[k], v) for k, v in full.items())
     verify(url, storage_options=seaweed.options())
     assert all(ranks(2).run(load_big, url, SHAPES, {"storage_options": seaweed.options()}))
+    assert not seaweed.open_uploads(prefix)
+
+
+def test_the_server_holds_every_file_with_our_full_object_crc32(ranks, seaweed, prefix):
+    """Parts go up with their CRC-32 and each upload completes as a full-object CRC-32, which the server
+    checks on receipt: a HEAD of each file gives back the CRC-32 the index records."""
+    url = seaweed.url(prefix)
+    kwargs = {"storage_options": seaweed.options(), "max_part": 6 * MiB, "max_shard_size": 9 * MiB}
+    ranks(2).run(save_big, url, SHAPES, kwargs)
+    index = json.loads(seaweed.get(prefix, "model.safetensors.index.json"))
+    recorded = {f: entry["checksum"] for f, entry in index["metadata"][BLOCK_KEY]["files"].items()}
+    files = [k for k in seaweed.keys(prefix) if k.endswith(".safetensors")]
+    assert len(files) == 2 and sorted(recorded) == sorted(files)
+    for name in files:
+        head = seaweed.client.head_object(Bucket=seaweed.bucket, Key=f"{prefix}/{name}", ChecksumMode="ENABLED")
+        assert head["ChecksumType"] == "FULL_OBJECT", head
+        assert head["ChecksumCRC32"] == crc32_base64(zlib.crc32(seaweed.get(prefix, name)))
+        assert f"crc32:{zlib.crc32(seaweed.get(prefix, name)):08x}" == recorded[name]
+
+
+def test_a_part_whose_bytes_differ_from_its_crc32_is_refused_and_nothing_is_published(seaweed, prefix, monkeypatch):
+    """The server checks each part against the CRC-32 computed as its bytes were read (here made wrong, as
+    bytes changed in transit would make it): BadDigest, retried, then a StorageError naming the part and the
+    object; the previous checkpoint stays byte-exact, and no upload is left open."""
+    url = seaweed.url(prefix)
+    old = {"w": random_tensor((2048, 1024), torch.float32, 7)}  # 8 MiB: two parts of 6 and 2 MiB
+    dcp_safetensors.save(old, url, storage_options=seaweed.options(), max_part=6 * MiB)
+    before = seaweed.get(prefix, "model.safetensors")
+    monkeypatch.setattr(saving, "crc32", lambda data, value=0: zlib.crc32(data, value) ^ 1)
+    new = {"w": random_tensor((2048, 1024), torch.float32, 8)}
+    started = time.perf_counter()
+    with pytest.raises(StorageError) as caught:
+        dcp_safetensors.save(new, url, storage_options=seaweed.options(), max_part=6 * MiB)
+    message = str(caught.value)
+    assert "UploadPart" in message and f"{prefix}/model.safetensors" in message and "BadDigest" in message, message
+    assert time.perf_counter() - started < 30
+    assert seaweed.get(prefix, "model.safetensors") == before
+    assert not seaweed.open_uploads(prefix)
+    monkeypatch.undo()
+    out = {"w": torch.zeros(2048, 1024)}
+    dcp_safetensors.load(out, url, storage_options=seaweed.options())
+    assert same(out["w"], old["w"])
+
+
+def test_a_commit_record_of_a_version_before_checksums_is_rolled_forward(seaweed, prefix):
+    """A save by an earlier version (its upload made without a checksum algorithm; its record listing
+    [number, ETag] pairs and no CRC-32) whose writer died past the commit point is published by the next
+    load, completed as it was made: committed bytes are never lost to an upgrade."""
+    import subprocess
+
+    from dcp_safetensors.commit import CommitRecord, staging_name
+    from dcp_safetensors.names import COMMIT_RECORD
+
+    body = safetensors.torch.save({"w": torch.arange(6.0)})
+    key = f"{prefix}/model.safetensors"
+    upload = seaweed.client.create_multipart_upload(Bucket=seaweed.bucket, Key=key)["UploadId"]
+    etag = seaweed.client.upload_part(Bucket=seaweed.bucket, Key=key, UploadId=upload, PartNumber=1, Body=body)["ETag"]
+    index = json.dumps({"metadata": {"total_size": 24}, "weight_map": {"w": "model.safetensors"}}).encode()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record = CommitRecord("old", ["model.safetensors"], writer={"host": socket.gethostname(), "pid": dead.pid},
+                          uploads={"model.safetensors": {"upload_id": upload, "parts": [[1, etag]]}}, index=index)
+    seaweed.client.put_object(Bucket=seaweed.bucket, Key=f"{prefix}/{staging_name('old')}/{COMMIT_RECORD}",
+                              Body=record.encode())
+    out = {"w": torch.zeros(6)}
+    dcp_safetensors.load(out, seaweed.url(prefix), storage_options=seaweed.options())
+    assert torch.equal(out["w"], torch.arange(6.0))
+    assert seaweed.get(prefix, "model.safetensors") == body
     assert not seaweed.open_uploads(prefix)
 
 

@@ -9,13 +9,14 @@ that leaves with ``os._exit`` in the phase under test.
 from __future__ import annotations
 
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from helpers import process_context
-from storage_contract_cases import FILES, content, parts, save_until
+from storage_contract_cases import FILES, checksums, content, parts, save_until
 
 from dcp_safetensors.commit import INDEX_NAME
 from dcp_safetensors.errors import CheckpointChangedError, MissingFileError
@@ -54,13 +55,13 @@ def save(storage: Storage, version: int, *, threads: int = 1) -> None:
     writer = storage.part_writer(session)
     work = [(f, p, v) for f in FILES for p, v in parts(storage, f, version)]
     with ThreadPoolExecutor(threads) as pool:
-        tags = list(pool.map(lambda w: (w[0], w[1].number, writer.write(w[1], [w[2]])), work))
+        tags = list(pool.map(lambda w: (w[0], w[1].number, writer.write(w[1], [w[2]], zlib.crc32(w[2])), zlib.crc32(w[2])), work))
     writer.close()
-    etags: dict[str, list[tuple[int, Any]]] = {}
-    for file, number, tag in tags:
-        etags.setdefault(file, []).append((number, tag))
+    etags: dict[str, list[tuple[int, Any, int]]] = {}
+    for file, number, tag, crc in tags:
+        etags.setdefault(file, []).append((number, tag, crc))
     storage.write_small(session, SMALL, b'{"version": %d}' % version)
-    storage.commit_save(session, FILES + [SMALL], etags, b'{"version": %d}' % version)
+    storage.commit_save(session, FILES + [SMALL], etags, b'{"version": %d}' % version, checksums(version))
 
 
 def published(storage: Storage) -> int | None:
@@ -102,9 +103,10 @@ def test_a_resave_replaces_every_file_and_removes_stale_ones(backend):
     stale = "model-00001-of-00009.safetensors"
     session = storage.begin_save("x", [stale])
     writer = storage.part_writer(session)
-    tag = writer.write(PartPlan(stale, 1, 0, 4, 0), [memoryview(b"old!")])
+    tag = writer.write(PartPlan(stale, 1, 0, 4, 0), [memoryview(b"old!")], zlib.crc32(b"old!"))
     writer.close()
-    storage.commit_save(session, [stale], {stale: [(1, tag)]}, b'{"version": 0}')
+    storage.commit_save(session, [stale], {stale: [(1, tag, zlib.crc32(b"old!"))]}, b'{"version": 0}',
+                        {stale: zlib.crc32(b"old!")})
     save(storage, 2)
     assert published(backend.storage()) == 2
     assert not storage.exists(stale)  # a file of an older snapshot the new index does not list
@@ -117,7 +119,7 @@ def test_abort_save_publishes_nothing_and_leaves_nothing(backend):
     writer = storage.part_writer(session)
     for file in FILES:
         for part, view in parts(storage, file, 2):
-            writer.write(part, [view])
+            writer.write(part, [view], zlib.crc32(view))
     writer.close()
     storage.write_small(session, SMALL, b'{"version": 2}')
     storage.abort_save(session)

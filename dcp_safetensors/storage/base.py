@@ -8,14 +8,16 @@ A backend is a :class:`Storage`. DCP's save reaches it through
                                         prepare the save's staging, refuse a second
                                         live writer; the session travels to every
                                         rank inside its plan
-    all ranks    part_writer(session).write(part, views) ... .close()
-                                        each rank's parts; write returns a part's
-                                        tag (an ETag on S3, else None); on POSIX
+    all ranks    part_writer(session).write(part, views, crc32) ... .close()
+                                        each rank's parts and their CRC-32s (object
+                                        stores send them for the server to check);
+                                        write returns a part's tag (an ETag on S3,
+                                        else None); on POSIX
                                         (min_part 1) .write_runs(file, offsets,
                                         length, data) instead: a rank's chunk
                                         runs where they lie (RunWriter)
     coordinator  write_small(session, name, data)   objects.json, config.json
-    coordinator  commit_save(session, files, etags, index)
+    coordinator  commit_save(session, files, etags, index, checksums)
                                         the commit point, then publish
     any rank     abort_save(session)    after a failure before the commit point
 
@@ -44,7 +46,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,8 +88,12 @@ class ReadHandle(Protocol):
 class PartWriter(Protocol):
     """A rank's writes of one save."""
 
-    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
-        """Write ``part`` (its bytes: ``views`` back to back); returns the part's tag (S3: its ETag)."""
+    def write(self, part: PartPlan, views: Sequence[memoryview], crc32: int) -> str | None:
+        """Write ``part`` (its bytes: ``views`` back to back, whose CRC-32 is ``crc32``); returns its tag (S3: ETag).
+
+        Object stores send ``crc32`` with the bytes, so the server refuses a
+        part that arrives other than it left; files need no such check.
+        """
 
     def close(self) -> None:
         """Make every written part durable (POSIX: fsync); called once, after the last write."""
@@ -168,11 +174,18 @@ class Storage(ABC):
 
     @abstractmethod
     def commit_save(
-        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
+        self,
+        session: SaveSession,
+        files: Sequence[str],
+        etags: dict[str, list[tuple[int, Any, int]]],
+        index: bytes,
+        checksums: Mapping[str, int],
     ) -> None:
         """Coordinator, once every rank's parts are durable: make the save the checkpoint.
 
-        ``etags`` lists ``(part number, tag)`` of every part of every file (S3 completes its uploads from them).
+        ``etags`` lists ``(part number, tag, CRC-32)`` of every part of every
+        file and ``checksums`` each tensor file's CRC-32 (S3 completes its
+        uploads from them, the server checking each file's CRC-32).
         """
 
     @abstractmethod

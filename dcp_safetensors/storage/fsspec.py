@@ -27,7 +27,7 @@ import functools
 import logging
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -91,7 +91,7 @@ class _PutWriter:
     def __init__(self, storage: FsspecStorage) -> None:
         self._storage = storage
 
-    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+    def write(self, part: PartPlan, views: Sequence[memoryview], crc32: int) -> str | None:
         s = self._storage
         data = views[0].tobytes() if len(views) == 1 else b"".join(views)
         s.retry("PutObject", part.file, s.fs.pipe_file, s.path(part.file), data)
@@ -182,6 +182,12 @@ class FsspecStorage(Storage):
                     raise
                 what = f"{request} of {self.path(name)}"
                 if attempt == self.retries:
+                    if error_code(e) == "BadDigest":  # our CRC-32 of the bytes, checked by the server
+                        raise StorageError(
+                            f"{what}: the server received bytes whose CRC-32 is not the one computed as they were read, "
+                            f"{attempt} times (BadDigest): they change in transit, or in memory while the save reads "
+                            "them (a tensor updated during the save?); nothing of this save was published"
+                        ) from e
                     raise StorageError(f"{what}: failed after {attempt} attempts: {type(e).__name__}: {e}") from e
                 logger.warning("%s: attempt %d failed (%s: %s); retrying", what, attempt, type(e).__name__, e)
                 time.sleep(delay)
@@ -297,7 +303,12 @@ class FsspecStorage(Storage):
         self.retry("PutObject", name, self.fs.pipe_file, self.path(name), data)
 
     def commit_save(
-        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
+        self,
+        session: SaveSession,
+        files: Sequence[str],
+        etags: dict[str, list[tuple[int, Any, int]]],
+        index: bytes,
+        checksums: Mapping[str, int],
     ) -> None:
         self.publish_index(index, files)
         session.committed = True

@@ -43,7 +43,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from dcp_safetensors.commit import staging_name
@@ -219,7 +219,7 @@ class _LocalPartWriter:
                 f = self._files[name] = self._storage.open_for_write(posixpath.join(self._staging, name))
             return f
 
-    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+    def write(self, part: PartPlan, views: Sequence[memoryview], crc32: int) -> str | None:
         f = self._open(part.file)
         f.pwritev(views, part.start)
         if part.end - part.start >= WRITEBACK_MIN:
@@ -396,10 +396,15 @@ class LocalStorage(Storage):
         self.write_file(posixpath.join(session.staging, name), data)
 
     def commit_save(
-        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
+        self,
+        session: SaveSession,
+        files: Sequence[str],
+        etags: dict[str, list[tuple[int, Any, int]]],
+        index: bytes,
+        checksums: Mapping[str, int],
     ) -> None:
         """Coordinator, after every rank's writes are durable: the commit (:class:`RenameCommit`)."""
-        self.commits.commit(session, files, etags, index)
+        self.commits.commit(session, files, etags, index, checksums)
         self._release(session.staging)
 
     def abort_save(self, session: SaveSession) -> None:

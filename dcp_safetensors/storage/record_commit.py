@@ -15,9 +15,10 @@ import math
 import os
 import posixpath
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from dcp_safetensors.checksum import crc32_base64
 from dcp_safetensors.commit import Commit, CommitRecord
 from dcp_safetensors.errors import (
     BucketNotFoundError,
@@ -55,12 +56,14 @@ class RecordCommit(Commit):
     def __init__(self, storage: S3Storage) -> None:
         self.storage = storage
 
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes) -> None:
+    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+               checksums: Mapping[str, int]) -> None:
         s = self.storage
         record = CommitRecord(
             session.snapshot,
             list(files),
-            uploads={f: {"upload_id": u, "parts": sorted(etags.get(f, []))} for f, u in session.uploads.items()},
+            uploads={f: {"upload_id": u, "parts": sorted(etags.get(f, [])), "crc32": checksums[f]}
+                     for f, u in session.uploads.items()},
             small=dict(session.small),
             index=index,
         )
@@ -87,10 +90,16 @@ class RecordCommit(Commit):
             s.retry("DeleteObject", INDEX_NAME, s.fs.rm_file, s.path(INDEX_NAME))
 
         def complete(f: str, upload: dict[str, Any]) -> None:
-            parts = [{"PartNumber": n, "ETag": etag} for n, etag in upload["parts"]]
+            # The server assembles the file and checks it against our full-object CRC-32 (BadDigest).
+            # A record of a version before checksums lists [number, ETag] and no CRC-32: its upload
+            # was made without a checksum algorithm and completes as it was made.
+            checked = "crc32" in upload
+            parts = [{"PartNumber": p[0], "ETag": p[1], **({"ChecksumCRC32": crc32_base64(p[2])} if checked else {})}
+                     for p in upload["parts"]]
+            whole = {"ChecksumCRC32": crc32_base64(upload["crc32"]), "ChecksumType": "FULL_OBJECT"} if checked else {}
             try:
                 s.s3("CompleteMultipartUpload", f, "complete_multipart_upload",
-                     UploadId=upload["upload_id"], MultipartUpload={"Parts": parts})
+                     UploadId=upload["upload_id"], MultipartUpload={"Parts": parts}, **whole)
             except (StorageAccessError, BucketNotFoundError):
                 raise  # asking whether it completed would be refused too
             except (FileNotFoundError, StorageError):

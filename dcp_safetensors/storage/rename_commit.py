@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dcp_safetensors.commit import Commit, CommitRecord, stale_files
@@ -45,7 +45,7 @@ class RenameCommit(Commit):
         >>> s = LocalStorage(tempfile.mkdtemp())
         >>> session = s.begin_save("abc", ["model.safetensors"])
         >>> s.write_file(session.staging + "/model.safetensors", b"data")
-        >>> s.commit_save(session, ["model.safetensors"], {}, b"{}")
+        >>> s.commit_save(session, ["model.safetensors"], {}, b"{}", {})
         >>> sorted(os.listdir(s.root))
         ['model.safetensors', 'model.safetensors.index.json']
     """
@@ -53,7 +53,8 @@ class RenameCommit(Commit):
     def __init__(self, storage: LocalStorage) -> None:
         self.storage = storage
 
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes) -> None:
+    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+               checksums: Mapping[str, int]) -> None:
         s, staging = self.storage, session.staging
         s.fsync_dir(staging)
         s.write_file(posixpath.join(staging, INDEX_NAME), index)

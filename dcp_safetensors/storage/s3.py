@@ -2,7 +2,10 @@
 
 A save is one multipart upload per file, created by the coordinator; each rank
 uploads the parts the layout gave it (``UploadPart``, every part but the last
->= 5 MiB). A data file is an upload to its final key, invisible until
+>= 5 MiB), each with the CRC-32 computed as its bytes were read out of the
+tensors, and every upload completes as a full-object CRC-32: the server
+checks each part and each whole file on receipt (``BadDigest``), so bytes
+that change between the tensors and the disks of the store never publish. A data file is an upload to its final key, invisible until
 completed, so nothing of the previous checkpoint changes while ranks upload.
 The commit (:class:`~dcp_safetensors.storage.record_commit.RecordCommit`)
 PUTs one record (``.dcp_safetensors-staging-<snapshot>/COMMIT.json``: upload
@@ -26,9 +29,10 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dcp_safetensors.checksum import crc32_base64
 from dcp_safetensors.commit import CommitRecord, staging_name
 from dcp_safetensors.errors import (
     ConcurrentSaveError,
@@ -77,7 +81,7 @@ class _UploadPartWriter:
         self._storage = storage
         self._uploads = session.uploads
 
-    def write(self, part: PartPlan, views: Sequence[memoryview]) -> str | None:
+    def write(self, part: PartPlan, views: Sequence[memoryview], crc32: int) -> str | None:
         data = views[0].tobytes() if len(views) == 1 else b"".join(views)
         s = self._storage
         bucket, key = s.bucket_key(part.file)
@@ -92,6 +96,10 @@ class _UploadPartWriter:
                 PartNumber=part.number,
                 UploadId=self._uploads[part.file],
                 Body=data,
+                # The CRC-32 computed as the part was read out of the tensors: the server checks
+                # the bytes it received against it (BadDigest), and botocore computes none.
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=crc32_base64(crc32),
             )
         except FileNotFoundError as e:
             if error_code(e) != "NoSuchUpload":
@@ -203,7 +211,9 @@ class S3Storage(FsspecStorage):
         session = SaveSession(snapshot, staging_name(snapshot))
 
         def create(f: str) -> None:
-            response = self.s3("CreateMultipartUpload", f, "create_multipart_upload")
+            # Completed as a full-object CRC-32: the server checks the whole file against ours.
+            response = self.s3("CreateMultipartUpload", f, "create_multipart_upload",
+                               ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
             # Recorded as each is made: a failure part-way aborts the ones already made.
             session.uploads[f] = response["UploadId"]
 
@@ -222,10 +232,15 @@ class S3Storage(FsspecStorage):
         session.small[name] = data  # published from the commit record, never before it
 
     def commit_save(
-        self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any]]], index: bytes
+        self,
+        session: SaveSession,
+        files: Sequence[str],
+        etags: dict[str, list[tuple[int, Any, int]]],
+        index: bytes,
+        checksums: Mapping[str, int],
     ) -> None:
         """PUT the commit record (the commit point), then roll forward; before it, any failure aborts."""
-        self.commits.commit(session, files, etags, index)
+        self.commits.commit(session, files, etags, index, checksums)
 
     def abort_save(self, session: SaveSession) -> None:
         """Abort every multipart upload of an uncommitted session (idempotent; an unknown upload is fine)."""
