@@ -508,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "on disk and one under /dev/shm)")
     parser.add_argument("--s3-mib", type=int, default=256, help="state size of the S3 comparison")
     parser.add_argument("--s3-threads", type=int, default=8, help="our concurrent uploads / ranged GETs per rank")
+    parser.add_argument("--s3-server", choices=["seaweed", "moto"], default="seaweed",
+                        help="the S3 comparison's server: SeaweedFS (a real object store), or moto (slow, Python)")
+    parser.add_argument("--s3-rounds", type=int, default=3, help="timed rounds per S3 method, alternating order")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 comparison")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB fp32, 2 ranks, 1 repeat, 16 MiB S3")
     parser.add_argument("--timeout-s", type=int, default=1800, help="process-group timeout per collective")
@@ -519,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.rounds_per_process < 1:
         parser.error("--repeats and --rounds-per-process are at least 1")
     if args.quick:
-        args.gib, args.dtype, args.world, args.repeats, args.s3_mib = [0.0625], ["fp32"], [2], 1, 16
+        args.gib, args.dtype, args.world, args.repeats, args.s3_mib, args.s3_rounds = [0.0625], ["fp32"], [2], 1, 16, 1
     return args
 
 
@@ -581,8 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_s3:
         import s3 as s3_bench
 
-        print(f"[suite] S3 (moto): {args.s3_mib} MiB", flush=True)
-        s3 = s3_bench.run(args.s3_mib, 2048, args.s3_threads)
+        print(f"[suite] S3 ({args.s3_server}): {args.s3_mib} MiB", flush=True)
+        s3 = s3_bench.run(args.s3_mib, 2048, args.s3_threads, server=args.s3_server, rounds=args.s3_rounds)
     results = {
         "meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
