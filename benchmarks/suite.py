@@ -44,7 +44,8 @@ Methods (``--methods``):
   64 MiB buffer and fsyncs once, then reads them back after ``POSIX_FADV_DONTNEED``.
 
 Then (unless ``--no-s3``) ours vs torch's ``FsspecWriter``/``FsspecReader``
-through moto's S3 server on 127.0.0.1 (``benchmarks/s3.py``).
+and s3torchconnector's DCP writer/reader through SeaweedFS on 127.0.0.1
+(``--s3-server moto`` for moto; ``benchmarks/s3.py``).
 
     python benchmarks/suite.py                      # default matrix (make bench)
     python benchmarks/suite.py --quick              # smoke run

@@ -201,3 +201,22 @@ def test_plot_is_a_png(results: dict, results_2d: tuple[dict, str], tmp_path) ->
     both = {**results, "runs": results["runs"] + results_2d[0]["runs"]}
     report.plot(both, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_s3_bench_on_seaweedfs_times_each_method_and_counts_its_requests(tmp_path):
+    """benchmarks/s3.py end to end at 8 MiB, 1 round: ours and torch's FsspecWriter on SeaweedFS, each correct,
+    with its requests counted in the extra round through the proxy (s3torchconnector is the bench extra's)."""
+    out = tmp_path / "s3.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "s3.py"), "--mib", "8", "--rows", "512", "--rounds", "1",
+                           "--methods", "dcp_safetensors", "torch_fsspec_distcp", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["dcp_safetensors", "torch_fsspec_distcp"]
+    for r in results:
+        assert r["server"] == "seaweed" and r["correct"] is True, r
+        assert len(r["save_s_all"]) == 1 and r["save_s"] > 0 and r["load_s"] > 0
+        assert r["data_stored_bytes"] >= 8 << 20 and sum(r["requests"].values()) > 0
+    ours = results[0]
+    assert ours["requests"]["UploadPart"] >= 1 and ours["data_uploaded_bytes"] == ours["data_stored_bytes"]
+    assert "| dcp_safetensors |" in done.stdout
