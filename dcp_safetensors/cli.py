@@ -241,7 +241,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     bar = _ProgressBar("verify", not args.no_progress)
     try:
-        report = verify_all(args.path, storage_options=args.storage_options, progress=bar)
+        report = verify_all(args.path, storage_options=args.storage_options, progress=bar, read_data=args.read_data)
     finally:
         bar.close()
     if not report.ok:
@@ -253,7 +253,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     ckpt = report.checkpoint
     assert ckpt is not None
     if ckpt.written_by_us:
-        checked = f"{_n(report.files_checked, 'checksum')} match ({_size(report.bytes_checked)} read)"
+        checked = f"{_n(report.files_checked, 'checksum')} match ({_size(report.bytes_checked)} read"
+        if report.files_checked_by_store:
+            checked += f"; {report.files_checked_by_store} by the store's full-object CRC-32, without reading"
+        checked += ")"
     else:
         checked = "written by another tool: no checksums recorded, structure checked"
     print(f"OK: {_n(len(ckpt.tensors), 'tensor')} in {_n(len(ckpt.headers), 'file')}, snapshot {ckpt.snapshot}; {checked}")
@@ -342,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common, storage, quiet], help="check a checkpoint's structure and every checksum"
     )
     verify.add_argument("path", help="checkpoint directory or s3:// URL")
+    verify.add_argument("--read-data", action="store_true",
+                        help="read every byte, also of objects whose store keeps a checked full-object CRC-32 (S3)")
 
     convert = sub.add_parser(
         "convert",

@@ -36,13 +36,16 @@ class VerifyReport:
 
     ``checkpoint`` holds what could be opened (``None`` when the index itself
     is unusable); ``problems`` lists every problem, each naming its file;
-    ``bytes_checked`` counts the bytes read for checksums.
+    ``bytes_checked`` counts the bytes read for checksums;
+    ``files_checked_by_store`` the files whose checksum the store gave
+    (S3's full-object CRC-32, checked by the server on receipt), not read.
     """
 
     checkpoint: Checkpoint | None
     problems: list[Problem]
     files_checked: int = 0
     bytes_checked: int = 0
+    files_checked_by_store: int = 0
 
     @property
     def ok(self) -> bool:
@@ -50,10 +53,11 @@ class VerifyReport:
 
 
 def _checksums(
-    ckpt: Checkpoint, files: PinnedFiles, chunk_size: int, progress: ProgressCallback | None
-) -> Iterator[tuple[int, Problem | None]]:
-    """CRC-32 every file that has a recorded checksum, in name order: for each, the bytes
-    read and its problem (None if intact). Stopping early reads no further file."""
+    ckpt: Checkpoint, files: PinnedFiles, chunk_size: int, progress: ProgressCallback | None, read_data: bool
+) -> Iterator[tuple[int, bool, Problem | None]]:
+    """Check every file that has a recorded checksum, in name order: for each, the bytes read,
+    whether the store gave its CRC-32 (then nothing is read; never with ``read_data``), and its
+    problem (None if intact). Stopping early reads no further file."""
     recorded = sorted(ckpt.checksums.items())
     sizes = [ckpt.headers[f].file_size for f, _ in recorded]
     total = sum(sizes)
@@ -62,25 +66,33 @@ def _checksums(
     buf = bytearray(min(chunk_size, max(sizes, default=0)))
     done = 0
     for (file, want), size in zip(recorded, sizes):
-        crc = read = 0
+        read, by_store = 0, False
         problem: Problem | None = None
         try:
-            with shrank(files, file):
-                for offset in range(0, size, chunk_size):
-                    view = memoryview(buf)[: min(chunk_size, size - offset)]
-                    files.readinto(file, offset, view)
-                    crc = crc32(view, crc)
-                    read += view.nbytes
-                    if progress is not None:
-                        progress(done + offset + view.nbytes, total)
+            # An object store that checked the file's full-object CRC-32 on receipt gives it back: no read.
+            crc = None if read_data or files.staging is not None else files.storage.stored_crc32(file, files.etags.get(file))
+            by_store = crc is not None
+            if crc is None:
+                crc = 0
+                with shrank(files, file):
+                    for offset in range(0, size, chunk_size):
+                        view = memoryview(buf)[: min(chunk_size, size - offset)]
+                        files.readinto(file, offset, view)
+                        crc = crc32(view, crc)
+                        read += view.nbytes
+                        if progress is not None:
+                            progress(done + offset + view.nbytes, total)
             if format_crc32(crc) != want:
+                if by_store:
+                    found, cause = f"the store's CRC-32 of it, {format_crc32(crc)},", "the object was replaced"
+                else:
+                    found, cause = f"checksum {format_crc32(crc)}", "the file's bytes changed"
                 raise ChecksumMismatchError(
-                    f"{files.path(file)}: checksum {format_crc32(crc)} differs from {want} recorded at save time "
-                    "(the file's bytes changed after it was written)"
+                    f"{files.path(file)}: {found} differs from {want} recorded at save time ({cause} after it was written)"
                 )
         except (DcpSafetensorsError, OSError) as e:
             problem = e
-        yield read, problem
+        yield read, by_store, problem
         done += size
         if progress is not None:
             progress(done, total)
@@ -92,8 +104,15 @@ def verify(
     chunk_size: int = 16 << 20,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    read_data: bool = False,
 ) -> Checkpoint:
-    """Every check :func:`read_checkpoint` makes, plus every file's checksum (reads every byte).
+    """Every check :func:`read_checkpoint` makes, plus every file's checksum.
+
+    Files are read in full and CRC-32'd. On S3 a file whose store keeps the
+    full-object CRC-32 our save sent (the server checked it against the
+    bytes on receipt) is checked by a HEAD instead; ``read_data=True`` reads
+    it anyway, as a store that records checksums without checking them
+    (moto) needs.
 
     Raises a :class:`~dcp_safetensors.errors.CheckpointCorruptError` subclass
     naming the first broken file; returns the checkpoint if intact. Checkpoints
@@ -110,7 +129,7 @@ def verify(
     """
     ckpt, files = open_checkpoint(path, open_storage(path, storage_options), None)
     try:
-        for _, problem in _checksums(ckpt, files, chunk_size, progress):
+        for _, _, problem in _checksums(ckpt, files, chunk_size, progress, read_data):
             if problem is not None:
                 raise problem
     finally:
@@ -124,6 +143,7 @@ def verify_all(
     chunk_size: int = 16 << 20,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    read_data: bool = False,
 ) -> VerifyReport:
     """Like :func:`verify`, but report every problem rather than raise the first.
 
@@ -153,9 +173,10 @@ def verify_all(
         except (DcpSafetensorsError, OSError) as e:
             return VerifyReport(None, [e])
         report = VerifyReport(ckpt, problems)
-        for read, problem in _checksums(ckpt, files, chunk_size, progress):
+        for read, by_store, problem in _checksums(ckpt, files, chunk_size, progress, read_data):
             report.files_checked += 1
             report.bytes_checked += read
+            report.files_checked_by_store += by_store
             if problem is not None:
                 report.problems.append(problem)
     finally:

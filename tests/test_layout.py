@@ -986,6 +986,13 @@ def test_in_place_ranks_write_files_starting_at_another_one() -> None:
     assert layout.rank_plans[0].file_sizes[names[0]] == layout.files[0].size
 
 
+def test_in_place_plan_of_no_tensors_has_no_files_to_write() -> None:
+    """A save of non-tensor values only (a step counter) plans no file and gives every rank an empty plan."""
+    layout = plan_layout([], [], max_shard_size=100, metadata=META, in_place=True, world_size=3)
+    assert layout.files == () and sorted(layout.rank_plans) == [0, 1, 2]
+    assert all(not p.file_sizes and not p.headers for p in layout.rank_plans.values())
+
+
 def test_in_place_plans_need_storage_that_takes_any_run() -> None:
     with pytest.raises(ConfigurationError, match="min_part 1"):
         plan_layout([spec((4,))], [C(0, (0,), (4,))], max_shard_size=100, metadata=META, min_part=5, in_place=True)

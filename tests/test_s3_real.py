@@ -24,8 +24,14 @@ from cases import api_big, as_bytes, big_state, load_big, random_tensor, save_bi
 import dcp_safetensors
 from dcp_safetensors import saving, verify
 from dcp_safetensors.checksum import crc32_base64
-from dcp_safetensors.errors import BucketNotFoundError, StorageAccessError, StorageError
+from dcp_safetensors.errors import (
+    BucketNotFoundError,
+    ChecksumMismatchError,
+    StorageAccessError,
+    StorageError,
+)
 from dcp_safetensors.names import BLOCK_KEY
+from dcp_safetensors.verification import verify_all
 
 MiB = 1 << 20
 SHAPES = [(2048, 1024)] * 2  # two 8 MiB tensors, row-sharded: each of 2 ranks uploads parts of its own
@@ -183,6 +189,36 @@ def test_the_server_holds_every_file_with_our_full_object_crc32(ranks, seaweed, 
         assert head["ChecksumType"] == "FULL_OBJECT", head
         assert head["ChecksumCRC32"] == crc32_base64(zlib.crc32(seaweed.get(prefix, name)))
         assert f"crc32:{zlib.crc32(seaweed.get(prefix, name)):08x}" == recorded[name]
+    # verify takes the server's checked CRC-32 instead of reading; read_data reads every byte anyway.
+    by_head = verify_all(url, storage_options=seaweed.options())
+    assert by_head.ok and by_head.files_checked == by_head.files_checked_by_store == 2 and by_head.bytes_checked == 0
+    by_read = verify_all(url, storage_options=seaweed.options(), read_data=True)
+    assert by_read.ok and by_read.files_checked_by_store == 0
+    assert by_read.bytes_checked == sum(len(seaweed.get(prefix, f)) for f in files)
+    # An object replaced after the save (one byte of its data changed, same size and header) is named.
+    name = sorted(files)[0]
+    body = bytearray(seaweed.get(prefix, name))
+    body[-1] ^= 1
+    seaweed.client.put_object(Bucket=seaweed.bucket, Key=f"{prefix}/{name}", Body=bytes(body))
+    with pytest.raises(ChecksumMismatchError, match=name):
+        verify(url, storage_options=seaweed.options())
+
+
+def test_the_cli_says_which_files_the_store_checked(seaweed, prefix, capsys):
+    """`dcp-safetensors verify` on S3 says how many files the store's CRC-32 checked without reading;
+    with --read-data it reads them all."""
+    from dcp_safetensors.cli import main
+
+    url = seaweed.url(prefix)
+    dcp_safetensors.save({"w": random_tensor((256, 256), torch.float32, 3)}, url, storage_options=seaweed.options())
+    flags = ["--no-progress", "--storage-option", f"key={seaweed.key}", "--storage-option", f"secret={seaweed.secret}",
+             "--storage-option", f"client_kwargs.endpoint_url={seaweed.endpoint}",
+             "--storage-option", "client_kwargs.region_name=us-east-1"]
+    assert main(["verify", url, *flags]) == 0
+    assert "1 checksum match (0 B read; 1 by the store's full-object CRC-32, without reading)" in capsys.readouterr().out
+    assert main(["verify", url, *flags, "--read-data"]) == 0
+    out = capsys.readouterr().out
+    assert "1 checksum match (" in out and "by the store" not in out
 
 
 def test_a_part_whose_bytes_differ_from_its_crc32_is_refused_and_nothing_is_published(seaweed, prefix, monkeypatch):

@@ -153,6 +153,16 @@ class Storage(ABC):
     def open_staged(self, staging: str, name: str) -> ReadHandle:
         """The copy of ``name`` a committed, unpublished save holds in ``staging``; MissingFileError if none."""
 
+    def stored_crc32(self, name: str, etag: str | None = None) -> int | None:
+        """The CRC-32 of all of ``name`` that the store checked against its bytes when it was written, or None.
+
+        Object stores that keep full-object checksums (S3 ``FULL_OBJECT``,
+        which our saves send) return it, and ``verify`` compares it with the
+        index instead of reading the file. Files have none: only reading
+        them checks them.
+        """
+        return None
+
     # -- saving -------------------------------------------------------------------------
 
     @abstractmethod

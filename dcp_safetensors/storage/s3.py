@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import logging
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -166,6 +167,21 @@ class S3Storage(FsspecStorage):
         except FileNotFoundError:
             raise MissingFileError(f"{self.path(name)}: object is missing") from None
         return int(response["ContentLength"]), str(response["ETag"])
+
+    def stored_crc32(self, name: str, etag: str | None = None) -> int | None:
+        """The full-object CRC-32 the server checked on receipt (HEAD, ``ChecksumMode=ENABLED``), or None.
+
+        Only a ``FULL_OBJECT`` checksum is the CRC-32 of the whole file; a
+        ``COMPOSITE`` one (other tools' multipart uploads) is a CRC of part CRCs.
+        """
+        condition = {"IfMatch": etag} if etag is not None else {}
+        try:
+            response = self.s3("HeadObject", name, "head_object", ChecksumMode="ENABLED", **condition)
+        except FileNotFoundError:
+            raise MissingFileError(f"{self.path(name)}: object is missing") from None
+        if response.get("ChecksumType") != "FULL_OBJECT" or "ChecksumCRC32" not in response:
+            return None
+        return int.from_bytes(base64.b64decode(response["ChecksumCRC32"]), "big")
 
     def _get(self, request: str, name: str, offset: int, length: int, etag: str | None) -> bytes:
         if etag is None:
