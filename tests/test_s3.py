@@ -268,3 +268,19 @@ def test_a_part_corrupted_in_flight_is_named_by_verify_where_the_server_takes_it
     with pytest.raises(ChecksumMismatchError, match="model.safetensors: checksum"):
         verify(url, storage_options=options(s3), read_data=True)
 
+
+def test_a_storage_option_the_client_refuses_fails_at_once_naming_the_options(s3):
+    """An option s3fs passes on to a constructor that does not take it (region_name belongs in client_kwargs)
+    is a ConfigurationError at the first request, not six retries of a "transient" TypeError."""
+    import time
+
+    import torch
+
+    import dcp_safetensors
+    from dcp_safetensors.errors import ConfigurationError
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigurationError, match="storage client refused its arguments.*region_name.*storage_options"):
+        dcp_safetensors.save({"w": torch.ones(4)}, s3.url(s3.prefix), storage_options=options(s3, region_name="x"))
+    assert time.perf_counter() - started < 2
+

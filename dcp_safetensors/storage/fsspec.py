@@ -167,6 +167,13 @@ class FsspecStorage(Storage):
                 return fn(*args, **kwargs)
             except ConfigurationError:
                 raise
+            except TypeError as e:
+                # The client refused an argument (a storage option it does not take): no retry changes that.
+                raise ConfigurationError(
+                    f"{request} of {self.path(name)}: the storage client refused its arguments ({e}); check "
+                    "storage_options (s3fs.S3FileSystem's: key, secret, client_kwargs={{'endpoint_url': ..., "
+                    "'region_name': ...}}, config_kwargs, ...)"
+                ) from e
             except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types for one transient fault
                 if error_code(e) in ("PreconditionFailed", "412"):
                     raise CheckpointChangedError(
