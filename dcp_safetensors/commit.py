@@ -60,7 +60,7 @@ from dcp_safetensors.names import (
 )
 
 if TYPE_CHECKING:
-    from dcp_safetensors.storage.base import SaveSession, Storage
+    from dcp_safetensors.storage.base import PartTags, SaveSession, Storage
 
 __all__ = [
     "INDEX_NAME",
@@ -152,7 +152,7 @@ class Commit(ABC):
     """The commit protocol on one kind of storage (see the module docstring)."""
 
     @abstractmethod
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+    def commit(self, session: SaveSession, files: Sequence[str], etags: PartTags, index: bytes,
                checksums: Mapping[str, int]) -> None:
         """Coordinator: pass the commit point for ``session`` (its parts durable), then publish."""
 

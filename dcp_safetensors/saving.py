@@ -58,7 +58,7 @@ from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import CheckpointLayout, Extents, PartPlan
 from dcp_safetensors.names import MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROUP
 from dcp_safetensors.storage import SaveSession, Storage
-from dcp_safetensors.storage.base import PartWriter, RunWriter
+from dcp_safetensors.storage.base import PartTags, PartWriter, RunWriter
 
 __all__ = [
     "LayoutSave",
@@ -305,7 +305,7 @@ class LayoutSave:
         """
         try:
             rows_of: dict[str, list[np.ndarray]] = defaultdict(list)
-            etags: dict[str, list[tuple[int, Any, int]]] = defaultdict(list)
+            etags: PartTags = defaultdict(list)
             shares: dict[str, list[int]] = defaultdict(list)
             in_place: dict[tuple[int, str], int] = {}
             for parts in written:

@@ -52,7 +52,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from dcp_safetensors.layout import PartPlan
 
-__all__ = ["Storage", "SaveSession", "ReadHandle", "PartWriter", "RunWriter"]
+__all__ = ["Storage", "SaveSession", "ReadHandle", "PartWriter", "RunWriter", "PartTags"]
 
 
 @dataclass
@@ -82,7 +82,12 @@ class ReadHandle(Protocol):
     def readinto(self, offset: int, buffer: Any) -> None:
         """Fill ``buffer`` from ``offset``; EOFError if the file is shorter."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the handle (a file descriptor on POSIX; nothing on object stores)."""
+
+
+PartTags = dict[str, list[tuple[int, Any, int]]]
+"""``{file: [(part number, tag, CRC-32), ...]}``: every part of a save, as the commit gets them."""
 
 
 class PartWriter(Protocol):
@@ -187,7 +192,7 @@ class Storage(ABC):
         self,
         session: SaveSession,
         files: Sequence[str],
-        etags: dict[str, list[tuple[int, Any, int]]],
+        etags: PartTags,
         index: bytes,
         checksums: Mapping[str, int],
     ) -> None:

@@ -42,7 +42,7 @@ from dcp_safetensors.errors import (
 )
 from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.names import INDEX_NAME
-from dcp_safetensors.storage.base import PartWriter, ReadHandle, SaveSession, Storage
+from dcp_safetensors.storage.base import PartTags, PartWriter, ReadHandle, SaveSession, Storage
 
 __all__ = ["FsspecStorage"]
 
@@ -313,7 +313,7 @@ class FsspecStorage(Storage):
         self,
         session: SaveSession,
         files: Sequence[str],
-        etags: dict[str, list[tuple[int, Any, int]]],
+        etags: PartTags,
         index: bytes,
         checksums: Mapping[str, int],
     ) -> None:

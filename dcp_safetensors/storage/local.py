@@ -50,7 +50,7 @@ from dcp_safetensors.commit import staging_name
 from dcp_safetensors.errors import ConcurrentSaveError, MissingFileError
 from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.names import BUILDING_PREFIX, COMMIT_RECORD, LOCK_FILE
-from dcp_safetensors.storage.base import SaveSession, Storage
+from dcp_safetensors.storage.base import PartTags, SaveSession, Storage
 from dcp_safetensors.storage.rename_commit import RenameCommit
 
 __all__ = ["LocalStorage", "WritableFile", "ReadableFile", "StagingClaim"]
@@ -399,7 +399,7 @@ class LocalStorage(Storage):
         self,
         session: SaveSession,
         files: Sequence[str],
-        etags: dict[str, list[tuple[int, Any, int]]],
+        etags: PartTags,
         index: bytes,
         checksums: Mapping[str, int],
     ) -> None:

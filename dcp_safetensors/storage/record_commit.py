@@ -28,7 +28,7 @@ from dcp_safetensors.errors import (
     StorageError,
 )
 from dcp_safetensors.names import COMMIT_RECORD, INDEX_NAME, STAGING_PREFIX
-from dcp_safetensors.storage.base import SaveSession
+from dcp_safetensors.storage.base import PartTags, SaveSession
 from dcp_safetensors.storage.fsspec import each
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class RecordCommit(Commit):
     def __init__(self, storage: S3Storage) -> None:
         self.storage = storage
 
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+    def commit(self, session: SaveSession, files: Sequence[str], etags: PartTags, index: bytes,
                checksums: Mapping[str, int]) -> None:
         s = self.storage
         record = CommitRecord(

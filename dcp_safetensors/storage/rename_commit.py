@@ -12,12 +12,12 @@ import logging
 import posixpath
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dcp_safetensors.commit import Commit, CommitRecord, stale_files
 from dcp_safetensors.errors import ConcurrentSaveError
 from dcp_safetensors.names import BUILDING_PREFIX, COMMIT_RECORD, INDEX_NAME, STAGING_PREFIX
-from dcp_safetensors.storage.base import SaveSession
+from dcp_safetensors.storage.base import PartTags, SaveSession
 
 if TYPE_CHECKING:
     from dcp_safetensors.storage.local import LocalStorage
@@ -53,7 +53,7 @@ class RenameCommit(Commit):
     def __init__(self, storage: LocalStorage) -> None:
         self.storage = storage
 
-    def commit(self, session: SaveSession, files: Sequence[str], etags: dict[str, list[tuple[int, Any, int]]], index: bytes,
+    def commit(self, session: SaveSession, files: Sequence[str], etags: PartTags, index: bytes,
                checksums: Mapping[str, int]) -> None:
         s, staging = self.storage, session.staging
         s.fsync_dir(staging)

@@ -43,7 +43,7 @@ from dcp_safetensors.errors import (
 )
 from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.names import INDEX_NAME
-from dcp_safetensors.storage.base import PartWriter, ReadHandle, SaveSession
+from dcp_safetensors.storage.base import PartTags, PartWriter, ReadHandle, SaveSession
 from dcp_safetensors.storage.fsspec import FsspecStorage, each, error_code
 from dcp_safetensors.storage.record_commit import RecordCommit
 
@@ -251,7 +251,7 @@ class S3Storage(FsspecStorage):
         self,
         session: SaveSession,
         files: Sequence[str],
-        etags: dict[str, list[tuple[int, Any, int]]],
+        etags: PartTags,
         index: bytes,
         checksums: Mapping[str, int],
     ) -> None:
