@@ -162,7 +162,9 @@ class S3Proxy:
                         self.upstream.close()
                         if fresh:
                             raise
-                self.send_response(resp.status)
+                # The server's own Date and Server headers, not a second pair of ours (a client
+                # would see "Date: <ours>, <server's>").
+                self.send_response_only(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)

@@ -23,6 +23,11 @@ KEPT_STATE = {
     # other (issue 20: overlapping saves hang in DCP). Queueing needs a saver that
     # outlives the call, and torch's ProcessGroup takes no attributes to hold it.
     ("dcp_safetensors.api", "_DEFAULT_SAVERS"),
+    # One botocore client per process and set of S3 options, as s3fs keeps one filesystem:
+    # making one costs 0.1-0.5 s of CPU, paid by every SafetensorsWriter/Reader otherwise
+    # (each new checkpoint_id makes a new storage). Reset in a forked child.
+    ("dcp_safetensors.storage.s3_client", "_CLIENTS"),
+    ("dcp_safetensors.storage.s3_client", "_CLIENTS_LOCK"),
 }
 
 MUTATORS = {"append", "extend", "add", "update", "setdefault", "pop", "popitem", "clear", "remove", "insert", "discard"}

@@ -116,7 +116,7 @@ class RecordCommit(Commit):
         name = posixpath.join(staging, COMMIT_RECORD)
         s.retry("DeleteObject", name, s.fs.rm_file, s.path(name))
         bucket, key = s.bucket_key(staging)
-        s.retry("DeleteObject", staging, s.fs.call_s3, "delete_object", Bucket=bucket, Key=key + "/")
+        s.retry("DeleteObject", staging, s.client.call, "delete_object", Bucket=bucket, Key=key + "/")
         s.fs.invalidate_cache(s.url)
 
     def recover(self, *, writer: bool, own: str | None = None) -> str | None:

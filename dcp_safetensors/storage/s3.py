@@ -46,6 +46,7 @@ from dcp_safetensors.names import INDEX_NAME
 from dcp_safetensors.storage.base import PartTags, PartWriter, ReadHandle, SaveSession
 from dcp_safetensors.storage.fsspec import FsspecStorage, each, error_code
 from dcp_safetensors.storage.record_commit import RecordCommit
+from dcp_safetensors.storage.s3_client import S3Client
 
 __all__ = ["S3Storage", "S3_MIN_PART"]
 
@@ -85,15 +86,11 @@ class _UploadPartWriter:
     def write(self, part: PartPlan, views: Sequence[memoryview], crc32: int) -> str | None:
         data = views[0].tobytes() if len(views) == 1 else b"".join(views)
         s = self._storage
-        bucket, key = s.bucket_key(part.file)
         try:
-            response = s.retry(
+            response = s.s3(
                 f"UploadPart {part.number}",
                 part.file,
-                s.fs.call_s3,
                 "upload_part",
-                Bucket=bucket,
-                Key=key,
                 PartNumber=part.number,
                 UploadId=self._uploads[part.file],
                 Body=data,
@@ -143,6 +140,17 @@ class S3Storage(FsspecStorage):
             raise ConfigurationError(f"max_part must be at least 5 MiB on S3, got {max_part}")
         self.max_part = max_part
         self.commits = RecordCommit(self)
+        self._client: S3Client | None = None
+
+    @property
+    def client(self) -> S3Client:
+        """The client of every request this class makes itself (:mod:`~dcp_safetensors.storage.s3_client`)."""
+        if self._client is None:
+            self._client = S3Client(self.fs)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_client": None}
 
     def bucket_key(self, name: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(self.path(name))
@@ -150,12 +158,12 @@ class S3Storage(FsspecStorage):
 
     def _where(self, request: str, name: str) -> str:
         bucket, key = self.bucket_key(name)
-        return f"{request} of {self.path(name)} (bucket {bucket!r}, key {key!r}) at {self.fs.s3.meta.endpoint_url}"
+        return f"{request} of {self.path(name)} (bucket {bucket!r}, key {key!r}) at {self.client.endpoint}"
 
     def s3(self, request: str, name: str, operation: str, **kwargs: Any) -> Any:
         """One S3 API call about object ``name`` (Bucket and Key filled in), retried."""
         bucket, key = self.bucket_key(name)
-        return self.retry(request, name, self.fs.call_s3, operation, Bucket=bucket, Key=key, **kwargs)
+        return self.retry(request, name, self.client.call, operation, Bucket=bucket, Key=key, **kwargs)
 
     # -- reading: pinned to an ETag -----------------------------------------------------
 
@@ -184,25 +192,16 @@ class S3Storage(FsspecStorage):
         return int.from_bytes(base64.b64decode(response["ChecksumCRC32"]), "big")
 
     def _get(self, request: str, name: str, offset: int, length: int, etag: str | None) -> bytes:
-        if etag is None:
-            return super()._get(request, name, offset, length, None)
-        return self.retry(request, name, self._get_if_match, name, offset, length, etag)
+        condition = {"IfMatch": etag} if etag is not None else {}
 
-    def _get_if_match(self, name: str, offset: int, length: int, etag: str) -> bytes:
-        import fsspec.asyn
+        def get() -> bytes:
+            response = self.client.call("get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}",
+                                        **condition)
+            with response["Body"] as body:
+                return bytes(body.read())
 
         bucket, key = self.bucket_key(name)
-
-        async def get() -> bytes:
-            response = await self.fs._call_s3(
-                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=etag
-            )
-            try:
-                return bytes(await response["Body"].read())
-            finally:
-                response["Body"].close()
-
-        return bytes(fsspec.asyn.sync(self.fs.loop, get))
+        return self.retry(request, name, get)
 
     def open_staged(self, staging: str, name: str) -> ReadHandle:
         """The copy of ``name`` the committed save ``staging`` holds in its record, before publishing it.
@@ -283,7 +282,7 @@ class S3Storage(FsspecStorage):
         markers: dict[str, str] = {}
         while True:  # a page lists at most 1,000 uploads on S3
             page = self.retry(
-                "ListMultipartUploads", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/", **markers
+                "ListMultipartUploads", "", self.client.call, "list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/", **markers
             )
             uploads += page.get("Uploads", [])
             # Exactly the markers the server returned: SeaweedFS returns no NextKeyMarker, and

@@ -1,0 +1,140 @@
+"""The S3 client of our own requests (storage/s3_client.py): the s3fs filesystem's settings, on every request.
+
+Requests go to the moto server behind the counting proxy; botocore's
+``before-send`` event shows each request as it leaves, headers and all.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+
+import pytest
+
+from dcp_safetensors.errors import MissingFileError
+from dcp_safetensors.storage.s3 import S3Storage
+
+
+def options(s3, **extra) -> dict:
+    return {**s3.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}}, **extra}
+
+
+def sent_headers(storage: S3Storage) -> list[tuple[str, dict[str, str]]]:
+    """Every request the storage's client sends from now on: (operation, headers)."""
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def record(request, event_name, **kwargs):
+        operation = event_name.rsplit(".", 1)[-1]
+        sent.append((operation, {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}))
+
+    storage.client.client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+def upload_one_part(storage: S3Storage, name: str, data: bytes) -> None:
+    import zlib
+
+    from dcp_safetensors.layout import PartPlan
+
+    session = storage.begin_save("snap", [name])
+    try:
+        part = PartPlan(file=name, number=1, start=0, end=len(data), rank=0)
+        storage.part_writer(session).write(part, [memoryview(data)], zlib.crc32(data))
+    finally:
+        storage.abort_save(session)
+
+
+def test_parts_are_sent_unsigned_with_their_crc32_and_the_filesystems_extra_arguments(s3):
+    """Over http:// botocore would sign each body's SHA-256; the part's CRC-32 guards it instead.
+    s3_additional_kwargs and requester pays go on the operations that take them, as s3fs does."""
+    storage = S3Storage(s3.url(s3.prefix), options(s3, s3_additional_kwargs={"ServerSideEncryption": "AES256"},
+                                                  requester_pays=True))
+    sent = sent_headers(storage)
+    upload_one_part(storage, "a.safetensors", b"x" * 1000)
+    by_op = {op: h for op, h in sent}
+    create, part = by_op["CreateMultipartUpload"], by_op["UploadPart"]
+    assert create["x-amz-server-side-encryption"] == "AES256"  # UploadPart does not take it: not sent there
+    assert "x-amz-server-side-encryption" not in part
+    assert create["x-amz-request-payer"] == part["x-amz-request-payer"] == "requester"
+    assert part["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert part["x-amz-checksum-crc32"]  # ours: botocore computed none (that would be x-amz-sdk-checksum-algorithm)
+
+
+def test_payload_signing_stays_on_where_config_kwargs_asks_for_it(s3):
+    import hashlib
+
+    storage = S3Storage(s3.url(s3.prefix), options(s3, config_kwargs={"s3": {"payload_signing_enabled": True}}))
+    sent = sent_headers(storage)
+    upload_one_part(storage, "a.safetensors", b"y" * 1000)
+    part = dict(sent)["UploadPart"]
+    assert part["x-amz-content-sha256"] == hashlib.sha256(b"y" * 1000).hexdigest()
+
+
+def test_one_client_per_process_and_settings(s3):
+    """Making a botocore client loads its S3 model (0.1-0.5 s): every storage of one process and one
+    set of options shares one; other options get their own; a pickled storage makes one on first use."""
+    a = S3Storage(s3.url(s3.prefix), options(s3))
+    b = S3Storage(s3.url(s3.prefix + "-other"), options(s3))
+    c = S3Storage(s3.url(s3.prefix), options(s3, config_kwargs={"retries": {"max_attempts": 2}}))
+    assert a.client.client is b.client.client
+    assert c.client.client is not a.client.client
+    assert c.client.client.meta.config.retries["total_max_attempts"] == 3  # config_kwargs reach it: 2 retries + 1
+    copy = pickle.loads(pickle.dumps(a))
+    assert copy.client.client is a.client.client  # same process, same settings
+
+
+def _child_client_id(storage: S3Storage, out) -> None:
+
+    try:
+        storage.head("nothing-here")  # a request on the child's client
+    except MissingFileError:
+        out.put((id(storage.client.client), False))
+
+
+def test_a_forked_child_makes_its_own_client(s3):
+    """A child of fork must not send on its parent's pooled sockets."""
+
+    storage = S3Storage(s3.url(s3.prefix), options(s3))
+    parent = storage.client.client
+    with pytest.raises(MissingFileError):
+        storage.head("nothing-here")  # the parent's pool holds a connection now
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_client_id, args=(storage, out))
+    child.start()
+    child_id, exists = out.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and not exists
+    assert child_id != id(parent)
+
+
+def test_anonymous_access_signs_nothing():
+    import s3fs
+    from botocore import UNSIGNED
+
+    from dcp_safetensors.storage.s3_client import S3Client
+
+    client = S3Client(s3fs.S3FileSystem(anon=True, skip_instance_cache=True, client_kwargs={"region_name": "us-east-1"}))
+    assert client.client.meta.config.signature_version is UNSIGNED
+    assert client.client.meta.region_name == "us-east-1"
+
+
+@pytest.mark.parametrize("extra", [{"region_name": "x"}, {"session_vars": 3}])
+def test_session_options_the_client_refuses_name_storage_options(s3, extra):
+    from dcp_safetensors.errors import ConfigurationError
+
+    storage = S3Storage(s3.url(s3.prefix), options(s3, **extra))
+    with pytest.raises(ConfigurationError, match="storage_options"):
+        storage.head("a")
+
+
+def test_the_users_storage_options_are_not_changed(s3):
+    """botocore rewrites a ``retries`` dict in place; the client gets a copy."""
+    import copy
+
+    given = options(s3, config_kwargs={"retries": {"max_attempts": 2}, "s3": {"addressing_style": "path"}})
+    before = copy.deepcopy(given)
+    storage = S3Storage(s3.url(s3.prefix), given)
+    with pytest.raises(MissingFileError):
+        storage.head("nothing-here")
+    assert given == before
