@@ -86,7 +86,7 @@ def _getter(client: str, seaweed, key: str, etag: str) -> Callable[[int], object
 
         async def get(i: int) -> bytes:
             response = await fs._call_s3("get_object", Bucket=seaweed.bucket, Key=key, Range=rng(i), IfMatch=etag)
-            with response["Body"] as body:
+            async with response["Body"] as body:
                 return bytes(await body.read())
 
         return lambda i: fsspec.asyn.sync(fs.loop, get, i)

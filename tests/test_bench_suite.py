@@ -203,6 +203,21 @@ def test_plot_is_a_png(results: dict, results_2d: tuple[dict, str], tmp_path) ->
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_s3_client_bench_costs_each_client_per_byte_on_seaweedfs(tmp_path):
+    """benchmarks/s3_clients.py at 32 MiB, 1 round: uploads and GETs through s3fs and botocore, each with
+    its wall time and the client's and the server's CPU per MB."""
+    out = tmp_path / "clients.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "s3_clients.py"), "--mib", "32", "--rounds", "1",
+                           "--clients", "s3fs", "botocore", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["client"] for r in results] == ["s3fs", "botocore"]
+    for r in results:
+        for op in ("upload_best", "get_best"):
+            assert r[op]["mb_s"] > 0 and r[op]["client_ms_per_mb"] > 0 and r[op]["server_ms_per_mb"] > 0, r
+    assert "| botocore |" in done.stdout
+
+
 def test_s3_bench_on_seaweedfs_times_each_method_and_counts_its_requests(tmp_path):
     """benchmarks/s3.py end to end at 8 MiB, 1 round: ours and torch's FsspecWriter on SeaweedFS, each correct,
     with its requests counted in the extra round through the proxy (s3torchconnector is the bench extra's)."""

@@ -100,6 +100,24 @@ def test_permanent_upload_failure_aborts_everything(ranks, s3):
     assert not s3.open_uploads(s3.prefix)
 
 
+def test_throttling_that_never_ends_fails_after_the_retries_naming_request_bucket_key_and_endpoint(s3):
+    import torch
+
+    import dcp_safetensors
+    from dcp_safetensors.errors import StorageError
+
+    s3.proxy.faults.rule = lambda op, n: "503" if op == "UploadPart" else None
+    with pytest.raises(StorageError) as info:
+        dcp_safetensors.save({"w": torch.ones(4)}, s3.url(s3.prefix), storage_options=options(s3))
+    s3.proxy.faults.rule = None
+    message = str(info.value)
+    assert f"UploadPart 1 of {s3.url(s3.prefix)}/model.safetensors (bucket 'ckpt', key '{s3.prefix}/model.safetensors')" in message
+    assert f"at http://127.0.0.1:{s3.proxy.port}: failed after 6 attempts: SlowDown" in message, message
+    assert "fewer write_threads" in message
+    assert s3.proxy.stats.injected["UploadPart:503"] == 6 * 2  # ours x botocore's (max_attempts 1: one retry)
+    assert not s3.open_uploads(s3.prefix) and "model.safetensors.index.json" not in s3.keys(s3.prefix)
+
+
 def test_index_lists_every_file_with_size_and_checksum(ranks, s3):
     url = s3.url(s3.prefix)
     ranks(2).run(save_big, url, [(1024, 1024)] * 3, {"storage_options": options(s3), "max_shard_size": 5 * MiB})

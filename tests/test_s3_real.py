@@ -97,6 +97,21 @@ def test_a_missing_bucket_fails_save_and_load_naming_the_bucket(seaweed, prefix)
     assert "no-such-bucket" not in [b["Name"] for b in seaweed.client.list_buckets()["Buckets"]]
 
 
+def test_access_denied_fails_at_once_naming_request_bucket_and_key(seaweed, prefix):
+    """Anonymous requests may use only the open bucket: the server's own AccessDenied, not a proxy's."""
+    options = {"anon": True, "client_kwargs": {"endpoint_url": seaweed.endpoint, "region_name": "us-east-1"},
+               "skip_instance_cache": True}
+    url = seaweed.url(prefix)
+    dcp_safetensors.save({"w": torch.ones(2)}, url, storage_options=seaweed.options())
+    started = time.perf_counter()
+    with pytest.raises(StorageAccessError) as info:
+        dcp_safetensors.load({"w": torch.zeros(2)}, url, storage_options=options)
+    assert time.perf_counter() - started < 10
+    message = str(info.value)
+    assert "(bucket 'ckpt', key " in message and f"at {seaweed.endpoint}" in message, message
+    assert "AccessDenied" in message and "Not retried: check the credentials" in message, message
+
+
 def test_saves_after_a_refused_one_plan_afresh(seaweed, prefix):
     """DCP caches a save's global plan before the writer's global step, and each rank's final
     plan only after it: once that step is refused (a missing bucket here), saves of the earlier

@@ -187,7 +187,7 @@ class FsspecStorage(Storage):
                     raise refused from e
                 if isinstance(e, FileNotFoundError):
                     raise
-                what = f"{request} of {self.path(name)}"
+                what = self._where(request, name)
                 if attempt == self.retries:
                     if error_code(e) == "BadDigest":  # our CRC-32 of the bytes, checked by the server
                         raise StorageError(
@@ -195,8 +195,12 @@ class FsspecStorage(Storage):
                             f"{attempt} times (BadDigest): they change in transit, or in memory while the save reads "
                             "them (a tensor updated during the save?); nothing of this save was published"
                         ) from e
-                    raise StorageError(f"{what}: failed after {attempt} attempts: {type(e).__name__}: {e}") from e
-                logger.warning("%s: attempt %d failed (%s: %s); retrying", what, attempt, type(e).__name__, e)
+                    advice = ""
+                    if error_code(e) in ("SlowDown", "503", "ServiceUnavailable"):
+                        advice = ("; the server kept asking to slow down: fewer write_threads/read_threads, or a higher "
+                                  "request rate for this prefix from the store's operator")
+                    raise StorageError(f"{what}: failed after {attempt} attempts: {_said(e)}{advice}") from e
+                logger.warning("%s: attempt %d failed (%s); retrying", what, attempt, _said(e))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
@@ -337,6 +341,12 @@ def error_code(e: BaseException) -> str | None:
     cause = e if hasattr(e, "response") else e.__cause__
     code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
     return str(code) if code is not None else None
+
+
+def _said(e: BaseException) -> str:
+    """What the server answered (its error code first: s3fs's builtins hide it), or the exception."""
+    code = error_code(e)
+    return f"{code}: {e}" if code else f"{type(e).__name__}: {e}"
 
 
 @functools.cache

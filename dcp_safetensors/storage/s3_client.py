@@ -7,15 +7,16 @@ byte of a checkpoint among them (``UploadPart``, ranged ``GetObject``), through
 filesystem it sits beside (credentials, endpoint, region, ``config_kwargs``,
 ``s3_additional_kwargs``, requester pays), called from the storage's threads.
 
-Why not s3fs's own (aiobotocore) client for the bytes: on a SeaweedFS server
-on the same host, a 16 MiB ``UploadPart`` cost 2.1 ms of client CPU per MB
-through s3fs and 0.7 through botocore's, and an 8 MiB ranged GET 1.8 and 0.8
-(``benchmarks/s3_clients.py``). urllib3 ``sendall``\\s a body in one call where
-aiohttp writes and reads it in small chunks through the event loop's thread. And over ``http://`` botocore signs each body's SHA-256
-unless told not to; the parts carry a CRC-32 the server checks, so the
-client turns that off (``payload_signing_enabled=False``, as botocore does
-over ``https://`` by default) unless ``config_kwargs`` says otherwise, which
-halves the server's CPU per byte too.
+Why not s3fs's own (aiobotocore) client for the bytes: measured on a
+SeaweedFS server on the same host, 8 threads (``benchmarks/s3_clients.py``,
+best of 3), a 16 MiB ``UploadPart`` cost 2.7 ms of client CPU per MB through
+s3fs and 0.74 through botocore's (123 against 160 MB/s), an 8 MiB ranged GET
+2.4 and 1.0 (384 against 763 MB/s); obstore's GETs 1.5 (607 MB/s), and it
+cannot upload a part into another process's upload. Over ``http://``
+botocore also hashes each body for its signature (1.8 ms/MB); the parts
+carry a CRC-32 the server checks, so the client turns that off
+(``payload_signing_enabled=False``, botocore's default over ``https://``)
+unless ``config_kwargs`` says otherwise.
 
 Example:
     >>> import s3fs
