@@ -73,7 +73,7 @@ class _ProgressBar:
         self.bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or total == 0:  # nothing to read: no empty bar
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -252,14 +252,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     ckpt = report.checkpoint
     assert ckpt is not None
-    if ckpt.written_by_us:
-        checked = f"{_n(report.files_checked, 'checksum')} match ({_size(report.bytes_checked)} read"
-        if report.files_checked_by_store:
-            checked += f"; {report.files_checked_by_store} by the store's full-object CRC-32, without reading"
-        checked += ")"
+    what = f"{_n(len(ckpt.tensors), 'tensor')} in {_n(len(ckpt.headers), 'file')}"
+    if ckpt.snapshot is not None:
+        what += f", snapshot {ckpt.snapshot}"
+    if not ckpt.written_by_us:
+        checked = ("written by another tool, which recorded no checksums: the index, the headers and every tensor's "
+                   "offsets and sizes checked, the bytes not")
     else:
-        checked = "written by another tool: no checksums recorded, structure checked"
-    print(f"OK: {_n(len(ckpt.tensors), 'tensor')} in {_n(len(ckpt.headers), 'file')}, snapshot {ckpt.snapshot}; {checked}")
+        read = report.files_checked - report.files_checked_by_store
+        checked = f"the CRC-32 of every file matches the one recorded at save ({_n(read, 'file')} read, {_size(report.bytes_checked)}"
+        if report.files_checked_by_store:
+            checked += f"; {_n(report.files_checked_by_store, 'file')} by the store's full-object CRC-32, without reading"
+        checked += ")"
+    print(f"OK: {what}; {checked}")
     return 0
 
 

@@ -23,8 +23,6 @@ import base64
 import io
 from typing import Any
 
-import torch
-
 from dcp_safetensors.errors import CheckpointCorruptError
 
 __all__ = ["encode_object", "decode_object", "is_json_exact"]
@@ -50,6 +48,8 @@ def encode_object(value: Any) -> dict[str, Any]:
     """A JSON-serialisable record holding ``value`` (see the module docstring)."""
     if is_json_exact(value):
         return {"json": value}
+    import torch  # here, not at import: the CLI's inspect and verify run without torch
+
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return {"torch_save": base64.b64encode(buffer.getvalue()).decode("ascii")}
@@ -60,6 +60,8 @@ def decode_object(record: Any, *, key: str, source: str = "objects.json") -> Any
     if isinstance(record, dict) and set(record) == {"json"}:
         return record["json"]
     if isinstance(record, dict) and set(record) == {"torch_save"} and isinstance(record["torch_save"], str):
+        import torch
+
         try:
             raw = base64.b64decode(record["torch_save"], validate=True)
             return torch.load(io.BytesIO(raw), weights_only=True)
