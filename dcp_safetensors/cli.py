@@ -304,11 +304,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         bar.close()
     rate = result.bytes_written / 1e6 / max(result.seconds, 1e-9)
     cast = f", {len(result.casts)} cast to {args.dtype}" if result.casts else ""
+    weights = len(result.weight_files)
+    files = _n(weights, "weight file")
+    if len(result.files) > weights:
+        files += f" and {_n(len(result.files) - weights, 'training-state file')}"
     print(
         f"converted {_n(result.tensors, 'tensor')}{cast} and {_n(result.objects, 'non-tensor value')} into "
-        f"{_n(len(result.files), 'file')} at {result.path} ({_size(result.bytes_written)} in {result.seconds:.2f} s, "
+        f"{files} at {result.path} ({_size(result.bytes_written)} in {result.seconds:.2f} s, "
         f"{rate:.0f} MB/s), snapshot {result.snapshot}"
     )
+    if result.model_prefix_detected:
+        print(f"model prefix {result.model_prefix!r} detected: {result.model_prefix}.* are the HF weights, the other "
+              "keys (optimizer state) went to training_state/; --model-prefix chooses another")
     return 0
 
 

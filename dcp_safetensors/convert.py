@@ -63,9 +63,7 @@ from dcp_safetensors.layout import (
     plan_layout,
 )
 from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
-from dcp_safetensors.names import (
-    SNAPSHOT_KEY,
-)
+from dcp_safetensors.names import MODEL_GROUP, SNAPSHOT_KEY, TRAINING_STATE_DIR
 from dcp_safetensors.objects import encode_object
 from dcp_safetensors.saving import LayoutSave, WrittenPart, WrittenParts, write_part
 from dcp_safetensors.sources import PIECE, Source, open_source
@@ -105,7 +103,16 @@ class ConvertResult:
     bytes_written: int
     seconds: float
     casts: dict[str, str] = field(default_factory=dict)
-    """``{key: "F32->BF16"}`` for every tensor whose dtype changed."""
+    """``{key: "F32->BF16"}`` for every tensor whose dtype changed (weights only)."""
+    model_prefix: str | None = None
+    """The prefix whose keys went to the HF files (given, recorded by the source's save, or detected)."""
+    model_prefix_detected: bool = False
+    """Whether ``model_prefix`` was picked from a ``.distcp`` source's keys (none was given)."""
+
+    @property
+    def weight_files(self) -> list[str]:
+        """The HF files (``training_state/`` excluded)."""
+        return [f for f in self.files if not f.startswith(TRAINING_STATE_DIR + "/")]
 
 
 # --- destination ---------------------------------------------------------------------------
@@ -205,12 +212,14 @@ def convert(
         dst: the destination directory or ``s3://`` URL; committed as a save commits
             (an existing checkpoint there stays intact until the commit).
         max_shard_size: most tensor bytes per output file (``"5GB"``, ``"2GiB"``, an int).
-        dtype: cast floating tensors (F64, F32, F16, BF16) to ``"bf16"``, ``"fp16"`` or
-            ``"fp32"``; integers, bools and FP8 tensors keep their dtype.
+        dtype: cast the model's floating weights (F64, F32, F16, BF16) to ``"bf16"``,
+            ``"fp16"`` or ``"fp32"``; integers, bools and FP8 tensors keep their dtype, and
+            so does every ``training_state/`` tensor (optimizer moments, step counters).
         model_prefix: keys under ``"<prefix>."`` go to the HF files without the prefix,
             every other tensor to ``training_state/``, as ``SafetensorsWriter(model_prefix=)``
             does. For a safetensors source it is the prefix given to its weight-map keys
-            (default: the prefix its save recorded).
+            (default: the prefix its save recorded). Without one, a source holding optimizer
+            state gets :func:`nested_model_prefix`.
         storage_options: fsspec options for ``s3://`` paths (source and destination).
         progress: ``progress(done_bytes, total_bytes)``, called as parts are written.
 
@@ -223,16 +232,24 @@ def convert(
     check_prefix(model_prefix, "model_prefix")
     source = open_source(src, storage_options, model_prefix)
     prefix = model_prefix if model_prefix is not None else source.model_prefix
+    detected = False
+    if prefix is None:
+        prefix = nested_model_prefix(src, [t.key for t in source.tensors])
+        detected = prefix is not None
+        if detected:
+            logger.info("%s: model prefix %r detected (its other keys go to training_state/)", src, prefix)
     logger.info("converting %s (%s)", src, source.description)
 
     specs: list[TensorSpec] = []
     source_dtype: dict[str, str] = {}
     casts: dict[str, str] = {}
     for t in source.tensors:
-        out = target if target is not None and t.dtype in _CASTABLE else t.dtype
+        group, name = place_key(t.key, prefix)
+        # Weights only: optimizer moments and step counters keep their precision (a BF16
+        # step counter is exact only up to 256).
+        out = target if target is not None and t.dtype in _CASTABLE and group == MODEL_GROUP else t.dtype
         if out != t.dtype:
             casts[t.key] = f"{t.dtype}->{out}"
-        group, name = place_key(t.key, prefix)
         specs.append(TensorSpec(t.key, name, out, t.shape, group))
         source_dtype[t.key] = t.dtype
     storage: Storage = open_storage(dst, storage_options)
@@ -291,7 +308,41 @@ def convert(
     seconds = time.perf_counter() - started
     logger.info("committed %s: %d files, %.1f MB in %.2f s", dst, len(published), total / 1e6, seconds)
     return ConvertResult(
-        dst, snapshot, [f.name for f in layout.files], len(specs), len(source.objects), total, seconds, casts
+        dst, snapshot, [f.name for f in layout.files], len(specs), len(source.objects), total, seconds, casts,
+        prefix, detected,
+    )
+
+
+OPTIMIZER_MARKERS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "param_groups", "max_exp_avg_sq")
+"""Key segments of torch optimizers' state (Adam/AdamW, SGD, their param groups)."""
+
+
+def nested_model_prefix(src: str, keys: Sequence[str]) -> str | None:
+    """The model's prefix in a state dict that nests model and optimizer state; None without optimizer state.
+
+    ``dcp.save({"model": ..., "optim": ...})`` flattens to ``model.<name>`` and
+    ``optim.state.<name>.exp_avg``: without a prefix, every optimizer tensor would
+    become a "weight" of the HF files. With optimizer state present and a top-level
+    ``model`` group free of it, that group is the model; otherwise nothing can be
+    picked safely and ConfigurationError says what to pass.
+
+    Example:
+        >>> nested_model_prefix("ckpt", ["model.w", "optim.state.model.w.exp_avg", "optim.state.model.w.step"])
+        'model'
+        >>> nested_model_prefix("ckpt", ["model.layers.0.w", "lm_head.weight"]) is None
+        True
+    """
+    optimizer = [k for k in keys if set(k.split(".")) & set(OPTIMIZER_MARKERS)]
+    if not optimizer:
+        return None
+    groups = sorted({k.split(".", 1)[0] for k in keys})
+    if MODEL_GROUP in groups and MODEL_GROUP not in {k.split(".", 1)[0] for k in optimizer}:
+        return MODEL_GROUP
+    example = optimizer[0]
+    raise ConfigurationError(
+        f"{src}: holds optimizer state (e.g. {example!r}) next to the weights, under top-level groups "
+        f"{', '.join(groups)}: pass model_prefix (--model-prefix) naming the model's group, whose keys become "
+        "the HF weights; the rest goes to training_state/"
     )
 
 

@@ -106,6 +106,45 @@ def _state() -> dict:
     }
 
 
+def test_nested_distcp_without_a_prefix_detects_the_model_and_casts_only_its_weights(tmp_path):
+    """dcp.save({"model": ..., "optim": ...}) converted with no --model-prefix: the HF files hold the model's
+    weights alone, and --dtype bf16 leaves the optimizer's moments and step counter as they were."""
+    state = _state()
+    no_dist(dcp.save, state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "distcp")))
+    dst = tmp_path / "hf"
+    out = run_cli("convert", tmp_path / "distcp", dst, "--dtype", "bf16", "--max-shard-size", "1kB", "--no-progress")
+
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state["model"])
+    weights = hf_tensors(dst)
+    for key, t in state["model"].items():
+        want = torch.bfloat16 if t.is_floating_point() else t.dtype
+        assert weights[key].dtype == want and torch.equal(weights[key], t.to(want)), key
+    extra = index["metadata"]["dcp_safetensors"]["extra_weight_map"]
+    assert set(extra) == {"optim.embed.weight.exp_avg", "optim.step"}
+    kept = {}
+    for file in set(extra.values()):
+        kept.update(safetensors.torch.load_file(str(dst / file)))
+    for key, t in state["optim"].items():
+        assert kept["optim." + key].dtype == torch.float32 and torch.equal(kept["optim." + key], t), key
+
+    weight_files = len(set(index["weight_map"].values()))
+    state_files = len(set(extra.values()))
+    assert weight_files > 1 and state_files >= 1
+    assert f"into {weight_files} weight files and {state_files} training-state file" in out.stdout, out.stdout
+    assert "model prefix 'model' detected" in out.stdout
+
+
+def test_optimizer_state_without_a_model_group_asks_for_the_prefix(tmp_path):
+    state = {"net": {"w": torch.ones(4)}, "opt": {"state.w.exp_avg": torch.zeros(4)}}
+    no_dist(dcp.save, state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "distcp")))
+    p = run_cli("convert", tmp_path / "distcp", tmp_path / "hf", "--no-progress", rc=1)
+    assert "holds optimizer state (e.g. 'opt.state.w.exp_avg')" in p.stderr and "net, opt" in p.stderr
+    assert "--model-prefix" in p.stderr and not (tmp_path / "hf").exists()
+    run_cli("convert", tmp_path / "distcp", tmp_path / "hf", "--model-prefix", "net", "--no-progress")
+    assert set(hf_tensors(tmp_path / "hf")) == {"w"}
+
+
 def test_distcp_conversion_writes_the_same_bytes_as_the_writer(tmp_path):
     """Converting a .distcp save gives the files SafetensorsWriter writes for the same state, but the snapshot id."""
     state = _state()
@@ -197,7 +236,7 @@ def test_local_to_s3_and_s3_to_local(s3, tmp_path):
     for k, t in state["model"].items():
         assert same(loaded[k], t.half() if t.is_floating_point() else t), k
     ts = safetensors.torch.load_file(str(tmp_path / "back" / "training_state" / "state.safetensors"))
-    assert same(ts["optim.embed.weight.exp_avg"], state["optim"]["embed.weight.exp_avg"].half())
+    assert same(ts["optim.embed.weight.exp_avg"], state["optim"]["embed.weight.exp_avg"])  # training state: not cast
 
 
 # VmHWM, not ru_maxrss: Linux carries a forked child's maxrss (the parent's RSS) across exec.
