@@ -65,7 +65,7 @@ from dcp_safetensors.collectives import (
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
 from dcp_safetensors.global_plan import PlannedSave, collect_chunks
-from dcp_safetensors.hf_config import config_files
+from dcp_safetensors.hf_config import config_files, with_weights_dtype
 from dcp_safetensors.layout import (
     SMALL_RUN,
     CheckpointLayout,
@@ -79,9 +79,7 @@ from dcp_safetensors.layout import (
     with_header_metadata,
 )
 from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
-from dcp_safetensors.names import (
-    SNAPSHOT_KEY,
-)
+from dcp_safetensors.names import SNAPSHOT_KEY
 from dcp_safetensors.planner import ALIASES_KEY
 from dcp_safetensors.rank_writes import WrittenObject, resolve_writes
 from dcp_safetensors.saving import LayoutSave, RunWrite, WrittenParts, write_in_place, write_parts
@@ -170,8 +168,10 @@ class SafetensorsWriter(StorageWriter):
             written as whole-row blocks, not a ``pwrite`` per row (0: never;
             the default is measured on CPU ranks, see ``layout.row_blocks``).
         write_threads: concurrent part writes/uploads per rank.
-        hf_config: a transformers config (anything with ``to_dict()``) or a
-            dict, written as ``config.json`` in the same commit as the weights.
+        hf_config: the transformers model (best: ``config.json`` then names its class in
+            ``architectures``, and a generating model's ``generation_config.json`` comes along),
+            its config (anything with ``to_dict()``) or a dict; written as ``save_pretrained``
+            writes it, ``dtype`` from the saved weights, in the same commit as the weights.
         generation_config: likewise, written as ``generation_config.json``.
         strip_auto_map: drop ``auto_map`` from the config (it points at custom
             code that is not in the checkpoint directory).
@@ -441,7 +441,7 @@ class SafetensorsWriter(StorageWriter):
         published = save.commit(
             written,
             objects=objects,
-            extra_files=self._extra_files,
+            extra_files=with_weights_dtype(self._extra_files, save.layout.tensors),
             model_prefix=self.model_prefix,
             aliases=self._file_names(aliases, save.layout),
         )

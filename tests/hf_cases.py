@@ -38,7 +38,8 @@ def tiny_gpt2(seed: int):
 
 def save_fsdp_llama(path: str, tied: bool = False) -> None:
     model = fsdp_layers(tiny_llama(seed=0, tied=tied))
-    dcp_safetensors.save(get_model_state_dict(model), path, hf_config=model.config, max_shard_size="100KB")
+    assert type(model).__name__ == "FSDPLlamaForCausalLM"  # config.json must name LlamaForCausalLM all the same
+    dcp_safetensors.save(get_model_state_dict(model), path, hf_config=model, max_shard_size="100KB")
 
 
 def load_pretrained_into_fsdp(path: str, tied: bool = False) -> torch.Tensor:

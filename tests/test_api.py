@@ -7,9 +7,11 @@ import logging
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from cases import api_roundtrip, async_save_while_training
 
 import dcp_safetensors
+from dcp_safetensors import SafetensorsWriter
 from dcp_safetensors.errors import CheckpointNotFoundError, ConfigurationError
 
 
@@ -17,7 +19,7 @@ def test_api_roundtrip_with_config_on_two_ranks(ranks, tmp_path):
     for r in ranks(2).run(api_roundtrip, str(tmp_path)):
         assert r == {"same": True, "step": 5, "error": "CheckpointNotFoundError"}
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config == {"model_type": "toy", "hidden_size": 16}  # auto_map stripped
+    assert config == {"model_type": "toy", "hidden_size": 16, "dtype": "float32"}  # auto_map stripped; the weights' dtype
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert "embed.weight" in index["weight_map"]
 
@@ -47,7 +49,39 @@ def test_config_objects_and_generation_config_are_committed_with_the_weights(tmp
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {"AutoModel": "x.Y"}
     assert json.loads((tmp_path / "generation_config.json").read_text()) == {"max_new_tokens": 5}
     with pytest.raises(ConfigurationError, match="config.json"):
-        dcp_safetensors.SafetensorsWriter(tmp_path, hf_config=object())
+        SafetensorsWriter(tmp_path, hf_config=object())
+
+
+def test_config_json_gets_the_saved_weights_dtype_and_the_models_class_as_save_pretrained_writes_them(tmp_path, caplog):
+    """A model built from a config has "architectures": null and "dtype": null in its config; vLLM then
+    resolved LlamaModel. Given the model, config.json names its class; given the config, a warning says
+    what is missing; either way dtype is the saved weights' (here cast to bf16 on save)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dcp_safetensors import SafetensorsSavePlanner
+
+    def build():
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=256)
+        return AutoModelForCausalLM.from_config(config)
+
+    reference = build().to(torch.bfloat16)
+    reference.save_pretrained(str(tmp_path / "reference"))
+    theirs = json.loads((tmp_path / "reference" / "config.json").read_text())
+    assert theirs["dtype"] == "bfloat16" and theirs["architectures"] == ["LlamaForCausalLM"]
+
+    model = build()
+    bf16 = SafetensorsSavePlanner(dtype=torch.bfloat16)
+    dcp.save(model.state_dict(), storage_writer=SafetensorsWriter(tmp_path / "model", hf_config=model), planner=bf16)
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == theirs
+
+    with caplog.at_level(logging.WARNING, logger="dcp_safetensors"):
+        dcp.save(model.state_dict(), storage_writer=SafetensorsWriter(tmp_path / "config", hf_config=model.config),
+                 planner=SafetensorsSavePlanner(dtype=torch.bfloat16))
+    ours = json.loads((tmp_path / "config" / "config.json").read_text())
+    assert ours["dtype"] == "bfloat16" and "architectures" not in ours
+    assert {k: v for k, v in ours.items()} == {k: v for k, v in theirs.items() if k != "architectures"}
+    assert "pass hf_config=model" in caplog.text
 
 
 @pytest.mark.parametrize("min_files", [0, -2])

@@ -30,6 +30,12 @@ def test_fsdp2_llama_loads_with_from_pretrained_to_identical_logits(ranks, tmp_p
         assert index["metadata"]["dcp_safetensors"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     reference = tiny_llama(seed=0, tied=tied)
+    # config.json and generation_config.json as save_pretrained writes them, field by field.
+    reference.save_pretrained(str(tmp_path / "reference"))
+    for name in ("config.json", "generation_config.json"):
+        ours, theirs = (json.loads((d / name).read_text()) for d in (tmp_path, tmp_path / "reference"))
+        assert ours == theirs, (name, {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)})
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     idx = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(idx).logits, reference(idx).logits)
