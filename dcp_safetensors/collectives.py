@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dcp_safetensors.errors import LayoutError, RankFailedError
 from dcp_safetensors.layout import RowSlab, TransferRound
 
-__all__ = ["ByteSource", "agree_on_errors", "exchange", "exchange_rows", "broadcast_bytes"]
+__all__ = ["ByteSource", "agree_on_errors", "transfer", "pack_round", "exchange", "exchange_rows", "broadcast_bytes"]
 
 BROADCAST_CHUNK = 256 << 20
 """Bytes per broadcast call: bounds the staging copies a backend makes."""
@@ -85,10 +85,47 @@ def agree_on_errors(error: BaseException | None, group: dist.ProcessGroup | None
         raise RankFailedError(f"rank {rank} failed before {phase}: {failed[rank]}")
 
 
-def exchange(
-    rnd: TransferRound, source: ByteSource, group: dist.ProcessGroup | None, device: torch.device
+def transfer(
+    rounds: Sequence[TransferRound], source: ByteSource, group: dist.ProcessGroup | None, error: BaseException | None
 ) -> None:
-    """Run one round: send the planned bytes, add what arrives to ``source``."""
+    """Run every transfer round of a save: what each rank sends, packed, then one ``all_to_all_single``.
+
+    ``error`` is this rank's failure so far (None if none): every round first agrees on
+    errors, the packing's included, so all ranks raise together and none is left
+    waiting in the collective (:class:`~dcp_safetensors.errors.RankFailedError` on the others).
+    """
+    device = collective_device(group)
+    for number, rnd in enumerate(rounds):
+        payload = bytearray()
+        if error is None:
+            try:
+                payload = pack_round(rnd, source)
+            except Exception as e:  # noqa: BLE001 - whatever it is, every rank must learn of it
+                error = e
+        agree_on_errors(error, group, f"transfer round {number + 1}")
+        exchange(rnd, payload, source, group, device)
+
+
+def pack_round(rnd: TransferRound, source: ByteSource) -> bytearray:
+    """The bytes this rank sends in round ``rnd``, packed by destination in plan order.
+
+    Kept apart from :func:`exchange` so that a failure here (a missing byte range, no
+    memory) is agreed on before the collective: a rank that raised inside it would
+    leave the others waiting in ``all_to_all_single`` until the process group's timeout.
+    """
+    payload = bytearray(sum(t.length for t in rnd.sends))
+    pos = 0
+    for t in sorted(rnd.sends, key=lambda t: t.dst):
+        for view in source.read(t.file, t.offset, t.length):
+            payload[pos : pos + view.nbytes] = view
+            pos += view.nbytes
+    return payload
+
+
+def exchange(
+    rnd: TransferRound, payload: bytearray, source: ByteSource, group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """Run one round: send ``payload`` (:func:`pack_round`'s), add what arrives to ``source``."""
     world = dist.get_world_size(group)
     send_sizes = [0] * world
     recv_sizes = [0] * world
@@ -97,14 +134,6 @@ def exchange(
         send_sizes[t.dst] += t.length
     for t in rnd.recvs:
         recv_sizes[t.src] += t.length
-    # Sends are packed by destination, in plan order; the receiver unpacks in the same order.
-    ordered = sorted(rnd.sends, key=lambda t: t.dst)
-    payload = bytearray(sum(send_sizes))
-    pos = 0
-    for t in ordered:
-        for view in source.read(t.file, t.offset, t.length):
-            payload[pos : pos + view.nbytes] = view
-            pos += view.nbytes
     send = torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
     recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
     dist.all_to_all_single(recv, send.to(device), recv_sizes, send_sizes, group=group)

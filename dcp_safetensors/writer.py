@@ -59,8 +59,8 @@ from dcp_safetensors.collectives import (
     ByteSource,
     agree_on_errors,
     collective_device,
-    exchange,
     exchange_rows,
+    transfer,
 )
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
@@ -386,10 +386,7 @@ class SafetensorsWriter(StorageWriter):
                 error = e
             if data.writes.rounds:
                 transfer_started = time.perf_counter()
-                device = collective_device(group)
-                for number, rnd in enumerate(data.writes.rounds):
-                    agree_on_errors(error, group, f"transfer round {number + 1}")
-                    exchange(rnd, source, group, device)
+                transfer(data.writes.rounds, source, group, error)
                 self._phases["transfer"] = time.perf_counter() - transfer_started
             if data.writes.row_rounds:
                 # Short-run column chunks: swap columns so each rank writes whole rows, a round at a

@@ -291,6 +291,20 @@ def try_save_big(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict):
     return error_summary(save_big, path, shapes, writer_kwargs)
 
 
+def save_big_failing_to_pack_on_rank_1(path: str, shapes: list[tuple[int, int]], writer_kwargs: dict):
+    """``try_save_big`` where rank 1 fails while packing the bytes it sends another rank: (seconds, failures)."""
+    import dcp_safetensors.collectives as collectives
+
+    if dist.get_rank() == 1:
+        def fail(rnd, source):
+            raise MemoryError("injected: no memory for the send buffer")
+
+        collectives.pack_round = fail
+    started = time.perf_counter()
+    failures = try_save_big(path, shapes, writer_kwargs)
+    return time.perf_counter() - started, failures
+
+
 def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> bool:
     mesh = world_mesh()
     full = big_state(shapes)

@@ -118,6 +118,24 @@ def test_throttling_that_never_ends_fails_after_the_retries_naming_request_bucke
     assert not s3.open_uploads(s3.prefix) and "model.safetensors.index.json" not in s3.keys(s3.prefix)
 
 
+def test_a_rank_failing_to_pack_its_transfer_fails_every_rank_at_once_and_keeps_the_old_checkpoint(ranks, s3):
+    """The packing of a transfer round runs before its all_to_all: a rank that raised there used to leave the
+    others in the collective until the process group's timeout (10+ minutes); now all agree first."""
+    from cases import save_big_failing_to_pack_on_rank_1
+
+    url = s3.url(s3.prefix)
+    shapes = [(1536, 1024)] * 2  # 3 MiB per rank per tensor: parts need bytes of both ranks
+    ranks(2).run(save_big, url, shapes, {"storage_options": options(s3)})
+    before = {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)}
+    results = ranks(2).run(save_big_failing_to_pack_on_rank_1, url, [(1536, 1024)] * 3, {"storage_options": options(s3)})
+    for rank, (seconds, failures) in enumerate(results):  # DCP raises every rank's failure on every rank
+        assert seconds < 60, (rank, seconds)
+        assert failures[1][0] == "MemoryError" and "injected" in failures[1][1], failures
+        assert failures[0][0] == "RankFailedError" and "rank 1 failed before transfer round 1" in failures[0][1], failures
+    assert {k: s3.get(s3.prefix, k) for k in s3.keys(s3.prefix)} == before
+    assert not s3.open_uploads(s3.prefix)
+
+
 def test_index_lists_every_file_with_size_and_checksum(ranks, s3):
     url = s3.url(s3.prefix)
     ranks(2).run(save_big, url, [(1024, 1024)] * 3, {"storage_options": options(s3), "max_shard_size": 5 * MiB})
