@@ -295,14 +295,18 @@ def save_big_failing_to_pack_on_rank_1(path: str, shapes: list[tuple[int, int]],
     """``try_save_big`` where rank 1 fails while packing the bytes it sends another rank: (seconds, failures)."""
     import dcp_safetensors.collectives as collectives
 
-    if dist.get_rank() == 1:
-        def fail(rnd, source):
-            raise MemoryError("injected: no memory for the send buffer")
+    def fail(rnd, source):
+        raise MemoryError("injected: no memory for the send buffer")
 
+    original = collectives.pack_round
+    if dist.get_rank() == 1:
         collectives.pack_round = fail
-    started = time.perf_counter()
-    failures = try_save_big(path, shapes, writer_kwargs)
-    return time.perf_counter() - started, failures
+    try:  # the rank pool's processes serve later tests: put the function back
+        started = time.perf_counter()
+        failures = try_save_big(path, shapes, writer_kwargs)
+        return time.perf_counter() - started, failures
+    finally:
+        collectives.pack_round = original
 
 
 def load_big(path: str, shapes: list[tuple[int, int]], reader_kwargs: dict) -> bool:

@@ -138,3 +138,62 @@ def test_the_users_storage_options_are_not_changed(s3):
     with pytest.raises(MissingFileError):
         storage.head("nothing-here")
     assert given == before
+
+
+@pytest.fixture
+def own_proxy(s3):
+    """A proxy of its own in front of the moto server, to kill or stall without touching other tests'."""
+    from s3_proxy import S3Proxy
+
+    proxy = S3Proxy("127.0.0.1", s3.moto_port)
+    yield proxy
+    proxy.close()
+
+
+def through(s3, proxy, **extra) -> dict:
+    return options(s3, client_kwargs={"endpoint_url": f"http://127.0.0.1:{proxy.port}", "region_name": "us-east-1"},
+                   **extra)
+
+
+def test_an_endpoint_that_reaches_no_server_fails_every_request_at_once_then_recovers(s3, own_proxy):
+    """Refused/dropped connections for longer than the breaker's window: the request fails naming the endpoint
+    and the last failure; the next ones fail without trying; once the window has passed and the server is back,
+    requests go through again."""
+    import time
+
+    from dcp_safetensors.errors import StorageError
+    from dcp_safetensors.storage.breaker import EndpointBreaker
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy))
+    storage._breaker = EndpointBreaker(window=1.0)
+    own_proxy.faults.rule = lambda op, n: "drop"
+    started = time.perf_counter()
+    with pytest.raises(StorageError, match=rf"the endpoint http://127.0.0.1:{own_proxy.port} is unreachable: no request "
+                                           r"has reached it for \d s \(\d+ failed; the last, HeadObject of s3://"):
+        storage.head("a.safetensors")
+    assert 1.0 <= time.perf_counter() - started < 4  # the window, not 6 attempts x backoff
+    tried = own_proxy.stats.requests["HEAD"]
+    started = time.perf_counter()
+    with pytest.raises(StorageError, match="is unreachable"):
+        storage.abort_upload("a.safetensors", "some-upload")
+    assert time.perf_counter() - started < 0.1 and own_proxy.stats.requests["HEAD"] == tried
+    assert own_proxy.stats.requests["AbortMultipartUpload"] == 0  # not even tried
+    own_proxy.faults.rule = None
+    time.sleep(1.0)
+    with pytest.raises(MissingFileError):  # the server answers again
+        storage.head("a.safetensors")
+
+
+def test_server_errors_are_answers_and_keep_the_breaker_closed(s3, own_proxy):
+    """A 500 comes from a living server: six attempts with backoff, the server's error, no "unreachable"
+    (the window is 0: one request reaching no server would open it)."""
+    from dcp_safetensors.errors import StorageError
+    from dcp_safetensors.storage.breaker import EndpointBreaker
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy, config_kwargs={}))  # botocore's retries: the default
+    storage._breaker = EndpointBreaker(window=0.0)
+    own_proxy.faults.rule = lambda op, n: "500"
+    with pytest.raises(StorageError, match="failed after 6 attempts: 500") as info:  # a HEAD answer has no body
+        storage.head("a.safetensors")
+    assert "unreachable" not in str(info.value)
+    assert own_proxy.stats.requests["HEAD"] == 6  # ours only: botocore retries nothing of its own

@@ -43,6 +43,7 @@ from dcp_safetensors.errors import (
 from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.names import INDEX_NAME
 from dcp_safetensors.storage.base import PartTags, PartWriter, ReadHandle, SaveSession, Storage
+from dcp_safetensors.storage.breaker import EndpointBreaker, reached_no_server
 
 __all__ = ["FsspecStorage"]
 
@@ -129,6 +130,7 @@ class FsspecStorage(Storage):
         self.storage_options = dict(storage_options or {})
         self.retries = retries
         self._fs: Any = None
+        self._breaker: EndpointBreaker | None = None
 
     @property
     def fs(self) -> Any:
@@ -148,7 +150,19 @@ class FsspecStorage(Storage):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_fs"] = None  # clients hold sockets and event loops; each process makes its own
+        state["_breaker"] = None  # a lock; and another process judges the endpoint afresh
         return state
+
+    @property
+    def breaker(self) -> EndpointBreaker:
+        """Whether this storage's endpoint answers, judged over all its requests (:mod:`.breaker`)."""
+        if self._breaker is None:
+            self._breaker = EndpointBreaker()
+        return self._breaker
+
+    def endpoint(self) -> str:
+        """Where requests go, for an error saying it is unreachable."""
+        return self.url
 
     def path(self, name: str) -> str:
         return posixpath.join(self.url, name) if name else self.url
@@ -162,9 +176,13 @@ class FsspecStorage(Storage):
         A missing object raises ``FileNotFoundError`` for the caller to judge.
         """
         delay = 0.1
+        breaker = self.breaker
         for attempt in range(1, self.retries + 1):
+            breaker.check()  # fails at once while the endpoint counts as unreachable
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                breaker.answered()
+                return result
             except ConfigurationError:
                 raise
             except TypeError as e:
@@ -175,6 +193,10 @@ class FsspecStorage(Storage):
                     "'region_name': ...}}, config_kwargs, ...)"
                 ) from e
             except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types for one transient fault
+                if reached_no_server(e):
+                    breaker.failed(f"{request} of {self.path(name)}", self.endpoint(), e)  # raises once it opens
+                else:
+                    breaker.answered()  # an error of the server's own: it lives
                 if error_code(e) in ("PreconditionFailed", "412"):
                     raise CheckpointChangedError(
                         f"{self.path(name)}: replaced by another save while this load read it (its ETag changed); "

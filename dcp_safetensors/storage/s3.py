@@ -152,6 +152,9 @@ class S3Storage(FsspecStorage):
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_client": None}
 
+    def endpoint(self) -> str:
+        return self.client.endpoint
+
     def bucket_key(self, name: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(self.path(name))
         return bucket, key

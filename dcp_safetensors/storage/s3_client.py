@@ -103,6 +103,9 @@ class S3Client:
             client_kwargs = {k: v for k, v in client_kwargs.items() if k not in secrets}
             config["signature_version"] = UNSIGNED
         config.setdefault("max_pool_connections", POOL_SIZE)
+        # Our retry layer (FsspecStorage.retry: backoff, and the endpoint breaker) is the one policy;
+        # botocore's own retries on top multiplied a dead endpoint's wait (5 x a connect timeout per try).
+        config.setdefault("retries", {"total_max_attempts": 1})
         config["s3"] = {"payload_signing_enabled": False, **config.get("s3", {})}
         session = botocore.session.Session(**fs.kwargs)  # what s3fs gives its AioSession (profile, ...)
         return session.create_client("s3", config=Config(**config), **init, **client_kwargs)

@@ -1,0 +1,87 @@
+"""One judgement per storage that its endpoint stopped answering: then every request fails at once.
+
+Without it each request retried on its own: with a dead server, every part of
+a save spent its six attempts (and botocore's own, each waiting out a connect
+timeout), then every rank retried every abort the same way: minutes before
+the user learnt that the server was gone. The breaker counts only failures
+that reached no server (refused or dropped connections, timeouts); any answer,
+an error one included, shows the server lives and resets it. After
+:data:`UNREACHABLE_AFTER` seconds of nothing but such failures, it opens:
+requests fail at once for the next ``UNREACHABLE_AFTER`` seconds, naming the
+endpoint and the last failure, then one may try again (a later save).
+
+Example:
+    >>> breaker = EndpointBreaker(window=0.0)
+    >>> breaker.answered()  # the server answered (a success or an error of its own)
+    >>> breaker.check()     # closed: requests go ahead
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dcp_safetensors.errors import StorageError
+
+__all__ = ["EndpointBreaker", "UNREACHABLE_AFTER", "reached_no_server"]
+
+UNREACHABLE_AFTER = 10.0
+"""Seconds of nothing but failed connections after which an endpoint counts as unreachable."""
+
+_NO_SERVER = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "ServerDisconnectedError", "ClientConnectorError", "ServerTimeoutError",
+})  # fmt: skip
+"""botocore's, urllib3's and aiohttp's errors for a request no server answered (by class name: no import)."""
+
+
+def reached_no_server(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps) is a connection refused, dropped or timed out, not a server's answer."""
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in _NO_SERVER:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class EndpointBreaker:
+    """Shared by every request of one storage (all its threads): see the module docstring."""
+
+    def __init__(self, window: float = UNREACHABLE_AFTER) -> None:
+        self.window = window
+        self._lock = threading.Lock()
+        self._since: float | None = None  # first failure since the last answer
+        self._failures = 0
+        self._opened: tuple[float, str] | None = None
+
+    def check(self) -> None:
+        """Raise the open breaker's error, if it opened less than ``window`` seconds ago."""
+        with self._lock:
+            if self._opened is not None and time.monotonic() - self._opened[0] < max(self.window, 1.0):
+                raise StorageError(self._opened[1])
+
+    def answered(self) -> None:
+        """A server answered: the endpoint is reachable."""
+        with self._lock:
+            self._since, self._failures, self._opened = None, 0, None
+
+    def failed(self, request: str, endpoint: str, e: BaseException) -> None:
+        """A request reached no server; raise StorageError if none has for ``window`` seconds."""
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+            self._failures += 1
+            if now - self._since < self.window:
+                return
+            message = (
+                f"the endpoint {endpoint} is unreachable: no request has reached it for {now - self._since:.0f} s "
+                f"({self._failures} failed; the last, {request}: {type(e).__name__}: {e}). Every request of this "
+                "save or load stops now; nothing of a save is published (the next save cleans up its uploads). "
+                "Check that the server runs and that storage_options' endpoint_url points at it"
+            )
+            self._opened = (now, message)
+        raise StorageError(message) from e
