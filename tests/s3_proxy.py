@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,10 +45,12 @@ def classify(method: str, path: str) -> str:
 
 @dataclass
 class Faults:
-    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403", "drop", or "flip": forward the
-    request with one bit of its body flipped, as a bad link or NIC would (n counts that operation)."""
+    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403", "drop", "flip": forward the
+    request with one bit of its body flipped, as a bad link or NIC would, or "stall": answer nothing for
+    ``stall_s`` seconds, then drop the connection, as a stopped (SIGSTOP) server (n counts that operation)."""
 
     rule: Callable[[str, int], str | None] | None = None
+    stall_s: float = 5.0
 
     def decide(self, operation: str, n: int) -> str | None:
         return self.rule(operation, n) if self.rule else None
@@ -122,7 +125,9 @@ class S3Proxy:
                 if fault:
                     with proxy.stats.lock:
                         proxy.stats.injected[f"{op}:{fault}"] += 1
-                    if fault == "drop":
+                    if fault == "stall":
+                        time.sleep(proxy.faults.stall_s)
+                    if fault in ("drop", "stall"):
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return

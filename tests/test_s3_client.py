@@ -197,3 +197,23 @@ def test_server_errors_are_answers_and_keep_the_breaker_closed(s3, own_proxy):
         storage.head("a.safetensors")
     assert "unreachable" not in str(info.value)
     assert own_proxy.stats.requests["HEAD"] == 6  # ours only: botocore retries nothing of its own
+
+
+def test_a_stalled_server_is_named_as_stopped_answering_after_its_read_timeouts(s3, own_proxy):
+    """A server that accepts connections and then says nothing (SIGSTOP): each request times out (read_timeout,
+    here 0.5 s), is retried, and the breaker says the server stopped answering, not that it is unreachable."""
+    import time
+
+    from dcp_safetensors.errors import StorageError
+    from dcp_safetensors.storage.breaker import EndpointBreaker
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy, config_kwargs={"read_timeout": 0.5}))
+    storage._breaker = EndpointBreaker(window=1.0)
+    own_proxy.faults.stall_s = 3.0
+    own_proxy.faults.rule = lambda op, n: "stall"
+    started = time.perf_counter()
+    with pytest.raises(StorageError, match=rf"the endpoint http://127.0.0.1:{own_proxy.port} stopped answering \(its "
+                                           r"requests time out\): no request has reached it for \d s .*ReadTimeoutError"):
+        storage.head("a.safetensors")
+    assert time.perf_counter() - started < 4
+    own_proxy.faults.rule = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 from dcp_safetensors.errors import StorageError
 
@@ -35,16 +36,25 @@ _NO_SERVER = frozenset({
 """botocore's, urllib3's and aiohttp's errors for a request no server answered (by class name: no import)."""
 
 
-def reached_no_server(e: BaseException) -> bool:
-    """Whether ``e`` (or what it wraps) is a connection refused, dropped or timed out, not a server's answer."""
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what it wraps (s3fs and botocore wrap a socket's error two or three deep)."""
     seen: BaseException | None = e
     for _ in range(4):
         if seen is None:
-            return False
-        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in _NO_SERVER:
-            return True
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def reached_no_server(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps) is a connection refused, dropped or timed out, not a server's answer."""
+    return any(isinstance(x, (ConnectionError, TimeoutError)) or type(x).__name__ in _NO_SERVER for x in _chain(e))
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether ``e`` is a timeout (a server that accepts connections and then says nothing: stopped, overloaded)."""
+    return any(isinstance(x, TimeoutError) or type(x).__name__ in ("ReadTimeoutError", "ConnectTimeoutError")
+               for x in _chain(e))
 
 
 class EndpointBreaker:
@@ -77,8 +87,9 @@ class EndpointBreaker:
             self._failures += 1
             if now - self._since < self.window:
                 return
+            state = "stopped answering (its requests time out)" if _timed_out(e) else "is unreachable"
             message = (
-                f"the endpoint {endpoint} is unreachable: no request has reached it for {now - self._since:.0f} s "
+                f"the endpoint {endpoint} {state}: no request has reached it for {now - self._since:.0f} s "
                 f"({self._failures} failed; the last, {request}: {type(e).__name__}: {e}). Every request of this "
                 "save or load stops now; nothing of a save is published (the next save cleans up its uploads). "
                 "Check that the server runs and that storage_options' endpoint_url points at it"
