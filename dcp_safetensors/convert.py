@@ -313,7 +313,7 @@ def convert(
     )
 
 
-OPTIMIZER_MARKERS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "param_groups", "max_exp_avg_sq")
+OPTIMIZER_MARKERS = frozenset({"exp_avg", "exp_avg_sq", "momentum_buffer", "param_groups", "max_exp_avg_sq"})
 """Key segments of torch optimizers' state (Adam/AdamW, SGD, their param groups)."""
 
 
@@ -332,7 +332,7 @@ def nested_model_prefix(src: str, keys: Sequence[str]) -> str | None:
         >>> nested_model_prefix("ckpt", ["model.layers.0.w", "lm_head.weight"]) is None
         True
     """
-    optimizer = [k for k in keys if set(k.split(".")) & set(OPTIMIZER_MARKERS)]
+    optimizer = [k for k in keys if OPTIMIZER_MARKERS.intersection(k.split("."))]
     if not optimizer:
         return None
     groups = sorted({k.split(".", 1)[0] for k in keys})

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import threading
 from collections.abc import Mapping
@@ -95,10 +96,9 @@ class PinnedFiles:
 
     def _open(self, name: str) -> ReadHandle:
         if self.staging is not None:
-            try:
+            # MissingFileError: moved to its final place already (or never staged): read it there.
+            with contextlib.suppress(MissingFileError):
                 return self.storage.open_staged(self.staging, name)
-            except MissingFileError:
-                pass  # moved to its final place already (or never staged: read it there)
         return self.storage.open_read(name, self.etags.get(name), self.sizes.get(name))
 
     def path(self, name: str) -> str:

@@ -172,12 +172,16 @@ class S3Storage(FsspecStorage):
 
     def head(self, name: str, etag: str | None = None) -> tuple[int, str | None]:
         """``(size, ETag)`` of ``name``; with ``etag``, CheckpointChangedError if it is another version."""
+        response = self._head_object(name, etag)
+        return int(response["ContentLength"]), str(response["ETag"])
+
+    def _head_object(self, name: str, etag: str | None, **extra: Any) -> Any:
+        """``HeadObject`` of ``name`` (``If-Match`` ``etag`` when given); MissingFileError if there is none."""
         condition = {"IfMatch": etag} if etag is not None else {}
         try:
-            response = self.s3("HeadObject", name, "head_object", **condition)
+            return self.s3("HeadObject", name, "head_object", **condition, **extra)
         except FileNotFoundError:
             raise MissingFileError(f"{self.path(name)}: object is missing") from None
-        return int(response["ContentLength"]), str(response["ETag"])
 
     def stored_crc32(self, name: str, etag: str | None = None) -> int | None:
         """The full-object CRC-32 the server checked on receipt (HEAD, ``ChecksumMode=ENABLED``), or None.
@@ -185,11 +189,7 @@ class S3Storage(FsspecStorage):
         Only a ``FULL_OBJECT`` checksum is the CRC-32 of the whole file; a
         ``COMPOSITE`` one (other tools' multipart uploads) is a CRC of part CRCs.
         """
-        condition = {"IfMatch": etag} if etag is not None else {}
-        try:
-            response = self.s3("HeadObject", name, "head_object", ChecksumMode="ENABLED", **condition)
-        except FileNotFoundError:
-            raise MissingFileError(f"{self.path(name)}: object is missing") from None
+        response = self._head_object(name, etag, ChecksumMode="ENABLED")
         if response.get("ChecksumType") != "FULL_OBJECT" or "ChecksumCRC32" not in response:
             return None
         return int.from_bytes(base64.b64decode(response["ChecksumCRC32"]), "big")
