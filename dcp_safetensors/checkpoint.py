@@ -1,7 +1,8 @@
 """A checkpoint as a reader sees it: index, headers, tensors, objects, every one checked.
 
 :func:`read_checkpoint` opens any HF safetensors checkpoint (ours, any
-``save_pretrained`` / ``huggingface_hub`` output, single file or indexed) and
+``save_pretrained`` / ``huggingface_hub`` output, single file or indexed,
+or torch's per-rank ``shard-*`` files, :mod:`dcp_safetensors.torch_shards`) and
 checks everything that can be checked without reading tensor data: the index
 is well-formed and names no path outside the directory, every listed file
 exists with the recorded size, every header obeys the format, every key the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,7 @@ from dcp_safetensors.objects import decode_object
 from dcp_safetensors.pinned import PinnedFiles
 from dcp_safetensors.storage import Storage, open_storage
 from dcp_safetensors.ties import UnconfirmedTie, infer_ties
+from dcp_safetensors.torch_shards import ChunkedTensor, chunked_tensors, torch_shard_files
 
 if TYPE_CHECKING:
     from dcp_safetensors.verification import VerifyReport, verify, verify_all  # noqa: F401
@@ -121,6 +124,14 @@ class Checkpoint:
     """The staging directory this snapshot was read through: a live save was publishing it."""
     etags: dict[str, str] = field(default_factory=dict)
     """The version of each file that was read (object stores): other ranks read that version or fail."""
+    chunked: dict[str, ChunkedTensor] = field(default_factory=dict)
+    """Tensors stored in pieces, one per rank that wrote it (torch's per-rank HF output,
+    :mod:`dcp_safetensors.torch_shards`); not in ``tensors``."""
+
+    def location(self, key: str, offsets: Sequence[int]) -> TensorLocation:
+        """Where the stored chunk of ``key`` that starts at ``offsets`` lies (a whole tensor's starts at the origin)."""
+        chunked = self.chunked.get(key)
+        return self.tensors[key] if chunked is None else chunked.chunk_at(offsets).location
 
 
 def _describe_directory(storage: Files) -> str:
@@ -259,7 +270,10 @@ def check_snapshot(path: str, files: PinnedFiles, model_prefix: str | None) -> t
     concerns is left out of the checkpoint returned. ``model_prefix``: see
     :func:`read_checkpoint`.
     """
-    index, known = _read_index(path, files)
+    found = _read_index(path, files)
+    if found is None:
+        return _check_torch_shards(path, files)
+    index, known = found
     prefix = index.model_prefix if model_prefix is None else model_prefix
     keyed = {with_prefix(prefix, name): (name, file) for name, file in index.weight_map.items()}
     keyed.update((key, (key, file)) for key, file in index.extra_weight_map.items())
@@ -285,15 +299,38 @@ def check_snapshot(path: str, files: PinnedFiles, model_prefix: str | None) -> t
     return ckpt, problems + missing + dangling + broken
 
 
-def _read_index(path: str, files: PinnedFiles) -> tuple[Index, dict[str, Header]]:
-    """The checkpoint's index; for a lone ``model.safetensors``, one made of its header (returned too)."""
+def _read_index(path: str, files: PinnedFiles) -> tuple[Index, dict[str, Header]] | None:
+    """The checkpoint's index; for a lone ``model.safetensors``, one made of its header (returned too);
+    ``None`` when there is neither."""
     if files.exists(INDEX_NAME):
         index = read_json(files, INDEX_NAME)
         return parse_index(index, source=files.path(INDEX_NAME), root=path), {}
     if files.exists(SINGLE_FILE):
         header = read_header(files, SINGLE_FILE)
         return Index({name: SINGLE_FILE for name in header.tensors}), {SINGLE_FILE: header}
-    raise CheckpointNotFoundError(_describe_directory(files))
+    return None
+
+
+def _check_torch_shards(path: str, files: PinnedFiles) -> tuple[Checkpoint, list[Problem]]:
+    """:func:`check_snapshot` for a directory of torch's per-rank files (no index: every such file is read)."""
+    names = torch_shard_files(files.listdir())
+    if not names:
+        raise CheckpointNotFoundError(_describe_directory(files))
+    headers, problems = _read_headers(files, names, Index({}), {})
+    whole, chunked, broken = chunked_tensors(headers, files.path("").rstrip("/"))
+    logger.debug("%s: torch's per-rank HF files, %d files, %d tensors in pieces", path, len(headers), len(chunked))
+    ckpt = Checkpoint(
+        path,
+        whole,
+        {},
+        headers,
+        None,
+        False,
+        staging=files.staging,
+        etags={file: tag for file in headers if (tag := files.etag(file)) is not None},
+        chunked=chunked,
+    )
+    return ckpt, [*problems, *broken]
 
 
 def _read_headers(

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from isal import isal_zlib
 
-__all__ = ["crc32", "crc32_combine", "combine_runs", "combine_run_arrays", "crc32_share", "crc32_of_shares", "format_crc32",
-           "crc32_base64"]
+__all__ = ["crc32", "crc32_combine", "combine_runs", "combine_run_arrays", "shift_crcs", "zeros_crc", "crc32_share",
+           "crc32_of_shares", "format_crc32", "crc32_base64"]
 
 
 def crc32(data: Any, value: int = 0) -> int:
@@ -120,8 +120,14 @@ def _zero_bytes_arrays(k: int) -> np.ndarray:
     return np.asarray(_zero_bytes_tables(k), dtype=np.uint32)
 
 
-def _shift(crcs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Each ``crcs[i]`` with ``lengths[i]`` zero bytes appended (the register's linear map), vectorized."""
+def shift_crcs(crcs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each ``crcs[i]`` with ``lengths[i]`` zero bytes appended (the register's linear map), vectorized.
+
+    Example:
+        >>> import zlib
+        >>> shift_crcs(np.array([zlib.crc32(b"a")], np.uint32), np.array([2])).tolist() == [zlib.crc32(b"a\\0\\0") ^ zlib.crc32(b"\\0\\0")]
+        True
+    """
     crcs = crcs.copy()
     k = 0
     remaining = lengths.copy()
@@ -157,7 +163,7 @@ def combine_run_arrays(lengths: np.ndarray, crcs: np.ndarray) -> int:
     while len(crcs) > 1:
         carry = len(crcs) % 2
         left, right = crcs[: len(crcs) - carry : 2], crcs[1::2]
-        joined = _shift(left, lengths[1::2]) ^ right
+        joined = shift_crcs(left, lengths[1::2]) ^ right
         total = lengths[: len(lengths) - carry : 2] + lengths[1::2]
         if carry:
             joined = np.append(joined, crcs[-1])
@@ -166,10 +172,16 @@ def combine_run_arrays(lengths: np.ndarray, crcs: np.ndarray) -> int:
     return int(crcs[0])
 
 
-def _zeros_crc(lengths: np.ndarray) -> np.ndarray:
-    """``zlib.crc32(bytes(n))`` for every ``n`` of ``lengths``: the register's map on ``~0``, vectorized."""
+def zeros_crc(lengths: np.ndarray) -> np.ndarray:
+    """``zlib.crc32(bytes(n))`` for every ``n`` of ``lengths``: the register's map on ``~0``, vectorized (uint32).
+
+    Example:
+        >>> import zlib
+        >>> zeros_crc(np.array([0, 3])).tolist() == [0, zlib.crc32(bytes(3))]
+        True
+    """
     ones = np.full(len(lengths), 0xFFFFFFFF, dtype=np.uint32)
-    return _shift(ones, lengths) ^ np.uint32(0xFFFFFFFF)
+    return shift_crcs(ones, lengths) ^ np.uint32(0xFFFFFFFF)
 
 
 def crc32_share(crcs: np.ndarray, lengths: np.ndarray, after: np.ndarray) -> int:
@@ -195,13 +207,13 @@ def crc32_share(crcs: np.ndarray, lengths: np.ndarray, after: np.ndarray) -> int
     """
     crcs = np.asarray(crcs, dtype=np.uint32)
     lengths = np.asarray(lengths, dtype=np.int64)
-    terms = _shift(crcs ^ _zeros_crc(lengths), np.asarray(after, dtype=np.int64))
+    terms = shift_crcs(crcs ^ zeros_crc(lengths), np.asarray(after, dtype=np.int64))
     return int(np.bitwise_xor.reduce(terms)) if len(terms) else 0
 
 
 def crc32_of_shares(size: int, shares: Iterable[int]) -> int:
     """The CRC-32 of a ``size``-byte file from the :func:`crc32_share` of every writer (runs tiling it)."""
-    crc = int(_zeros_crc(np.array([size], dtype=np.int64))[0])
+    crc = int(zeros_crc(np.array([size], dtype=np.int64))[0])
     for share in shares:
         crc ^= int(share)
     return crc

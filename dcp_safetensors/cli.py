@@ -141,7 +141,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     count: dict[str, int] = {}
     tensor_bytes: dict[str, int] = {}
     stored = {k: loc for k, loc in ckpt.tensors.items() if k not in ckpt.aliases}
-    for loc in stored.values():
+    pieces = [c.location for t in ckpt.chunked.values() for c in t.chunks]
+    for loc in [*stored.values(), *pieces]:
         count[loc.file] = count.get(loc.file, 0) + 1
         tensor_bytes[loc.file] = tensor_bytes.get(loc.file, 0) + loc.nbytes
     for name in sorted(ckpt.headers, key=natural_key):
@@ -161,6 +162,13 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         loc = stored[key]
         row = {"key": key, "dtype": loc.dtype, "shape": list(loc.shape), "bytes": loc.nbytes, "file": loc.file}
         (state if loc.file.startswith(TRAINING_STATE_DIR + "/") else model).append(row)
+    for key in sorted(ckpt.chunked, key=natural_key):
+        t = ckpt.chunked[key]
+        model.append({
+            "key": key, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.chunks[0].location.file,
+            "pieces": [{"file": c.location.file, "offsets": list(c.offsets), "shape": list(c.location.shape)} for c in t.chunks],
+        })
+    model.sort(key=lambda row: natural_key(row["key"]))
     objects = []
     for key in sorted(ckpt.objects, key=natural_key):
         value = ckpt.objects[key]
@@ -191,6 +199,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
 def _inspect_text(s: dict[str, Any]) -> str:
     totals = s["totals"]
     who = f"dcp_safetensors (format {s['format_version']})" if s["written_by"] == "dcp_safetensors" else "another tool"
+    if any(len(r.get("pieces", ())) > 1 for r in s["tensors"]):
+        who = "torch's HuggingFaceStorageWriter, per rank (no index; tensors in pieces)"
     lines = [
         f"path          {s['path']}",
         f"written by    {who}",
@@ -208,7 +218,11 @@ def _inspect_text(s: dict[str, Any]) -> str:
     )
 
     def tensor_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-        return [[r["key"], r["dtype"], "[" + ", ".join(map(str, r["shape"])) + "]", _size(r["bytes"]), r["file"]] for r in rows]
+        def where(r: dict[str, Any]) -> str:
+            n = len(r.get("pieces", ()))
+            return r["file"] if n < 2 else f"{n} pieces: {r['file']} ..."
+
+        return [[r["key"], r["dtype"], "[" + ", ".join(map(str, r["shape"])) + "]", _size(r["bytes"]), where(r)] for r in rows]
 
     if s["tensors"]:
         lines += ["", *_table(["TENSOR", "DTYPE", "SHAPE", "SIZE", "FILE"], tensor_rows(s["tensors"]), right=(3,))]
@@ -252,10 +266,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     ckpt = report.checkpoint
     assert ckpt is not None
-    what = f"{_n(len(ckpt.tensors), 'tensor')} in {_n(len(ckpt.headers), 'file')}"
+    what = f"{_n(len(ckpt.tensors) + len(ckpt.chunked), 'tensor')} in {_n(len(ckpt.headers), 'file')}"
     if ckpt.snapshot is not None:
         what += f", snapshot {ckpt.snapshot}"
-    if not ckpt.written_by_us:
+    if ckpt.chunked:
+        checked = ("torch's per-rank files, which record no checksums: every header, and that each tensor's pieces "
+                   "cover it exactly once, checked; the bytes not")
+    elif not ckpt.written_by_us:
         checked = ("written by another tool, which recorded no checksums: the index, the headers and every tensor's "
                    "offsets and sizes checked, the bytes not")
     else:

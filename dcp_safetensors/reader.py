@@ -16,7 +16,9 @@ DCP calls the methods in this order (``dcp.load``)::
                                                  file's dtype
 
 Every tensor is described to DCP as one chunk of its full shape, so
-``dcp.load`` reshards to any world size or mesh.
+``dcp.load`` reshards to any world size or mesh; one stored in pieces (torch's
+per-rank HF output, :mod:`dcp_safetensors.torch_shards`) as its pieces, which
+DCP reshards the same way.
 
 A tied key saved once (``lm_head.weight`` of a ``save_pretrained`` checkpoint
 with ``tie_word_embeddings``, or an alias our index records) is described as a
@@ -80,7 +82,6 @@ from dcp_safetensors.errors import (
     DcpSafetensorsError,
     truncated,
 )
-from dcp_safetensors.format import DTYPE_ITEMSIZE
 from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Extents, TensorLocation
 from dcp_safetensors.pinned import PinnedFiles
@@ -296,7 +297,7 @@ class SafetensorsReader(StorageReader):
             raise error
         if self._is_coordinator:
             elapsed = time.perf_counter() - started
-            nbytes = sum(math.prod(i.lengths) * DTYPE_ITEMSIZE[ckpt.tensors[i.storage_index.fqn].dtype] for i in tensor_items)
+            nbytes = sum(math.prod(i.lengths) * _location(ckpt, i).itemsize for i in tensor_items)
             logger.log(
                 logging.INFO if elapsed >= 1.0 else logging.DEBUG,
                 "loaded %s: this rank read %.1f MB of %d tensor pieces in %.2f s (%.0f MB/s)",
@@ -347,6 +348,12 @@ def _to_metadata(ckpt: Checkpoint) -> Metadata:
         sd[key] = _tensor_metadata(loc, ckpt.aliases.get(key), None)
     for key, tie in ckpt.unconfirmed.items():
         sd[key] = _tensor_metadata(ckpt.tensors[tie.twin], tie.twin, tie.reason)
+    for key, chunked in ckpt.chunked.items():
+        sd[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=to_torch_dtype(chunked.dtype, source=chunked.chunks[0].location.file)),
+            size=torch.Size(chunked.shape),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.location.shape)) for c in chunked.chunks],
+        )
     for key in ckpt.objects:
         sd[key] = BytesStorageMetadata()
     # storage_meta names the checkpoint in planners' messages (e.g. a missing expert key).
@@ -395,6 +402,12 @@ def _read_extents(storage: PinnedFiles, file: str, extents: Extents, out: np.nda
         storage.readinto(file, off, out[i * extents.length : (i + 1) * extents.length])
 
 
+def _location(ckpt: Checkpoint, item: ReadItem) -> TensorLocation:
+    """The stored tensor ``item`` reads from: its key's, or the chunk of it that starts at the item's
+    storage offset (``item.storage_offsets`` are within that chunk)."""
+    return ckpt.location(item.storage_index.fqn, item.storage_index.offset or ())
+
+
 class _ChunkRead(NamedTuple):
     """One read item, where its tensor lies, and the byte extents its chunk covers in that file."""
 
@@ -409,7 +422,7 @@ def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_
     (the storage's ``read_batch``); every other chunk is read alone."""
     chunks = []
     for item in items:
-        loc = ckpt.tensors[item.storage_index.fqn]
+        loc = _location(ckpt, item)
         chunks.append(_ChunkRead(loc, item, loc.extents(item.storage_offsets, item.lengths)))
     alone: list[list[_ChunkRead]] = []
     small: dict[str, list[_ChunkRead]] = {}

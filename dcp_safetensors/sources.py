@@ -5,7 +5,8 @@ yields each tensor's bytes in pieces of at most :data:`PIECE` bytes, in the
 order convert writes them. :func:`open_source` picks the kind:
 
 * :class:`SafetensorsSource`: any HF safetensors checkpoint (ours or another
-  tool's, single file or indexed, local or ``s3://``), read with ranged reads;
+  tool's, single file or indexed, or torch's per-rank files, local or
+  ``s3://``), read with ranged reads;
 * :class:`DistcpSource`: a torch ``.distcp`` checkpoint on local disk, loaded
   with ``dcp.load(..., no_dist=True)`` a batch of tensors at a time. Its
   ``.metadata`` pickle is read with an allow-list of DCP's own types and its
@@ -96,7 +97,7 @@ class SafetensorsSource:
         self.aliases = dict(self.ckpt.aliases)
         self.tensors = [
             TensorSpec(k, k, loc.dtype, loc.shape) for k, loc in self.ckpt.tensors.items() if k not in self.aliases
-        ]
+        ] + [TensorSpec(k, k, t.dtype, t.shape) for k, t in self.ckpt.chunked.items()]
         self.objects = dict(self.ckpt.objects)
         self.model_prefix = self.ckpt.model_prefix
         self.extra_files = {
@@ -111,6 +112,9 @@ class SafetensorsSource:
             yield key, self._pieces(key, buffer)
 
     def _pieces(self, key: str, buffer: np.ndarray) -> Iterator[memoryview]:
+        if key in self.ckpt.chunked:
+            yield from _tensor_pieces(self._assemble(key))
+            return
         loc = self.ckpt.tensors[key]
         nbytes = loc.nbytes
         for offset in range(0, nbytes, PIECE):
@@ -118,6 +122,19 @@ class SafetensorsSource:
             with truncated(self.storage, loc.file, f"tensor {key!r}"):
                 self.storage.readinto(loc.file, loc.offset + offset, view)
             yield view
+
+
+    def _assemble(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` stored in pieces (torch's per-rank files), put together in memory: one tensor at a time."""
+        tensor = self.ckpt.chunked[key]
+        whole = torch.empty(tensor.shape, dtype=to_torch_dtype(tensor.dtype, source=self.ckpt.root))
+        for chunk in tensor.chunks:
+            loc = chunk.location
+            piece = torch.empty(loc.shape, dtype=whole.dtype)
+            with truncated(self.storage, loc.file, f"tensor {key!r}"):
+                self.storage.readinto(loc.file, loc.offset, piece.reshape(-1).view(torch.uint8).numpy())
+            whole[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, loc.shape, strict=True))] = piece
+        return whole
 
 
 # Globals a ``.metadata`` pickle of torch's FileSystemWriter may name, beyond DCP's own

@@ -73,8 +73,8 @@ def infer_ties(ckpt: Checkpoint, storage: Files) -> None:
         >>> ckpt.aliases
         {'lm_head.weight': 'model.embed_tokens.weight'}
     """
-    if ckpt.written_by_us:
-        return
+    if ckpt.written_by_us or ckpt.chunked:
+        return  # ours record their ties; torch's per-rank writer saved every key of the state dict it had
     names = {name for key in ckpt.tensors if (name := under_prefix(ckpt.model_prefix, key)) is not None}
     config, reason = _read_config(storage)
     tied = pairs = None

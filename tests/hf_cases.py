@@ -102,3 +102,37 @@ def load_pretrained_into_meta(path: str, planner: str) -> bool:
         dcp_safetensors.load(target, path, planner=SafetensorsLoadPlanner(broadcast_from_rank0=planner == "broadcast"))
     reference = tiny_llama(seed=0, tied=True).state_dict()
     return all(torch.equal(as_bytes(target[k]), as_bytes(v)) for k, v in reference.items())
+
+
+# --- torch's own per-rank HF output (HuggingFaceStorageWriter(save_distributed=True)) ------
+
+
+def save_fsdp_llama_torch_per_rank(path: str) -> None:
+    """An FSDP2 Llama saved by torch's HF writer, every rank its own files, in two files per rank, no index."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    model = fsdp_layers(tiny_llama(seed=0))
+    sd = get_model_state_dict(model)
+    mapping = {k: 1 if k.startswith("model.layers.0.") else 2 for k in sd}
+    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(path, fqn_to_index_mapping=mapping, save_distributed=True))
+
+
+def load_torch_per_rank_resharded(path: str, how: str) -> dict[str, bool]:
+    """Load torch's per-rank files into a zeroed state sharded another way: ``plain`` (DCP's own planner,
+    column shards), ``ours`` (dcp_safetensors.load into FSDP2 shards); per key, whether this rank's part matches."""
+    from cases import local_matches
+    from helpers import world_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    reference = tiny_llama(seed=0).state_dict()
+    if how == "plain":
+        mesh = world_mesh()
+        sd = {
+            k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(v.dim() - 1) if v.dim() == 2 else Replicate()])
+            for k, v in reference.items()
+        }
+        dcp.load(sd, storage_reader=SafetensorsReader(path))
+    else:
+        sd = get_model_state_dict(fsdp_layers(tiny_llama(seed=1)))
+        dcp_safetensors.load(sd, path)
+    return {k: local_matches(v, reference[k]) for k, v in sd.items()}
