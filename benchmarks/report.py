@@ -28,14 +28,15 @@ MiB = 2**20
 
 LABELS = {
     "ours": "**ours** (`SafetensorsWriter`/`Reader`)",
+    "ours_unchecked": "ours, load with `verify_checksums=False`",
     "torch_hf": "torch `HuggingFaceStorageWriter` + consolidation / `HuggingFaceStorageReader`",
     "torch_distcp": "torch `FileSystemWriter`/`Reader` (.distcp, not HF)",
     "rank0": "gather to rank 0 + `save_file` / rank-0 `load_file` + broadcast",
     "limit": "limit: 1 process, sequential write + fsync / cold read",
 }
-SHORT = {"ours": "ours", "torch_hf": "torch HF+consol.", "torch_distcp": "torch .distcp",
+SHORT = {"ours": "ours", "ours_unchecked": "ours, unchecked", "torch_hf": "torch HF+consol.", "torch_distcp": "torch .distcp",
          "rank0": "gather rank 0", "limit": "disk limit"}
-COLORS = {"ours": "#d62728", "torch_hf": "#1f77b4", "torch_distcp": "#2ca02c", "rank0": "#9467bd", "limit": "#7f7f7f"}
+COLORS = {"ours": "#d62728", "ours_unchecked": "#ff9896", "torch_hf": "#1f77b4", "torch_distcp": "#2ca02c", "rank0": "#9467bd", "limit": "#7f7f7f"}
 
 # Issue 6's targets: (phase, peer method, minimum ours-speedup, only at this size or None).
 RATIO_TARGETS = [

@@ -34,6 +34,9 @@ Methods (``--methods``):
 * ``ours``: ``SafetensorsWriter`` / ``SafetensorsReader``. Its save also
   reports the bytes moved between ranks (the coordinator's plan,
   ``writer._save.layout``; 0 on POSIX storage) next to the bytes written.
+  Its load checks every block it reads (the default).
+* ``ours_unchecked``: the same, loading with ``verify_checksums=False``: the
+  cost of the checks is the ratio of the two load rows.
 * ``torch_hf``: ``HuggingFaceStorageWriter(save_distributed=True, enable_consolidation=True)``
   / ``HuggingFaceStorageReader`` on the consolidated output.
 * ``torch_distcp``: ``FileSystemWriter`` / ``FileSystemReader`` (.distcp).
@@ -89,7 +92,7 @@ from layouts import LAYOUTS, build, check_placements, make_mesh, mesh_of, state_
 
 import dcp_safetensors  # noqa: E402,F401
 
-METHODS = ["ours", "torch_hf", "torch_distcp", "rank0", "limit"]
+METHODS = ["ours", "ours_unchecked", "torch_hf", "torch_distcp", "rank0", "limit"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHUNK = 64 << 20  # the limit's write/read unit
 TMPFS_ROOM = 3  # a tmpfs configuration runs when the tmpfs has room for this many times its state
@@ -111,7 +114,7 @@ def save_once(method: str, path: str, model, sd: dict, max_shard_size: str = "5G
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    if method == "ours":
+    if method in ("ours", "ours_unchecked"):
         from dcp_safetensors import SafetensorsWriter
 
         writer = SafetensorsWriter(path, max_shard_size=max_shard_size, min_files=min_files)
@@ -156,10 +159,10 @@ def load_once(method: str, path: str, model, sd: dict) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    if method == "ours":
+    if method in ("ours", "ours_unchecked"):
         from dcp_safetensors import SafetensorsReader
 
-        dcp.load(sd, storage_reader=SafetensorsReader(path))
+        dcp.load(sd, storage_reader=SafetensorsReader(path, verify_checksums=method == "ours"))
     elif method == "torch_hf":
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 

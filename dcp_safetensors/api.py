@@ -159,7 +159,9 @@ def load(
     """Load the checkpoint at ``path`` into ``state_dict`` in place, resharding to its tensors' placements.
 
     ``reader_options`` are :class:`SafetensorsReader`'s (``model_prefix``,
-    ``storage_options``, ``read_threads``). The default planner is a
+    ``storage_options``, ``read_threads``, ``verify_checksums``: every byte
+    read is checked against the save's block checksums unless it is False).
+    The default planner is a
     :class:`SafetensorsLoadPlanner`: a dtype difference is an error (pass
     ``planner=SafetensorsLoadPlanner(dtype_policy="cast")`` to convert), and a
     tied key the checkpoint lacks is filled through its twin.

@@ -36,16 +36,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dcp_safetensors.blocks import BlockTable, decode_tables
+from dcp_safetensors.checksum import crc32, format_crc32
 from dcp_safetensors.errors import (
     CheckpointChangedError,
     CheckpointCorruptError,
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     DcpSafetensorsError,
     FileSizeMismatchError,
     MissingFileError,
     MissingKeyError,
     SnapshotMismatchError,
     shrank,
+    truncated,
 )
 from dcp_safetensors.format import (
     LENGTH_PREFIX,
@@ -124,6 +128,8 @@ class Checkpoint:
     """The staging directory this snapshot was read through: a live save was publishing it."""
     etags: dict[str, str] = field(default_factory=dict)
     """The version of each file that was read (object stores): other ranks read that version or fail."""
+    blocks: dict[str, BlockTable] = field(default_factory=dict)
+    """Each file's block checksums, as the save recorded them (:mod:`dcp_safetensors.blocks`); none for other tools' files."""
     chunked: dict[str, ChunkedTensor] = field(default_factory=dict)
     """Tensors stored in pieces, one per rank that wrote it (torch's per-rank HF output,
     :mod:`dcp_safetensors.torch_shards`); not in ``tensors``."""
@@ -282,6 +288,7 @@ def check_snapshot(path: str, files: PinnedFiles, model_prefix: str | None) -> t
     tensors, missing = _locate(files, keyed, headers)
     aliases, dangling = _resolve_aliases(files, index.aliases, prefix, keyed, tensors)
     objects, broken = _read_objects(files, index.objects)
+    blocks, unrecorded = _read_blocks(files, index)
     ckpt = Checkpoint(
         path,
         tensors,
@@ -295,8 +302,30 @@ def check_snapshot(path: str, files: PinnedFiles, model_prefix: str | None) -> t
         aliases,
         staging=files.staging,
         etags={file: tag for file in headers if (tag := files.etag(file)) is not None},
+        blocks=blocks,
     )
-    return ckpt, problems + missing + dangling + broken
+    return ckpt, problems + missing + dangling + broken + unrecorded
+
+
+def _read_blocks(files: PinnedFiles, index: Index) -> tuple[dict[str, BlockTable], list[Problem]]:
+    """The block checksums the save recorded (none before they were: the file checksums stand alone),
+    checked against the record's size and CRC-32 in the index; a bad record is a problem."""
+    record = index.block_checksums
+    if record is None:
+        return {}, []
+    name = record["file"]
+    try:
+        with truncated(files, name, "the block checksums"):
+            data = files.read_range(name, 0, record["size"])
+        if format_crc32(crc32(data)) != record["checksum"]:
+            raise ChecksumMismatchError(
+                f"{files.path(name)}: checksum {format_crc32(crc32(data))} differs from {record['checksum']} recorded "
+                "in the index (the file changed after it was written)"
+            )
+        names = sorted(index.files)
+        return decode_tables(data, [(n, index.files[n]["size"], index.files[n]["blocks"]) for n in names], source=files.path(name)), []
+    except (DcpSafetensorsError, OSError) as e:
+        return {}, [e]
 
 
 def _read_index(path: str, files: PinnedFiles) -> tuple[Index, dict[str, Header]] | None:

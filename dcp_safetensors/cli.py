@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from dcp_safetensors.errors import ConfigurationError, DcpSafetensorsError
 from dcp_safetensors.layout import natural_key
 from dcp_safetensors.names import TRAINING_STATE_DIR
@@ -155,6 +157,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         }
         if name in ckpt.checksums:
             entry["checksum"] = ckpt.checksums[name]
+        if name in ckpt.blocks:
+            entry["blocks"] = len(ckpt.blocks[name].starts)
         files.append(entry)
     model: list[dict[str, Any]] = []
     state: list[dict[str, Any]] = []
@@ -192,6 +196,9 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
             "tensor_bytes": sum(r["bytes"] for r in model + state),
             "file_bytes": sum(f["size"] for f in files),
             "files": len(files),
+            "blocks": sum(f.get("blocks", 0) for f in files),
+            "longest_block": max((int(np.diff(np.append(t.starts, t.size)).max()) for t in ckpt.blocks.values() if len(t.starts)),
+                                 default=0),
         },
     }
 
@@ -207,14 +214,16 @@ def _inspect_text(s: dict[str, Any]) -> str:
         f"snapshot      {s['snapshot'] or '-'}",
         f"model prefix  {s['model_prefix'] or '-'}",
         f"files         {totals['files']}, {_size(totals['file_bytes'])} on storage",
+        f"blocks        {totals['blocks']}, up to {_size(totals['longest_block'])}, each with its CRC-32: every load checks "
+        f"what it reads" if totals["blocks"] else "blocks        none recorded: loads cannot check the bytes they read",
         f"tensors       {_n(totals['tensors'], 'weight')}, {_n(totals['training_state_tensors'], 'training-state tensor')}, "
         f"{_size(totals['tensor_bytes'])}; {_n(totals['objects'], 'non-tensor value')}",
         "",
     ]
     lines += _table(
-        ["FILE", "SIZE", "TENSORS", "CHECKSUM"],
-        [[f["name"], _size(f["size"]), f["tensors"], f.get("checksum", "-")] for f in s["files"]],
-        right=(1, 2),
+        ["FILE", "SIZE", "TENSORS", "BLOCKS", "CHECKSUM"],
+        [[f["name"], _size(f["size"]), f["tensors"], f.get("blocks", "-"), f.get("checksum", "-")] for f in s["files"]],
+        right=(1, 2, 3),
     )
 
     def tensor_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
@@ -277,7 +286,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                    "offsets and sizes checked, the bytes not")
     else:
         read = report.files_checked - report.files_checked_by_store
-        checked = f"the CRC-32 of every file matches the one recorded at save ({_n(read, 'file')} read, {_size(report.bytes_checked)}"
+        blocks = sum(len(t.starts) for t in ckpt.blocks.values())
+        what_matches = f"every file, and of each of the {_n(blocks, 'block')} they are cut into," if blocks else "every file"
+        checked = f"the CRC-32 of {what_matches} matches the one recorded at save ({_n(read, 'file')} read, {_size(report.bytes_checked)}"
         if report.files_checked_by_store:
             checked += f"; {_n(report.files_checked_by_store, 'file')} by the store's full-object CRC-32, without reading"
         checked += ")"

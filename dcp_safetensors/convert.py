@@ -51,11 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcp_safetensors.blocks import BlockReport, planned_starts
 from dcp_safetensors.dtypes import to_safetensors_dtype, to_torch_dtype
 from dcp_safetensors.errors import ConfigurationError, ConversionError, LayoutError
 from dcp_safetensors.hf_config import with_torch_dtype
 from dcp_safetensors.layout import (
     ChunkSpec,
+    Extents,
     FileLayout,
     PartPlan,
     TensorSpec,
@@ -125,8 +127,12 @@ class _PartSink:
     parts are assembled in one reused buffer. Each part is CRC-32'd as written.
     """
 
-    def __init__(self, writer: Any, parts: Mapping[str, Sequence[PartPlan]], on_written: Any) -> None:
+    def __init__(
+        self, writer: Any, parts: Mapping[str, Sequence[PartPlan]], planned: Mapping[str, tuple[np.ndarray, int]], on_written: Any
+    ) -> None:
         self.writer = writer
+        self.planned = planned
+        self.blocks: list[BlockReport] = []
         self.parts_of = parts
         self.on_written = on_written
         size = max((p.end - p.start for ps in parts.values() for p in ps), default=0)
@@ -162,6 +168,7 @@ class _PartSink:
     def _write(self, part: PartPlan, view: memoryview) -> None:
         self.pending.popleft()
         self.written.append(write_part(self.writer, part, [view]))
+        self.blocks.append(BlockReport.of([(part.file, None, Extents(part.start, view.nbytes), view)], planned=self.planned))
         self.on_written(view.nbytes)
 
     def finish(self) -> None:
@@ -290,7 +297,8 @@ def convert(
     save = LayoutSave(storage, layout, snapshot)
     try:
         writer = storage.part_writer(save.session)
-        sink = _PartSink(writer, parts, on_written)
+        planned = {f.name: (starts, f.size) for f, starts in zip(layout.files, planned_starts(layout).values(), strict=True)}
+        sink = _PartSink(writer, parts, planned, on_written)
         try:
             _stream(layout.files, {(s.group, s.name): s for s in specs}, source, source_dtype, sink)
         finally:
@@ -298,15 +306,16 @@ def convert(
     except BaseException:
         save.abort()
         raise
-    published = save.commit(
+    save.commit(
         [WrittenParts.of(sink.written)],
         objects={k: encode_object(v) for k, v in source.objects.items()},
         extra_files={name: with_torch_dtype(body, target) if casts else body for name, body in source.extra_files.items()},
         model_prefix=prefix,
         aliases={without_prefix(prefix, a): names[kept] for a, kept in sorted(source.aliases.items())},
+        blocks=sink.blocks,
     )
     seconds = time.perf_counter() - started
-    logger.info("committed %s: %d files, %.1f MB in %.2f s", dst, len(published), total / 1e6, seconds)
+    logger.info("committed %s: %d files, %.1f MB in %.2f s", dst, len(layout.files), total / 1e6, seconds)
     return ConvertResult(
         dst, snapshot, [f.name for f in layout.files], len(specs), len(source.objects), total, seconds, casts,
         prefix, detected,

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dcp_safetensors.checkpoint import read_checkpoint
+from dcp_safetensors.names import BLOCKS_FILE
 from dcp_safetensors.reader import SafetensorsReader
 from dcp_safetensors.writer import SafetensorsWriter
 
@@ -142,6 +143,8 @@ def run_demo(path: str | None = None, *, hidden: int = 1024) -> None:
         total += size
         print(f"  {name:40s} {size / 1e6:8.2f} MB  {len(ckpt.headers[name].tensors):3d} tensors")
     print(f"  {'model.safetensors.index.json':40s} snapshot {ckpt.snapshot}")
+    blocks = sum(len(t.starts) for t in ckpt.blocks.values())
+    print(f"  {BLOCKS_FILE:40s} the CRC-32 of {blocks} blocks: every load checks the bytes it reads")
 
     reference = _build(hidden, seed=0).state_dict()
     plain = _build(hidden, seed=2)

@@ -62,6 +62,9 @@ class Index:
     """Tied name saved once -> name of the tensor it shares (both without the model prefix)."""
     objects: str | None = None
     """The file of non-tensor values, if any."""
+    block_checksums: dict[str, Any] | None = None
+    """The record of block checksums: ``{"file", "size", "checksum", "max_block"}`` (saves since block
+    checksums; each of ``files`` then has its ``"blocks"`` count)."""
 
 
 def build_index(
@@ -69,15 +72,18 @@ def build_index(
     snapshot: str,
     weight_map: Mapping[str, str],
     total_size: int,
-    files: Mapping[str, tuple[int, str]],
+    files: Mapping[str, tuple[int, str] | tuple[int, str, int]],
     extra_weight_map: Mapping[str, str],
     objects_file: str | None,
     model_prefix: str | None,
     aliases: Mapping[str, str] | None = None,
+    block_checksums: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The bytes of ``model.safetensors.index.json`` for a save.
 
-    ``files`` maps each file to ``(size, checksum)``; ``aliases`` maps a tied
+    ``files`` maps each file to ``(size, checksum)`` or ``(size, checksum,
+    blocks)`` (its number of blocks in the ``block_checksums`` record, whose
+    name, size, checksum and longest block are given); ``aliases`` maps a tied
     key that was not written to the key it shares memory with. HF tools read
     ``metadata.total_size`` and ``weight_map``; the rest lives under
     ``metadata.dcp_safetensors``.
@@ -93,16 +99,25 @@ def build_index(
         "format_version": FORMAT_VERSION,
         "snapshot": snapshot,
         "model_prefix": model_prefix,
-        "files": {f: {"size": size, "checksum": crc} for f, (size, crc) in sorted(files.items())},
+        "files": {f: _file_record(*record) for f, record in sorted(files.items())},
         "extra_weight_map": {k: extra_weight_map[k] for k in sorted(extra_weight_map, key=natural_key)},
         "objects": objects_file,
         "aliases": dict(aliases or {}),
     }
+    if block_checksums is not None:
+        block["block_checksums"] = dict(block_checksums)
     index = {
         "metadata": {"total_size": total_size, BLOCK_KEY: block},
         "weight_map": {k: weight_map[k] for k in sorted(weight_map, key=natural_key)},
     }
     return (json.dumps(index, indent=2) + "\n").encode()
+
+
+def _file_record(size: int, checksum: str, blocks: int | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"size": size, "checksum": checksum}
+    if blocks is not None:
+        record["blocks"] = blocks
+    return record
 
 
 def parse_index(index: Any, *, source: str, root: str) -> Index:
@@ -133,6 +148,16 @@ def parse_index(index: Any, *, source: str, root: str) -> Index:
     if not isinstance(aliases, dict):
         raise InvalidIndexError(f"{source}: 'aliases' is not an object")
     objects = block.get("objects")
+    blocks = block.get("block_checksums")
+    if blocks is not None:
+        if not (
+            isinstance(blocks, dict)
+            and isinstance(blocks.get("size"), int)
+            and isinstance(blocks.get("checksum"), str)
+            and all(isinstance(r, dict) and isinstance(r.get("blocks"), int) and isinstance(r.get("size"), int) for r in recorded.values())
+        ):
+            raise InvalidIndexError(f"{source}: malformed 'block_checksums' record or per-file block counts")
+        blocks = dict(blocks, file=safe_name(blocks.get("file"), root))
     return Index(
         weight_map,
         ours=bool(block),
@@ -143,6 +168,7 @@ def parse_index(index: Any, *, source: str, root: str) -> Index:
         files=recorded,
         aliases=aliases,
         objects=safe_name(objects, root) if objects else None,
+        block_checksums=blocks,
     )
 
 

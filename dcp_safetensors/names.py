@@ -22,6 +22,7 @@ __all__ = [
     "TRAINING_STATE_DIR",
     "TRAINING_STATE_GROUP",
     "OBJECTS_FILE",
+    "BLOCKS_FILE",
     "SNAPSHOT_KEY",
     "BLOCK_KEY",
     "STAGING_PREFIX",
@@ -52,6 +53,9 @@ TRAINING_STATE_GROUP = posixpath.join(TRAINING_STATE_DIR, "state")
 """The stem of the files holding the tensors kept out of the weight map."""
 OBJECTS_FILE = posixpath.join(TRAINING_STATE_DIR, "objects.json")
 """The non-tensor values of a state dict."""
+BLOCKS_FILE = "block_checksums.crc32"
+"""The CRC-32 of every block of every file a save wrote (:mod:`dcp_safetensors.blocks`): what a
+load checks the bytes it reads against. Binary, 8 bytes a block; HF tools ignore it."""
 SNAPSHOT_KEY = "dcp_safetensors_snapshot"
 """``__metadata__`` key holding the snapshot id in every file we write."""
 BLOCK_KEY = "dcp_safetensors"

@@ -73,6 +73,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_agreement
+from dcp_safetensors.checked_reads import CheckedReads
 from dcp_safetensors.checkpoint import Checkpoint, open_checkpoint, read_header
 from dcp_safetensors.dtypes import to_torch_dtype
 from dcp_safetensors.errors import (
@@ -133,6 +134,11 @@ class SafetensorsReader(StorageReader):
         storage_options: for an fsspec URL (``s3://...``), what its
             filesystem takes (``key``, ``secret``, ``client_kwargs``, ...).
         read_threads: concurrent reads (ranged GETs on object stores) per rank.
+        verify_checksums: check every byte read against the block checksums the
+            save recorded (:mod:`dcp_safetensors.checked_reads`); a mismatch is a
+            :class:`~dcp_safetensors.errors.ChecksumMismatchError` naming the
+            file, bytes and tensors, and nothing wrong is loaded. Checkpoints of
+            other tools record none and load unchecked.
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -145,8 +151,10 @@ class SafetensorsReader(StorageReader):
         process_group: dist.ProcessGroup | None = None,
         storage_options: dict[str, Any] | None = None,
         read_threads: int = 8,
+        verify_checksums: bool = True,
     ) -> None:
         super().__init__()
+        self.verify_checksums = verify_checksums
         self.path = os.fspath(path)
         self.model_prefix = model_prefix
         self.process_group = process_group
@@ -264,11 +272,20 @@ class SafetensorsReader(StorageReader):
             sizes = {name: header.file_size for name, header in ckpt.headers.items()}
             files = PinnedFiles(self._storage(), staging=ckpt.staging, etags=ckpt.etags, sizes=sizes)
 
+        tables = ckpt.blocks if self.verify_checksums else {}
+        extra = [0]
+
         def read_one(batch: list[_ChunkRead]) -> None:
+            def what(lo: int, hi: int) -> str:
+                keys = sorted({repr(c.item.storage_index.fqn) for c in batch if _overlaps(c.extents, lo, hi)})
+                return f"the load of {', '.join(keys)} fails rather than hand on wrong weights: restore the file or save again"
+
+            reads = CheckedReads(files, tables, what=what)
             if len(batch) == 1:
-                _read_tensor(files, batch[0], planner)
+                _read_tensor(reads, batch[0], planner)
             else:
-                _read_batch(files, batch, planner)
+                _read_batch(reads, batch, planner)
+            extra[0] += reads.extra_bytes
 
         batches = _batches(ckpt, tensor_items, files.read_batch)
         error: BaseException | None = None
@@ -295,15 +312,19 @@ class SafetensorsReader(StorageReader):
             planner.broadcast_after_read(error)
         elif error is not None:
             raise error
+        if not tables:
+            logger.debug("loaded %s without checking its bytes: %s", self.path,
+                          "verify_checksums=False" if ckpt.blocks else "the checkpoint records no block checksums")
         if self._is_coordinator:
             elapsed = time.perf_counter() - started
             nbytes = sum(math.prod(i.lengths) * _location(ckpt, i).itemsize for i in tensor_items)
             logger.log(
                 logging.INFO if elapsed >= 1.0 else logging.DEBUG,
-                "loaded %s: this rank read %.1f MB of %d tensor pieces in %.2f s (%.0f MB/s)",
+                "loaded %s: this rank read %.1f MB of %d tensor pieces (%.1f MB more, to check whole blocks) in %.2f s (%.0f MB/s)",
                 self.path,
                 nbytes / 1e6,
                 len(tensor_items),
+                extra[0] / 1e6,
                 elapsed,
                 nbytes / 1e6 / max(elapsed, 1e-9),
             )
@@ -373,7 +394,7 @@ def _tensor_metadata(loc: TensorLocation, same_as: str | None, unconfirmed: str 
     return TiedTensorStorageMetadata(**fields, same_as=same_as, unconfirmed=unconfirmed)
 
 
-def _read_extents(storage: PinnedFiles, file: str, extents: Extents, out: np.ndarray) -> None:
+def _read_extents(storage: CheckedReads, file: str, extents: Extents, out: np.ndarray) -> None:
     """Fill ``out`` (uint8, ``extents.nbytes``) with the extents' bytes, coalescing runs closer than COALESCE_GAP."""
     if extents.count == 1:
         storage.readinto(file, extents.start, out)
@@ -400,6 +421,12 @@ def _read_extents(storage: PinnedFiles, file: str, extents: Extents, out: np.nda
         return
     for i, off in enumerate(offsets.tolist()):
         storage.readinto(file, off, out[i * extents.length : (i + 1) * extents.length])
+
+
+def _overlaps(extents: Extents, lo: int, hi: int) -> bool:
+    """Whether any byte of ``extents`` lies in ``[lo, hi)`` (the bad block: which tensors it held)."""
+    offsets = extents.offsets()
+    return bool(((offsets < hi) & (offsets + extents.length > lo)).any())
 
 
 def _location(ckpt: Checkpoint, item: ReadItem) -> TensorLocation:
@@ -447,7 +474,7 @@ def _batches(ckpt: Checkpoint, items: list[ReadItem], limit: int) -> list[list[_
     return batched + alone
 
 
-def _read_batch(storage: PinnedFiles, batch: list[_ChunkRead], planner: LoadPlanner) -> None:
+def _read_batch(storage: CheckedReads, batch: list[_ChunkRead], planner: LoadPlanner) -> None:
     """One read of the range holding every chunk of ``batch`` (one file, sorted), then each chunk from it."""
     file, first = batch[0].location.file, batch[0].extents.start
     block = np.empty(max(c.extents.start + c.extents.nbytes for c in batch) - first, dtype=np.uint8)
@@ -459,7 +486,7 @@ def _read_batch(storage: PinnedFiles, batch: list[_ChunkRead], planner: LoadPlan
 
 
 def _read_tensor(
-    storage: PinnedFiles,
+    storage: CheckedReads,
     chunk: _ChunkRead,
     planner: LoadPlanner,
     span: tuple[int, np.ndarray] | None = None,

@@ -30,8 +30,11 @@ Example:
     >>> data = layout.files[0].header + b"abcd"
     >>> written = [write_part(writer, p, [memoryview(data)[p.start:p.end]]) for p in layout.rank_plans[0].parts]
     >>> writer.close()
-    >>> save.commit([WrittenParts.of(written)], objects={}, extra_files={}, model_prefix=None, aliases={})
-    ['model.safetensors']
+    >>> n = len(layout.files[0].header)  # its blocks: the header's, then the one chunk's rows
+    >>> blocks = BlockReport.of([("model.safetensors", (0, n), Extents(0, n), data[:n]),
+    ...                          ("model.safetensors", (n, n + 4), Extents(n, 4), data[n:])])
+    >>> save.commit([WrittenParts.of(written)], objects={}, extra_files={}, model_prefix=None, aliases={}, blocks=[blocks])
+    ['model.safetensors', 'block_checksums.crc32']
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dcp_safetensors.blocks import (
+    MAX_BLOCK,
+    BlockReport,
+    encode_tables,
+    file_crc,
+    planned_starts,
+    tables_of,
+)
 from dcp_safetensors.checksum import (
     combine_run_arrays,
     crc32,
@@ -53,10 +64,10 @@ from dcp_safetensors.checksum import (
     crc32_share,
     format_crc32,
 )
-from dcp_safetensors.errors import LayoutError
+from dcp_safetensors.errors import ChecksumMismatchError, LayoutError
 from dcp_safetensors.index import build_index
 from dcp_safetensors.layout import CheckpointLayout, Extents, PartPlan
-from dcp_safetensors.names import MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROUP
+from dcp_safetensors.names import BLOCKS_FILE, MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROUP
 from dcp_safetensors.storage import SaveSession, Storage
 from dcp_safetensors.storage.base import PartTags, PartWriter, RunWriter
 
@@ -295,13 +306,18 @@ class LayoutSave:
         extra_files: Mapping[str, bytes],
         model_prefix: str | None,
         aliases: Mapping[str, str],
+        blocks: Iterable[BlockReport],
     ) -> list[str]:
         """Check and commit: returns the names published (tensor files, then small files).
 
         ``objects`` are encoded non-tensor values by key (``objects.json``),
         ``extra_files`` small files by name (``config.json``), ``aliases``
-        tied names in the files (``{alias: stored name}``). On any error the
-        session is aborted and the error raised.
+        tied names in the files (``{alias: stored name}``), ``blocks`` every
+        writer's shares of the block checksums, recorded in
+        :data:`~dcp_safetensors.names.BLOCKS_FILE`. The file checksums the
+        writes give and those the blocks give must agree (the bytes the ranks
+        held are the bytes written). On any error the session is aborted and
+        the error raised.
         """
         try:
             rows_of: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -326,8 +342,19 @@ class LayoutSave:
                 else file_checksum(f.name, f.size, np.concatenate(rows_of[f.name] or [empty]))
                 for f in self.layout.files
             }
-            files = {f.name: (f.size, format_crc32(crcs[f.name])) for f in self.layout.files}
+            tables = tables_of(planned_starts(self.layout), {f.name: f.size for f in self.layout.files}, blocks)
+            for name, table in tables.items():
+                held = file_crc(table)
+                if held != crcs[name]:
+                    raise ChecksumMismatchError(
+                        f"{name}: the bytes written have CRC-32 {crcs[name]:08x}, the bytes the ranks held {held:08x}: "
+                        "they changed between the ranks' memory and storage; refusing to commit"
+                    )
+            files = {f.name: (f.size, format_crc32(crcs[f.name]), len(tables[f.name].starts)) for f in self.layout.files}
             published = list(files)
+            record = encode_tables([tables[name] for name in sorted(files)])
+            self.storage.write_small(self.session, BLOCKS_FILE, record)
+            published.append(BLOCKS_FILE)
             objects_file = None
             if objects:
                 objects_file = OBJECTS_FILE
@@ -346,6 +373,8 @@ class LayoutSave:
                 objects_file=objects_file,
                 model_prefix=model_prefix,
                 aliases=dict(aliases),
+                block_checksums={"file": BLOCKS_FILE, "size": len(record), "checksum": format_crc32(crc32(record)),
+                                 "max_block": MAX_BLOCK},
             )
             self.storage.commit_save(self.session, published, dict(etags), index, crcs)
         except BaseException:

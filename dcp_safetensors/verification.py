@@ -74,14 +74,23 @@ def _checksums(
             by_store = crc is not None
             if crc is None:
                 crc = 0
+                table = ckpt.blocks.get(file)
+                # Whole blocks at a time where the save recorded them: each is checked as it goes by.
+                spans = table.spans(chunk_size) if table is not None else [
+                    (o, min(o + chunk_size, size)) for o in range(0, size, chunk_size)
+                ]
+                if len(buf) < max((hi - lo for lo, hi in spans), default=0):
+                    buf = bytearray(max(hi - lo for lo, hi in spans))
                 with shrank(files, file):
-                    for offset in range(0, size, chunk_size):
-                        view = memoryview(buf)[: min(chunk_size, size - offset)]
-                        files.readinto(file, offset, view)
-                        crc = crc32(view, crc)
+                    for lo, hi in spans:
+                        view = memoryview(buf)[: hi - lo]
+                        files.readinto(file, lo, view)
                         read += view.nbytes
+                        if table is not None:  # the first bad block ends the file's check, naming its bytes
+                            table.check(lo, view, source=files.path(file), what="restore the file or save again")
+                        crc = crc32(view, crc)
                         if progress is not None:
-                            progress(done + offset + view.nbytes, total)
+                            progress(done + hi, total)
             if format_crc32(crc) != want:
                 if by_store:
                     found, cause = f"the store's CRC-32 of it, {format_crc32(crc)},", "the object was replaced"

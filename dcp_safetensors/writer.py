@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_safetensors.agreement import check_against_coordinator
+from dcp_safetensors.blocks import BlockReport
 from dcp_safetensors.collectives import (
     ByteSource,
     agree_on_errors,
@@ -374,7 +375,8 @@ class SafetensorsWriter(StorageWriter):
                     mine.pop("config files"), coordinator.pop("config files")
                 check_against_coordinator("SafetensorsWriter", data.writes.rank, mine, coordinator)
                 storage = self._storage()
-                writes, held = resolve_writes(plan, planner, data.writes, results)
+                writes, held, shares = resolve_writes(plan, planner, data.writes, results)
+                results.append(WriteResult(MetadataIndex(f"__blocks__/{data.writes.rank}"), 0, shares))
                 part_writer = storage.part_writer(data.session)
                 if data.writes.in_place and not isinstance(part_writer, RunWriter):
                     raise ConfigurationError(f"{type(storage).__name__} cannot write runs in place; its plan needs parts")
@@ -435,15 +437,16 @@ class SafetensorsWriter(StorageWriter):
         written = [r.storage_data for rr in results for r in rr if isinstance(r.storage_data, WrittenParts)]
         objects = {r.index.fqn: r.storage_data.record for rr in results for r in rr if isinstance(r.storage_data, WrittenObject)}
         aliases = (metadata.planner_data or {}).get(ALIASES_KEY, {}) if isinstance(metadata.planner_data, dict) else {}
-        published = save.commit(
+        save.commit(
             written,
             objects=objects,
             extra_files=with_weights_dtype(self._extra_files, save.layout.tensors),
             model_prefix=self.model_prefix,
             aliases=self._file_names(aliases, save.layout),
+            blocks=[r.storage_data for rr in results for r in rr if isinstance(r.storage_data, BlockReport)],
         )
         self._phases["commit"] = time.perf_counter() - commit_started
-        self._log_summary(len(published), sum(f.size for f in save.layout.files))
+        self._log_summary(len(save.layout.files), sum(f.size for f in save.layout.files))
 
     def _log_summary(self, files: int, nbytes: int) -> None:
         """One line per save on the coordinator: INFO when it took a second or more, else DEBUG."""

@@ -178,6 +178,37 @@ def load_mixed(path: str, reshard: str | None = None, reader_kwargs: dict | None
     return {key: local_matches(v, expected[key]) for key, v in target.items()}
 
 
+def load_mixed_keys(path: str, keys: list[str], reshard: str | None = None) -> dict[str, bool]:
+    """:func:`load_mixed` of ``keys`` only (a load that reads none of the other tensors' bytes)."""
+    target = {k: v for k, v in sharded_mixed_state(reshard).items() if k in keys}
+    for v in target.values():
+        (v.to_local() if isinstance(v, DTensor) else v).zero_()
+    dcp.load(target, storage_reader=SafetensorsReader(path))
+    expected = mixed_state()
+    return {key: local_matches(v, expected[key]) for key, v in target.items()}
+
+
+def extra_bytes_of_a_load(path: str, keys: list[str]) -> int:
+    """The bytes a checked :func:`load_mixed_keys` read beyond those it asked for, on this rank."""
+    import dcp_safetensors.reader as reader
+
+    seen = []
+    original = reader.CheckedReads
+
+    class Counting(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    reader.CheckedReads = Counting
+    try:
+        assert all(load_mixed_keys(path, keys).values())
+    finally:
+        reader.CheckedReads = original  # the pool's processes run other cases next
+    assert seen and all(r.tables for r in seen)
+    return sum(r.bytes_read - r.bytes_asked for r in seen)
+
+
 def error_summary(fn, *args, **kwargs):
     """Run ``fn``; return {failing rank: (exception class name, message)}, or None if it succeeded."""
     try:

@@ -1,4 +1,4 @@
-"""What the tests share: free ports, the toy models, and FSDP2 wrapping.
+"""What the tests share: free ports, the toy models, FSDP2 wrapping, and the docs' code blocks.
 
 Three kinds of process import this module, so it holds plain functions and
 classes only (no pytest fixtures, nothing that starts a process group):
@@ -21,14 +21,54 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import re
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
+
+
+# --- the docs' code blocks ---------------------------------------------------------------
+
+_FENCE = re.compile(r"^```([^`\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+_NOT_RUN = re.compile(r"<!--\s*not run\b:?(.*?)-->", re.S)
+
+
+@dataclass(frozen=True)
+class FencedBlock:
+    """A fenced code block of a Markdown file (``tests/test_readme.py``, ``tests/test_doc_examples.py``)."""
+
+    line: int
+    """The line of the block's first line of code (1-based)."""
+    info: str
+    """The fence's info string: ``python``, ``sh``, ``json``, or ``""``."""
+    code: str
+    not_run: str | None
+    """The reason of a ``<!-- not run: reason -->`` comment on the line right before the fence
+    (``""`` if it gives none); ``None`` without one."""
+
+
+def fenced_blocks(path: str) -> list[FencedBlock]:
+    """Every fenced block of a Markdown file, in order (a closing fence is ``` alone on its line)."""
+    with open(path) as f:
+        text = f.read()
+    blocks = []
+    for m in _FENCE.finditer(text):
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        note = _NOT_RUN.search(before)
+        blocks.append(FencedBlock(line=text[: m.start()].count("\n") + 2, info=m.group(1).strip(), code=m.group(2),
+                                  not_run=note.group(1).strip() if note else None))
+    return blocks
+
+
+def python_blocks(path: str) -> list[tuple[int, str]]:
+    """``(line, code)`` of every fenced ``python`` block of a Markdown file."""
+    return [(b.line, b.code) for b in fenced_blocks(path) if b.info == "python"]
 
 
 # --- ports ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -98,7 +99,11 @@ def test_inspect_json_describes_everything(ckpt):
         "tensor_bytes": 80 + 5 * 4096,
         "file_bytes": sum(os.path.getsize(ckpt / f) for f in files),
         "files": 5,
+        # each file's header, then each tensor (saved by one rank: whole), are blocks of their own
+        "blocks": 5 + 6,
+        "longest_block": 4096,
     }
+    assert all(f["blocks"] == block["files"][f["name"]]["blocks"] == f["tensors"] + 1 for f in doc["files"])
 
 
 def test_inspect_table_mentions_snapshot_files_and_state(ckpt, tmp_path, capsys):
@@ -181,7 +186,8 @@ def test_verify_intact_exits_0_with_a_progress_bar(ckpt):
     p = run_cli("verify", ckpt)
     snapshot = json.loads((ckpt / INDEX).read_text())["metadata"]["dcp_safetensors"]["snapshot"]
     assert p.stdout.startswith("OK: 6 tensors in 5 files") and snapshot in p.stdout
-    assert "the CRC-32 of every file matches the one recorded at save (5 files read," in p.stdout
+    assert re.search(r"the CRC-32 of every file, and of each of the \d+ blocks they are cut into, matches the one "
+                     r"recorded at save \(5 files read,", p.stdout), p.stdout
     assert "verify" in p.stderr and "100%" in p.stderr and "B/s" in p.stderr
 
 
@@ -249,8 +255,10 @@ def test_verify_all_reports_every_problem_once(ckpt, tmp_path):
     assert "model-00002-of-00004" in kinds[FileSizeMismatchError]
     assert "model-00003-of-00004" in kinds[SnapshotMismatchError]
     assert "training_state/state.safetensors" in kinds[MissingFileError]
-    # Only the two files whose structure is intact were checksummed; progress counted their bytes.
-    assert report.files_checked == 2 and seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == report.bytes_checked
+    # Only the two files whose structure is intact were checksummed, block by block: the flipped byte's
+    # block ends its file's check (its later blocks are not read).
+    assert "(block " in kinds[ChecksumMismatchError]
+    assert report.files_checked == 2 and seen[0][0] == 0 and seen[-1][0] == seen[-1][1] >= report.bytes_checked > 0
     # verify() still raises the first problem.
     with pytest.raises(FileSizeMismatchError, match="model-00002-of-00004"):
         verify(str(ckpt))

@@ -34,6 +34,7 @@ from dcp_safetensors.errors import (
     SnapshotMismatchError,
     UnsafePathError,
 )
+from dcp_safetensors.saving import WrittenParts
 
 INDEX = "model.safetensors.index.json"
 
@@ -176,14 +177,16 @@ class _LosingWriter(SafetensorsWriter):
     lost: tuple[str, int, int] | None = None
 
     def write_data(self, plan, planner):
-        (result,) = super().write_data(plan, planner).value()
-        written = result.storage_data
+        results = super().write_data(plan, planner).value()
+        (i,) = [i for i, r in enumerate(results) if isinstance(r.storage_data, WrittenParts)]
+        written = results[i].storage_data
         rows = written.in_place.copy()
         (row,) = np.flatnonzero(rows[:, 0] == 1)
         self.lost = (written.files[1], int(rows[row, 1]) - 4096, int(rows[row, 1]))
         rows[row, 1] -= 4096
+        results[i] = dataclasses.replace(results[i], storage_data=dataclasses.replace(written, in_place=rows))
         fut = torch.futures.Future()
-        fut.set_result([dataclasses.replace(result, storage_data=dataclasses.replace(written, in_place=rows))])
+        fut.set_result(results)  # the block checksums' report goes with it, untouched
         return fut
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
+
+from helpers import python_blocks
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -21,12 +22,6 @@ for line, code in blocks:
         print(f"README.md: the block at line {line} failed", file=sys.stderr)
         raise
 """
-
-
-def python_blocks(path: str) -> list[tuple[int, str]]:
-    """``(line, code)`` of every fenced ``python`` block of a Markdown file."""
-    text = open(path).read()
-    return [(text[: m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```python\n(.*?)```", text, re.S)]
 
 
 def test_the_readme_examples_run_as_written_and_write_what_they_say(tmp_path):

@@ -59,7 +59,7 @@ def saved_mixed(ranks, tmp_path_factory):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_save_mixed_placements_matches_full_tensors(saved_mixed, world_size):
     path = saved_mixed(world_size)
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["block_checksums.crc32", "model.safetensors", "model.safetensors.index.json"]
     _check_files_match_full_tensors(path)
 
 

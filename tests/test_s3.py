@@ -26,7 +26,7 @@ def uploaded_file_bytes(s3) -> int:
 def test_roundtrip_small_file_resharded(ranks, s3):
     url = s3.url(s3.prefix)
     ranks(4).run(save_mixed, url, "5GB", {"storage_options": options(s3)})
-    assert s3.keys(s3.prefix) == ["model.safetensors", "model.safetensors.index.json"]
+    assert s3.keys(s3.prefix) == ["block_checksums.crc32", "model.safetensors", "model.safetensors.index.json"]
     size = len(s3.get(s3.prefix, "model.safetensors"))
     assert size < 5 * MiB  # one part, smaller than S3's minimum
     # Plain tensors present on all 4 ranks and Replicate placements were uploaded once.
@@ -163,7 +163,7 @@ def test_resave_commit_reads_nothing_back_and_handles_files_together(ranks, s3):
     assert requests["CreateMultipartUpload"] == requests["CompleteMultipartUpload"] == 3
     # the old index, the commit record, and its emptied prefix (stores with directories keep one)
     assert requests["DeleteObject"] == 3
-    assert [k for k in s3.keys(s3.prefix) if not k.startswith("model")] == []
+    assert [k for k in s3.keys(s3.prefix) if not k.startswith("model")] == ["block_checksums.crc32"]
     assert all(ranks(2).run(load_big, url, shapes, {"storage_options": options(s3)}))
     assert not s3.open_uploads(s3.prefix)
 
@@ -206,7 +206,8 @@ def test_opening_a_checkpoint_reads_each_header_in_one_get(ranks, s3):
     ckpt = read_checkpoint(url, storage_options=options(s3))
     assert len(ckpt.headers) == 3
     requests = s3.proxy.stats.requests
-    assert requests["GetObject"] == 3 + 1, dict(requests)  # the headers, and the index
+    assert requests["GetObject"] == 3 + 2, dict(requests)  # the headers, the index and the block checksums
+    assert requests["HEAD"] == 3 + 2, dict(requests)  # each file's version is pinned (ETag) before a read
 
 
 def _small_tensors() -> dict:
@@ -252,7 +253,7 @@ def test_small_tensors_are_read_in_batched_ranged_gets(s3, monkeypatch):
 
     out, gets = load()
     assert all(same(out[k], v) for k, v in state.items())
-    assert gets == 1 + 1 + 1, gets  # the index, the header, one batch (all 300 tensors: ~12 KB)
+    assert gets == 1 + 1 + 1 + 1, gets  # the index, the block checksums, the header, one batch (all 300 tensors: ~12 KB)
     monkeypatch.setattr(FsspecStorage, "read_batch", 1024)
     out, gets = load()
     assert all(same(out[k], v) for k, v in state.items())
@@ -284,7 +285,7 @@ def test_a_refusal_after_the_commit_point_keeps_the_committed_save(s3, monkeypat
     dcp_safetensors.load(state, url, storage_options=options(s3))
     assert state["w"].tolist() == [2.0] * 4
     assert not s3.open_uploads(s3.prefix)
-    assert not [k for k in s3.keys(s3.prefix) if not k.startswith("model")]
+    assert [k for k in s3.keys(s3.prefix) if not k.startswith("model")] == ["block_checksums.crc32"]
 
 
 def test_a_part_corrupted_in_flight_is_named_by_verify_where_the_server_takes_it(s3):
@@ -302,8 +303,11 @@ def test_a_part_corrupted_in_flight_is_named_by_verify_where_the_server_takes_it
     dcp_safetensors.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, url, storage_options=options(s3))
     s3.proxy.faults.rule = None
     assert s3.proxy.stats.injected["UploadPart:flip"] == 1
-    with pytest.raises(ChecksumMismatchError, match="model.safetensors: checksum"):
+    with pytest.raises(ChecksumMismatchError, match=r"model.safetensors: bytes \d+-\d+ \(block 1 of 2\)"):
         verify(url, storage_options=options(s3), read_data=True)
+    # A load reading the flipped block fails the same way, without a verify first.
+    with pytest.raises(ChecksumMismatchError, match=r"model.safetensors: bytes .*the load of 'w' fails"):
+        dcp_safetensors.load({"w": torch.zeros(1 << 20)}, url, storage_options=options(s3))
 
 
 def test_a_storage_option_the_client_refuses_fails_at_once_naming_the_options(s3):

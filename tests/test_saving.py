@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_layout import META, Case, box_bytes, cases, full_tensors, in_place_writes
 
+from dcp_safetensors.blocks import MAX_BLOCK, BlockReport, decode_tables
 from dcp_safetensors.collectives import ByteSource
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.layout import CheckpointLayout, ChunkSpec, Extents, TensorSpec, plan_layout
+from dcp_safetensors.rank_writes import chunk_segment
 from dcp_safetensors.saving import LayoutSave, RunWrite, WrittenParts, write_in_place, write_parts
 from dcp_safetensors.storage import open_storage
 
@@ -52,11 +54,46 @@ def save(root: Path, case: Case, full, *, in_place: bool, piece: int, threads: i
             written = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start), threads)
             reports.append(WrittenParts.of(written))
         writer.close()
-    names = save.commit(reports, objects={}, extra_files={}, model_prefix=None, aliases={})
+    names = save.commit(reports, objects={}, extra_files={}, model_prefix=None, aliases={},
+                        blocks=[block_report(layout, case, full, rank) for rank in layout.rank_plans])
     files = {f.name: (root / f.name).read_bytes() for f in layout.files}
     assert set(files) <= set(names)
     index = json.loads((root / "model.safetensors.index.json").read_text())
-    return files, index["metadata"]["dcp_safetensors"]["files"]
+    recorded = index["metadata"]["dcp_safetensors"]
+    check_block_record(root, recorded, files, layout, case)
+    return files, recorded["files"]
+
+
+def block_report(layout: CheckpointLayout, case: Case, full: dict[str, np.ndarray], rank: int) -> BlockReport:
+    """What ``resolve_writes`` reports for ``rank``: the shares of its headers and chunks, each in its segment."""
+    plan = layout.rank_plans[rank]
+    writes = [(h.file, (0, len(h.data)), Extents(0, len(h.data)), h.data) for h in plan.headers]
+    for c in case.chunks:
+        if c.rank == rank and (w := plan.chunk_write(c.key, c.offsets, c.sizes)) is not None:
+            writes.append((w.file, chunk_segment(plan, c.key, c.offsets, c.sizes), w.extents, box_bytes(full[c.key], c.offsets, c.sizes)))
+    return BlockReport.of(writes, rank=rank)
+
+
+def check_block_record(root: Path, recorded: dict, files: dict[str, bytes], layout: CheckpointLayout, case: Case) -> None:
+    """The record holds the CRC-32 of every block of every file, blocks start at every chunk's row bound
+    (a load with the save's sharding reads whole blocks), and none is longer than MAX_BLOCK."""
+    meta = recorded["block_checksums"]
+    record = (root / meta["file"]).read_bytes()
+    assert meta["size"] == len(record) and meta["checksum"] == f"crc32:{zlib.crc32(record):08x}"
+    names = sorted(recorded["files"])
+    tables = decode_tables(record, [(n, recorded["files"][n]["size"], recorded["files"][n]["blocks"]) for n in names], source="r")
+    for name, data in files.items():
+        table = tables[name]
+        bounds = [*table.starts.tolist(), len(data)]
+        assert table.crcs.tolist() == [zlib.crc32(data[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        assert max(b - a for a, b in zip(bounds, bounds[1:], strict=False)) <= MAX_BLOCK
+        table.check(0, data, source=name, what="the whole file")
+    for c in case.chunks:
+        plan = layout.rank_plans[c.rank]
+        w = plan.chunk_write(c.key, c.offsets, c.sizes)
+        if w is not None and c.key not in layout.whole_bands:
+            lo, hi = chunk_segment(plan, c.key, c.offsets, c.sizes)
+            assert tables[w.file].span(lo, hi) == (lo, hi)
 
 
 @settings(max_examples=40, deadline=None)
@@ -71,7 +108,8 @@ def test_in_place_saves_write_the_bytes_of_planned_parts(tmp_path_factory, case:
     assert fast_index == slow_index
     assert set(fast_index) == set(fast)
     for name, recorded in fast_index.items():
-        assert recorded == {"size": len(fast[name]), "checksum": f"crc32:{zlib.crc32(fast[name]):08x}"}, name
+        assert recorded == {"size": len(fast[name]), "checksum": f"crc32:{zlib.crc32(fast[name]):08x}",
+                            "blocks": recorded["blocks"]}, name
 
 
 def two_rank_case():
@@ -100,7 +138,7 @@ def test_the_commit_refuses_a_rank_that_wrote_other_bytes_than_its_plan(tmp_path
         if drop == "rank":
             reports = reports[:1]
         with pytest.raises(LayoutError, match=r"model.safetensors: rank 1 wrote 0 bytes, its plan holds 48; refusing to commit"):
-            save.commit(reports, objects={}, extra_files={}, model_prefix=None, aliases={})
+            save.commit(reports, objects={}, extra_files={}, model_prefix=None, aliases={}, blocks=[])
         assert not (tmp_path / "model.safetensors").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dcp_safetensors-staging")]
 
@@ -117,7 +155,7 @@ def test_the_commit_refuses_parts_that_leave_a_hole_or_overlap(tmp_path: Path) -
         cut = edit(rows)
         report = WrittenParts(("model.safetensors",), cut, (None,) * len(cut))
         with pytest.raises(LayoutError, match=f"model.safetensors: written parts leave {what} at byte .*; refusing to commit"):
-            save.commit([report], objects={}, extra_files={}, model_prefix=None, aliases={})
+            save.commit([report], objects={}, extra_files={}, model_prefix=None, aliases={}, blocks=[])
         assert not (tmp_path / "model.safetensors").exists()
 
 

@@ -68,6 +68,7 @@ from dcp_safetensors.layout.plan import (
     HeaderWrite,
     RankWritePlan,
     plan_layout,
+    whole_row_bands,
     with_header_metadata,
 )
 from dcp_safetensors.layout.row_blocks import SMALL_RUN, RowSlab, plan_row_rounds, plan_row_slabs
@@ -94,6 +95,7 @@ __all__ = [
     "natural_key",
     "chunk_extents",
     "plan_layout",
+    "whole_row_bands",
     "cut_parts",
     "plan_rounds",
     "PartPlan",

@@ -53,6 +53,7 @@ from dcp_safetensors.layout.row_blocks import SMALL_RUN, RowSlab, plan_row_round
 from dcp_safetensors.layout.tiling import check_tiling
 
 __all__ = [
+    "whole_row_bands",
     "ChunkWrite",
     "HeaderWrite",
     "RankWritePlan",
@@ -110,6 +111,9 @@ class RankWritePlan:
     in_place: bool = False
     file_sizes: Mapping[str, int] = field(default_factory=dict)
     row_rounds: tuple[tuple[RowSlab, ...], ...] = ()
+    whole_bands: frozenset[str] = frozenset()
+    """Keys of this rank's tensors whose block checksums run over the whole tensor, not over the rows
+    of each chunk (:func:`whole_row_bands`)."""
 
     @property
     def parts(self) -> tuple[PartPlan, ...]:
@@ -143,6 +147,8 @@ class CheckpointLayout:
     chunks: Mapping[str, ChunkArrays] = field(default_factory=dict)
     in_place_bytes: Mapping[tuple[int, str], int] = field(default_factory=dict)
     """For an ``in_place`` layout, ``{(rank, file): bytes}`` each rank must write (headers included)."""
+    whole_bands: frozenset[str] = frozenset()
+    """Keys whose block checksums run over the whole tensor (:func:`whole_row_bands`)."""
 
     @property
     def moved_bytes(self) -> int:
@@ -224,12 +230,42 @@ def plan_layout(
                              tuple(tuple(s for s in rnd if r in s.ranks) for rnd in row_rounds))
             for r in writers
         }
-        return CheckpointLayout(tuple(files), tuple(tensors), plans, table, written)
-    headers, parts, transfers = _plan_parts(files, placed, table, min_part=min_part, max_part=max_part)
-    rounds = plan_rounds(transfers, transfer_budget)
-    writers = sorted(set(tensors_of) | set(headers) | set(parts[:, 0].tolist()) | set(range(world_size or 0)))
-    plans = _rank_plans(writers, files, tensors_of, headers, parts, rounds)
-    return CheckpointLayout(tuple(files), tuple(tensors), plans, table)
+    else:
+        headers, parts, transfers = _plan_parts(files, placed, table, min_part=min_part, max_part=max_part)
+        rounds = plan_rounds(transfers, transfer_budget)
+        writers = sorted(set(tensors_of) | set(headers) | set(parts[:, 0].tolist()) | set(range(world_size or 0)))
+        plans = _rank_plans(writers, files, tensors_of, headers, parts, rounds)
+        written = {}
+    whole = whole_row_bands(table)
+    if whole:
+        plans = {r: dataclasses.replace(p, whole_bands=frozenset(whole & p.tensors.keys())) for r, p in plans.items()}
+    return CheckpointLayout(tuple(files), tuple(tensors), plans, table, written, whole)
+
+
+def whole_row_bands(table: Mapping[str, ChunkArrays]) -> frozenset[str]:
+    """Keys whose chunks' row ranges are not the cells of one cut of dim 0 (a chunk's rows hold
+    another chunk's row bound): their block checksums run over the whole tensor.
+
+    Every other tensor's blocks are cut at its chunks' row bounds, which each writer knows from its
+    own chunk (:func:`~dcp_safetensors.blocks.band`); DTensor's chunks are always such cells.
+
+    Example:
+        >>> from dcp_safetensors.layout import chunk_table
+        >>> sorted(whole_row_bands(chunk_table([ChunkSpec(0, "w", (0, 0), (1, 4)), ChunkSpec(1, "w", (1, 0), (3, 1)),
+        ...                                     ChunkSpec(2, "w", (0, 1), (4, 3)), ChunkSpec(0, "v", (0,), (2,))])))
+        ['w']
+    """
+    whole = []
+    for key, arrays in table.items():
+        live = arrays.sizes.prod(axis=1) > 0
+        if not arrays.offsets.shape[1] or not live.any():
+            continue
+        starts = arrays.offsets[live, 0]
+        ends = starts + arrays.sizes[live, 0]
+        bounds = np.unique(np.concatenate([starts, ends]))
+        if (np.searchsorted(bounds, ends, side="left") - np.searchsorted(bounds, starts, side="right") > 0).any():
+            whole.append(key)
+    return frozenset(whole)
 
 
 def _check_tensors(tensors: Sequence[TensorSpec]) -> None:
