@@ -42,14 +42,12 @@ from dcp_safetensors.errors import (
     CheckpointChangedError,
     CheckpointCorruptError,
     CheckpointNotFoundError,
-    ChecksumMismatchError,
     DcpSafetensorsError,
     FileSizeMismatchError,
     MissingFileError,
     MissingKeyError,
     SnapshotMismatchError,
     shrank,
-    truncated,
 )
 from dcp_safetensors.format import (
     LENGTH_PREFIX,
@@ -315,12 +313,16 @@ def _read_blocks(files: PinnedFiles, index: Index) -> tuple[dict[str, BlockTable
         return {}, []
     name = record["file"]
     try:
-        with truncated(files, name, "the block checksums"):
-            data = files.read_range(name, 0, record["size"])
+        size = files.size(name)
+        if size != record["size"]:
+            raise FileSizeMismatchError(f"{files.path(name)}: {size} bytes on storage, the index recorded {record['size']}")
+        data = files.read_range(name, 0, size)
         if format_crc32(crc32(data)) != record["checksum"]:
-            raise ChecksumMismatchError(
+            # Like a data file of another snapshot: while a save publishes, the open is retried.
+            raise SnapshotMismatchError(
                 f"{files.path(name)}: checksum {format_crc32(crc32(data))} differs from {record['checksum']} recorded "
-                "in the index (the file changed after it was written)"
+                "in the index: the block checksums of another save (a stale file, or a save publishing now), or "
+                "the file changed after it was written"
             )
         names = sorted(index.files)
         return decode_tables(data, [(n, index.files[n]["size"], index.files[n]["blocks"]) for n in names], source=files.path(name)), []

@@ -154,3 +154,17 @@ def test_a_load_with_the_saves_sharding_reads_no_extra_byte(ranks, mixed_checkpo
     """Blocks are cut at every chunk's rows: a Shard(0) load like the save reads whole blocks only."""
     extra = ranks(2).run(extra_bytes_of_a_load, str(mixed_checkpoint), ["even", "uneven", "dtypes.float32", "hsdp"])
     assert extra == [0, 0]
+
+
+def test_a_block_record_of_another_save_or_missing_is_named(tmp_path):
+    from dcp_safetensors.errors import MissingFileError, SnapshotMismatchError
+    from dcp_safetensors.names import BLOCKS_FILE
+
+    for name, value in (("a", 1.0), ("b", 2.0)):
+        dcp_safetensors.save({"w": torch.full((1000,), value)}, tmp_path / name)
+    shutil.copy(tmp_path / "b" / BLOCKS_FILE, tmp_path / "a" / BLOCKS_FILE)  # same size, another save's
+    with pytest.raises(SnapshotMismatchError, match=rf"{BLOCKS_FILE}: checksum crc32:\w+ differs from crc32:\w+ recorded in the index"):
+        read_checkpoint(str(tmp_path / "a"))
+    (tmp_path / "a" / BLOCKS_FILE).unlink()
+    with pytest.raises(MissingFileError, match=BLOCKS_FILE):
+        dcp_safetensors.load({"w": torch.zeros(1000)}, tmp_path / "a")
