@@ -64,10 +64,11 @@ __all__ = [
     "decode_tables",
 ]
 
-MAX_BLOCK = 4 << 20
-"""The longest block. Blocks are cut at the save's chunk ends, so this bounds only what a load
-with another sharding reads beyond its bytes (one partial block per end of a run) and the size of
-the record: 8 bytes per block, 2 MB per TB."""
+MAX_BLOCK = 1 << 20
+"""The longest block. Blocks are cut at the save's chunk rows, so this bounds what a load with
+another sharding reads beyond its bytes (one partial block per end of a run), what a column
+shard's 2 MiB row spans (``LocalStorage.read_span``) read and copy twice (4 MiB blocks: a 2-D load
+from tmpfs at 0.60x of an unchecked one; 1 MiB: 0.74-0.78x), and the record: 8 bytes per block, 8 MB per TB."""
 
 
 def plan_blocks(size: int, cuts: Iterable[int], max_block: int = MAX_BLOCK) -> np.ndarray:

@@ -88,6 +88,7 @@ class CheckedReads:
         inner_lo = offset if offset == lo else first_end
         inner_hi = end if end == hi else last_start
         if inner_lo < inner_hi:  # whole blocks: straight into the destination, checked there
+            # One read, as without checks (on an object store a read is a request), then each block's CRC.
             part = view[inner_lo - offset : inner_hi - offset]
             self.files.readinto(file, inner_lo, part)
             self.bytes_read += len(part)
@@ -121,3 +122,4 @@ def _block_start(table: BlockTable, at: int) -> int:
 def _block_end(table: BlockTable, start: int) -> int:
     i = int(np.searchsorted(table.starts, start, side="right"))
     return int(table.starts[i]) if i < len(table.starts) else table.size
+
