@@ -168,3 +168,27 @@ def test_a_block_record_of_another_save_or_missing_is_named(tmp_path):
     (tmp_path / "a" / BLOCKS_FILE).unlink()
     with pytest.raises(MissingFileError, match=BLOCKS_FILE):
         dcp_safetensors.load({"w": torch.zeros(1000)}, tmp_path / "a")
+
+
+def test_a_save_from_before_block_checksums_loads_and_verifies_as_before(tmp_path):
+    """An index of ours without the block record (format 1, saved before this version): loads
+    unchecked, its file checksums still verified."""
+    import json
+
+    from dcp_safetensors import verify
+    from dcp_safetensors.names import BLOCK_KEY, BLOCKS_FILE, INDEX_NAME
+
+    sd = {"w": torch.arange(1000.0)}
+    dcp_safetensors.save(sd, tmp_path)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    block = index["metadata"][BLOCK_KEY]
+    block.pop("block_checksums")
+    for record in block["files"].values():
+        record.pop("blocks")
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    (tmp_path / BLOCKS_FILE).unlink()
+    assert read_checkpoint(str(tmp_path)).blocks == {}
+    out = {"w": torch.zeros(1000)}
+    dcp_safetensors.load(out, tmp_path)
+    assert torch.equal(out["w"], sd["w"])
+    assert verify(str(tmp_path)).checksums
