@@ -341,9 +341,9 @@ class BlockTable:
         end = offset + len(view)
         first = int(np.searchsorted(self.starts, offset, side="left"))
         stop = int(np.searchsorted(self.starts, end, side="right"))
-        ends = np.append(self.starts[1:], self.size)
-        for b in range(first, stop):
-            lo, hi = int(self.starts[b]), int(ends[b])
+        # Only the blocks read: a column shard checks a few blocks per row, of files of thousands.
+        bounds = [*self.starts[first:stop + 1].tolist(), self.size][: stop - first + 1]
+        for b, lo, hi in zip(range(first, stop), bounds, bounds[1:], strict=False):
             if hi > end:
                 break
             found = crc32(view[lo - offset : hi - offset])

@@ -62,16 +62,13 @@ class CheckedReads:
     def extra_bytes(self) -> int:
         return max(0, self.bytes_read - self.bytes_asked)
 
-    # What the reader's helpers use of PinnedFiles besides readinto.
+    # What the reader's helpers use of PinnedFiles besides readinto (errors name files by path).
     @property
     def read_span(self) -> int:
         return self.files.read_span
 
     def path(self, name: str) -> str:
         return self.files.path(name)
-
-    def size(self, name: str) -> int:
-        return self.files.size(name)
 
     def readinto(self, file: str, offset: int, out: Any) -> None:
         """Fill ``out`` with the file's bytes from ``offset``, every block they touch checked."""

@@ -317,10 +317,11 @@ def _read_blocks(files: PinnedFiles, index: Index) -> tuple[dict[str, BlockTable
         if size != record["size"]:
             raise FileSizeMismatchError(f"{files.path(name)}: {size} bytes on storage, the index recorded {record['size']}")
         data = files.read_range(name, 0, size)
-        if format_crc32(crc32(data)) != record["checksum"]:
+        found = format_crc32(crc32(data))
+        if found != record["checksum"]:
             # Like a data file of another snapshot: while a save publishes, the open is retried.
             raise SnapshotMismatchError(
-                f"{files.path(name)}: checksum {format_crc32(crc32(data))} differs from {record['checksum']} recorded "
+                f"{files.path(name)}: checksum {found} differs from {record['checksum']} recorded "
                 "in the index: the block checksums of another save (a stale file, or a save publishing now), or "
                 "the file changed after it was written"
             )

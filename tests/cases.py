@@ -188,6 +188,12 @@ def load_mixed_keys(path: str, keys: list[str], reshard: str | None = None) -> d
     return {key: local_matches(v, expected[key]) for key, v in target.items()}
 
 
+def load_mixed_checking_on_rank_0(path: str) -> dict | None:
+    """Every rank loads whole tensors; only rank 0 checks (``verify_checksums`` differs between ranks):
+    :func:`error_summary` of it."""
+    return error_summary(load_mixed, path, "plain", {"verify_checksums": dist.get_rank() == 0})
+
+
 def extra_bytes_of_a_load(path: str, keys: list[str]) -> int:
     """The bytes a checked :func:`load_mixed_keys` read beyond those it asked for, on this rank."""
     import dcp_safetensors.reader as reader

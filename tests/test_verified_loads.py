@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from cases import error_summary, extra_bytes_of_a_load, load_mixed, load_mixed_keys, save_mixed
+from cases import (
+    error_summary,
+    extra_bytes_of_a_load,
+    load_mixed,
+    load_mixed_checking_on_rank_0,
+    load_mixed_keys,
+    save_mixed,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +199,14 @@ def test_a_save_from_before_block_checksums_loads_and_verifies_as_before(tmp_pat
     dcp_safetensors.load(out, tmp_path)
     assert torch.equal(out["w"], sd["w"])
     assert verify(str(tmp_path)).checksums
+
+
+def test_verify_checksums_set_differently_on_each_rank_fails_the_checking_rank_and_never_hangs(ranks, mixed_checkpoint, tmp_path):
+    """A local option: each rank checks what it reads or not; a failure on one is raised on both (DCP gathers it)."""
+    ckpt = read_checkpoint(str(mixed_checkpoint))
+    loc = ckpt.tensors["even"]
+    shutil.copytree(mixed_checkpoint, tmp_path / "ckpt")
+    flip_bit(tmp_path / "ckpt" / loc.file, loc.offset + 5)
+    summaries = ranks(2).run(load_mixed_checking_on_rank_0, str(tmp_path / "ckpt"))
+    assert summaries[0] == summaries[1] and set(summaries[0]) == {0}
+    assert summaries[0][0][0] == "ChecksumMismatchError" and "'even'" in summaries[0][0][1]
