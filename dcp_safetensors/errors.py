@@ -49,6 +49,10 @@ class BucketNotFoundError(StorageError):
     """The bucket named in the URL does not exist at the storage endpoint; not retried."""
 
 
+class StorageFullError(StorageError):
+    """The object store is out of space or over a quota (507, ``XMinioStorageFull``, ``QuotaExceeded``, ...); not retried."""
+
+
 class ConcurrentSaveError(StorageError):
     """Another live save is writing to the same checkpoint directory; this one stops before touching it."""
 

@@ -38,11 +38,12 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 
 from dcp_safetensors.errors import LayoutError
 from dcp_safetensors.layout import ChunkArrays, TensorSpec, check_tiling
+from dcp_safetensors.mapping import place_key
 
 if TYPE_CHECKING:
     from dcp_safetensors.plan_cache import SaveCache
 
-__all__ = ["collect_chunks", "build_metadata", "validate", "PlannedSave"]
+__all__ = ["collect_chunks", "build_metadata", "validate", "declared_specs", "PlannedSave"]
 
 
 def collect_chunks(
@@ -174,6 +175,35 @@ def _dedup(
         table[fqn] = ChunkArrays(arrays.ranks[mask], arrays.offsets[mask], arrays.sizes[mask])
         tmd.chunks = [c for c, m in zip(tmd.chunks, mask.tolist(), strict=True) if m]
     return drop
+
+
+def declared_specs(plans: Sequence[SavePlan], model_prefix: str | None) -> list[TensorSpec]:
+    """Every tensor's spec, from the ``{key: (dtype, shape)}`` each rank declared in its plan's ``storage_data``.
+
+    The declarations must agree across ranks (a LayoutError names the key and two ranks that differ).
+
+    Example:
+        >>> plans = [SavePlan([], storage_data={"w": ("F32", (4,))}), SavePlan([], storage_data={"w": ("F32", (4,))})]
+        >>> [(s.key, s.dtype, s.shape) for s in declared_specs(plans, None)]
+        [('w', 'F32', (4,))]
+    """
+    # DCP's dedup keeps one copy of a replicated item, so the ranks' own declarations
+    # are compared: set operations on the dicts, no Python loop over all items.
+    declared: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for plan in reversed(plans):
+        declared.update(plan.storage_data or {})
+    for plan in plans:
+        mine = plan.storage_data or {}
+        if not mine.items() <= declared.items():
+            key = next(k for k, v in mine.items() if declared[k] != v)
+            holders = [(r, p.storage_data[key]) for r, p in enumerate(plans) if key in (p.storage_data or {})]
+            (r0, a), (r1, b) = holders[0], next(h for h in holders if h[1] != holders[0][1])
+            raise LayoutError(f"tensor {key!r}: rank {r0} holds {a[0]} {list(a[1])}, rank {r1} holds {b[0]} {list(b[1])}")
+    specs = []
+    for key, (dtype, shape) in declared.items():
+        group, name = place_key(key, model_prefix)
+        specs.append(TensorSpec(key, name, dtype, shape, group))
+    return specs
 
 
 def build_metadata(plans: Sequence[SavePlan], md: dict[str, STORAGE_TYPES]) -> Metadata:

@@ -86,6 +86,7 @@ from dcp_safetensors.errors import (
 from dcp_safetensors.hooks import RankZeroBroadcast
 from dcp_safetensors.layout import Extents, TensorLocation
 from dcp_safetensors.pinned import PinnedFiles
+from dcp_safetensors.progress import STALL_WARNING, Progress
 from dcp_safetensors.storage import Storage, open_storage
 from dcp_safetensors.ties import infer_ties
 
@@ -139,6 +140,8 @@ class SafetensorsReader(StorageReader):
             :class:`~dcp_safetensors.errors.ChecksumMismatchError` naming the
             file, bytes and tensors, and nothing wrong is loaded. Checkpoints of
             other tools record none and load unchecked.
+        stall_warning: seconds without a byte read before a rank logs a WARNING saying
+            what it waits on, again every as many seconds (:mod:`.progress`); None: never.
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -152,8 +155,10 @@ class SafetensorsReader(StorageReader):
         storage_options: dict[str, Any] | None = None,
         read_threads: int = 8,
         verify_checksums: bool = True,
+        stall_warning: float | None = STALL_WARNING,
     ) -> None:
         super().__init__()
+        self.stall_warning = stall_warning
         self.verify_checksums = verify_checksums
         self.path = os.fspath(path)
         self.model_prefix = model_prefix
@@ -286,10 +291,15 @@ class SafetensorsReader(StorageReader):
             else:
                 _read_batch(reads, batch, planner)
             extra[0] += reads.extra_bytes
+            progress.add(sum(c.extents.nbytes for c in batch))
 
         batches = _batches(ckpt, tensor_items, files.read_batch)
         error: BaseException | None = None
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        progress = Progress(f"load of {self.path}", sum(c.extents.nbytes for b in batches for c in b), rank=rank,
+                            stall_warning=self.stall_warning)
         try:
+            progress.start()
             # With allow_partial_load a key the checkpoint may lack is skipped, as DCP skips a missing one.
             if unconfirmed and not (isinstance(planner, DefaultLoadPlanner) and planner.allow_partial_load):
                 raise _unconfirmed_error(ckpt, sorted(unconfirmed))
@@ -304,6 +314,7 @@ class SafetensorsReader(StorageReader):
         except Exception as e:
             error = e
         finally:
+            progress.stop()
             files.close()
             self._files = None
         # A planner that reads plain tensors on rank 0 only broadcasts them now; every rank

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -70,6 +71,12 @@ from dcp_safetensors.layout import CheckpointLayout, Extents, PartPlan
 from dcp_safetensors.names import BLOCKS_FILE, MODEL_GROUP, OBJECTS_FILE, TRAINING_STATE_GROUP
 from dcp_safetensors.storage import SaveSession, Storage
 from dcp_safetensors.storage.base import PartTags, PartWriter, RunWriter
+
+if TYPE_CHECKING:
+    from dcp_safetensors.progress import Progress
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "LayoutSave",
@@ -104,8 +111,10 @@ def write_parts(
     parts: Iterable[PartPlan],
     views_of: Callable[[PartPlan], Sequence[memoryview]],
     threads: int,
+    progress: Progress | None = None,
 ) -> list[WrittenPart]:
     """:func:`write_part` of every part, on up to ``threads`` threads; the result is in ``parts`` order.
+    ``progress`` counts each part's bytes as it is written; after a part fails, no other starts.
 
     Threads take runs of consecutive parts of about equal bytes, not one part
     each: a column shard is one part per row on POSIX, and a task per part
@@ -125,8 +134,20 @@ def write_parts(
         >>> writer.close(); storage.abort_save(session)
     """
     parts = list(parts)
+    stop = threading.Event()
+
+    def write_batch(batch: list[PartPlan]) -> list[WrittenPart]:
+        done = []
+        for part in batch:
+            if stop.is_set():
+                break  # another thread's part failed: its error is the save's
+            done.append(write_part(writer, part, views_of(part)))
+            if progress is not None:
+                progress.add(part.end - part.start)
+        return done
+
     if threads <= 1 or len(parts) <= 1:
-        return [write_part(writer, p, views_of(p)) for p in parts]
+        return write_batch(parts)
     target = -(-sum(p.end - p.start for p in parts) // threads)
     batches: list[list[PartPlan]] = [[]]
     size = 0
@@ -136,12 +157,41 @@ def write_parts(
             size = 0
         batches[-1].append(part)
         size += part.end - part.start
+    return [w for done in map_until_failure(write_batch, batches, threads, stop) for w in done]
 
-    def write_batch(batch: list[PartPlan]) -> list[WrittenPart]:
-        return [write_part(writer, p, views_of(p)) for p in batch]
 
-    with ThreadPoolExecutor(min(threads, len(batches)), thread_name_prefix="dcp-safetensors-write") as pool:
-        return [w for done in pool.map(write_batch, batches) for w in done]
+def map_until_failure(fn: Callable[[T], R], items: Sequence[T], threads: int, stop: threading.Event) -> list[R]:
+    """``fn`` of every item on up to ``threads`` threads, in ``items`` order; the first failure sets
+    ``stop``, no item starts after it, and it is raised once the items under way have ended.
+
+    A full store or a refusing server fails every write alike: the save should
+    learn so once, not after every remaining part has spent its retries.
+
+    Example:
+        >>> map_until_failure(lambda n: n * n, [1, 2, 3], 2, threading.Event())
+        [1, 4, 9]
+    """
+
+    def run(item: T) -> R:
+        if stop.is_set():
+            raise _Skipped
+        try:
+            return fn(item)
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max(1, min(threads, len(items))), thread_name_prefix="dcp-safetensors-write") as pool:
+        futures = [pool.submit(run, item) for item in items]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None and not isinstance(error, _Skipped):
+            raise error
+    return [f.result() for f in futures]
+
+
+class _Skipped(Exception):
+    """An item :func:`map_until_failure` did not start, as another had failed."""
 
 
 class RunWrite(NamedTuple):
@@ -153,9 +203,11 @@ class RunWrite(NamedTuple):
 
 
 def write_in_place(
-    writer: RunWriter, writes: Sequence[RunWrite], file_sizes: Mapping[str, int], *, rank: int, threads: int, piece: int
+    writer: RunWriter, writes: Sequence[RunWrite], file_sizes: Mapping[str, int], *, rank: int, threads: int, piece: int,
+    progress: Progress | None = None,
 ) -> WrittenParts:
-    """Write every run of ``writes`` where it lies and CRC-32 it, on up to ``threads`` threads.
+    """Write every run of ``writes`` where it lies and CRC-32 it, on up to ``threads`` threads
+    (``progress`` counts the bytes; after a write fails, no other starts).
 
     No part is planned: a column shard's runs (one per row) go out in a tight
     loop, each rank reporting per file only its byte count and its share of
@@ -195,6 +247,8 @@ def write_in_place(
         file, offsets, length, data = unit
         crcs = np.array([crc32(data[i * length : (i + 1) * length]) for i in range(len(offsets))], dtype=np.uint32)
         writer.write_runs(file, offsets.tolist(), length, data)
+        if progress is not None:
+            progress.add(len(offsets) * length)
         after = file_sizes[file] - offsets - length
         return file, len(offsets) * length, crc32_share(crcs, np.full(len(offsets), length), after)
 
@@ -203,8 +257,7 @@ def write_in_place(
     if threads <= 1 or len(units) <= 1:
         done = [write_unit(u) for u in units]
     else:
-        with ThreadPoolExecutor(min(threads, len(units)), thread_name_prefix="dcp-safetensors-write") as pool:
-            done = list(pool.map(write_unit, units))
+        done = map_until_failure(write_unit, units, threads, threading.Event())
     totals: dict[str, list[int]] = {}
     for file, nbytes, share in done:
         total = totals.setdefault(file, [0, 0])

@@ -65,7 +65,7 @@ from dcp_safetensors.collectives import (
 )
 from dcp_safetensors.dtypes import to_safetensors_dtype
 from dcp_safetensors.errors import ConfigurationError, LayoutError
-from dcp_safetensors.global_plan import PlannedSave, collect_chunks
+from dcp_safetensors.global_plan import PlannedSave, collect_chunks, declared_specs
 from dcp_safetensors.hf_config import config_files, with_weights_dtype
 from dcp_safetensors.layout import (
     SMALL_RUN,
@@ -74,14 +74,14 @@ from dcp_safetensors.layout import (
     Extents,
     HeaderWrite,
     RankWritePlan,
-    TensorSpec,
     parse_size,
     plan_layout,
     with_header_metadata,
 )
-from dcp_safetensors.mapping import check_prefix, place_key, without_prefix
+from dcp_safetensors.mapping import check_prefix, without_prefix
 from dcp_safetensors.names import SNAPSHOT_KEY
 from dcp_safetensors.planner import ALIASES_KEY
+from dcp_safetensors.progress import STALL_WARNING, Progress
 from dcp_safetensors.rank_writes import WrittenObject, resolve_writes
 from dcp_safetensors.saving import LayoutSave, RunWrite, WrittenParts, write_in_place, write_parts
 from dcp_safetensors.storage import SaveSession, Storage, open_storage
@@ -176,6 +176,8 @@ class SafetensorsWriter(StorageWriter):
         generation_config: likewise, written as ``generation_config.json``.
         strip_auto_map: drop ``auto_map`` from the config (it points at custom
             code that is not in the checkpoint directory).
+        stall_warning: seconds without a byte written before a rank logs a WARNING saying
+            what it waits on, again every as many seconds (:mod:`.progress`); None: never.
 
     See the module docstring for the order in which DCP calls the methods.
     """
@@ -196,6 +198,7 @@ class SafetensorsWriter(StorageWriter):
         hf_config: Any = None,
         generation_config: Any = None,
         strip_auto_map: bool = True,
+        stall_warning: float | None = STALL_WARNING,
     ) -> None:
         super().__init__()
         parse_size(max_shard_size)  # fail at construction, not mid-save
@@ -212,6 +215,7 @@ class SafetensorsWriter(StorageWriter):
         self.transfer_budget = transfer_budget
         self.row_exchange_below = row_exchange_below
         self.write_threads = write_threads
+        self.stall_warning = stall_warning
         self._extra_files = config_files(hf_config, generation_config, strip_auto_map)
         self._save: LayoutSave | None = None
         self._started = 0.0
@@ -327,7 +331,7 @@ class SafetensorsWriter(StorageWriter):
         if table is None:
             _, table, _ = collect_chunks(plans)
         return plan_layout(
-            self._specs(plans),
+            declared_specs(plans, self.model_prefix),
             table,
             max_shard_size=self.max_shard_size,
             metadata=metadata,
@@ -356,6 +360,8 @@ class SafetensorsWriter(StorageWriter):
         storage: Storage | None = None
         part_writer: PartWriter | None = None
         reports: list[WrittenParts] = []
+        rank = data.writes.rank if isinstance(data, _RankStorageData) else 0
+        progress = Progress(f"save of {self.path}", 0, rank=rank, stall_warning=self.stall_warning)
         try:
             # Every rank reaches every collective below, failed or not: any local error
             # (opening the storage included) is carried to the next status exchange, so
@@ -380,14 +386,17 @@ class SafetensorsWriter(StorageWriter):
                 part_writer = storage.part_writer(data.session)
                 if data.writes.in_place and not isinstance(part_writer, RunWriter):
                     raise ConfigurationError(f"{type(storage).__name__} cannot write runs in place; its plan needs parts")
+                progress.total = _bytes_to_write(data.writes, writes)
                 if not data.writes.in_place:
                     for w in writes:
                         for i, offset in enumerate(w.extents.offsets().tolist()):
                             source.add(w.file, offset, w.data[i * w.extents.length : (i + 1) * w.extents.length])
             except Exception as e:
                 error = e
+            progress.start()
             if data.writes.rounds:
                 transfer_started = time.perf_counter()
+                progress.doing = "exchanging bytes with the other ranks"
                 transfer(data.writes.rounds, source, group, error)
                 self._phases["transfer"] = time.perf_counter() - transfer_started
             if data.writes.row_rounds:
@@ -395,18 +404,21 @@ class SafetensorsWriter(StorageWriter):
                 # time (each round's blocks are written before the next, so buffers stay in budget).
                 device = collective_device(group)
                 for number, slabs in enumerate(data.writes.row_rounds):
+                    progress.doing = f"exchanging rows with the other ranks (round {number + 1})"
                     agree_on_errors(error, group, f"row exchange round {number + 1}")
                     blocks = exchange_rows(slabs, data.writes.rank, held, group, device)
                     try:
                         assert isinstance(part_writer, RunWriter)
                         runs = [RunWrite(f, Extents(o, b.size), memoryview(b)) for f, o, b in blocks]  # type: ignore[arg-type]
-                        reports.append(self._write_in_place(part_writer, data.writes, runs))
+                        progress.doing = "writing"
+                        reports.append(self._write_in_place(part_writer, data.writes, runs, progress))
                     except Exception as e:
                         error = e
             if error is None:
                 assert part_writer is not None
                 try:
-                    results.extend(self._write_parts(data, source, writes, part_writer, reports))
+                    progress.doing = "writing"
+                    results.extend(self._write_parts(data, source, writes, part_writer, reports, progress))
                 except Exception as e:
                     error = e
                 finally:
@@ -414,6 +426,7 @@ class SafetensorsWriter(StorageWriter):
             # A last status exchange: a failed or dead rank (the collective itself then
             # fails) makes every rank abort the save's uploads, not only the failing one.
             if distributed:
+                progress.doing = "waiting for the other ranks to finish writing"
                 agree_on_errors(error, group, "commit")
             elif error is not None:
                 raise error
@@ -424,6 +437,8 @@ class SafetensorsWriter(StorageWriter):
             if isinstance(data, (_RankStorageData, _Refresh)):
                 (storage or self._storage()).abort_save(data.session)
             raise
+        finally:
+            progress.stop()
         self._phases["write"] = time.perf_counter() - write_started - self._phases.get("transfer", 0.0)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
@@ -452,16 +467,8 @@ class SafetensorsWriter(StorageWriter):
         """One line per save on the coordinator: INFO when it took a second or more, else DEBUG."""
         total = time.perf_counter() - self._started
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in self._phases.items())
-        logger.log(
-            logging.INFO if total >= 1.0 else logging.DEBUG,
-            "saved %s: %d files, %.1f MB in %.2f s (%.0f MB/s; %s)",
-            self.path,
-            files,
-            nbytes / 1e6,
-            total,
-            nbytes / 1e6 / max(total, 1e-9),
-            phases,
-        )
+        logger.log(logging.INFO if total >= 1.0 else logging.DEBUG, "saved %s: %d files, %.1f MB in %.2f s (%.0f MB/s; %s)",
+                   self.path, files, nbytes / 1e6, total, nbytes / 1e6 / max(total, 1e-9), phases)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -484,34 +491,15 @@ class SafetensorsWriter(StorageWriter):
             without_prefix(self.model_prefix, alias): names[kept] for alias, kept in sorted(aliases.items()) if kept in names
         }
 
-    def _specs(self, plans: list[SavePlan]) -> list[TensorSpec]:
-        """Every tensor's spec, from what each rank declared (checked to agree across ranks)."""
-        # DCP's dedup keeps one copy of a replicated item, so the ranks' own declarations
-        # are compared: set operations on the dicts, no Python loop over all items.
-        declared: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for plan in reversed(plans):
-            declared.update(plan.storage_data or {})
-        for plan in plans:
-            mine = plan.storage_data or {}
-            if not mine.items() <= declared.items():
-                key = next(k for k, v in mine.items() if declared[k] != v)
-                holders = [(r, p.storage_data[key]) for r, p in enumerate(plans) if key in (p.storage_data or {})]
-                (r0, a), (r1, b) = holders[0], next(h for h in holders if h[1] != holders[0][1])
-                raise LayoutError(f"tensor {key!r}: rank {r0} holds {a[0]} {list(a[1])}, rank {r1} holds {b[0]} {list(b[1])}")
-        specs = []
-        for key, (dtype, shape) in declared.items():
-            group, name = place_key(key, self.model_prefix)
-            specs.append(TensorSpec(key, name, dtype, shape, group))
-        return specs
-
-    def _write_in_place(self, writer: RunWriter, plan: RankWritePlan, writes: list[RunWrite]) -> WrittenParts:
+    def _write_in_place(self, writer: RunWriter, plan: RankWritePlan, writes: list[RunWrite],
+                        progress: Progress) -> WrittenParts:
         assert self._store is not None
         return write_in_place(writer, writes, plan.file_sizes, rank=plan.rank, threads=self.write_threads,
-                              piece=self._store.max_part or self.max_part)
+                              piece=self._store.max_part or self.max_part, progress=progress)
 
     def _write_parts(
         self, data: _RankStorageData, source: ByteSource, writes: list[RunWrite], writer: PartWriter,
-        reports: list[WrittenParts],
+        reports: list[WrittenParts], progress: Progress,
     ) -> list[WriteResult]:
         """Write this rank's bytes, CRC-32 them, concurrently: in place (POSIX), or the parts it owns (pwrite / UploadPart).
 
@@ -521,9 +509,10 @@ class SafetensorsWriter(StorageWriter):
         try:
             if plan.in_place:
                 assert isinstance(writer, RunWriter)
-                reports.append(self._write_in_place(writer, plan, writes))
+                reports.append(self._write_in_place(writer, plan, writes, progress))
             else:
-                out = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start), self.write_threads)
+                out = write_parts(writer, plan.parts, lambda p: source.read(p.file, p.start, p.end - p.start),
+                                  self.write_threads, progress)
                 reports.append(WrittenParts.of(out))
         finally:
             writer.close()
@@ -532,6 +521,14 @@ class SafetensorsWriter(StorageWriter):
             for i, r in enumerate(reports)
             if len(r.rows) or len(r.in_place)
         ]
+
+
+def _bytes_to_write(plan: RankWritePlan, writes: list[RunWrite]) -> int:
+    """What this rank writes: its parts, or its runs in place and its blocks of the row exchange."""
+    if not plan.in_place:
+        return plan.nbytes
+    blocks = [s.blocks()[s.ranks.index(plan.rank)] + (s.row_bytes,) for rnd in plan.row_rounds for s in rnd]
+    return sum(w.data.nbytes for w in writes) + sum((b - a) * row for a, b, row in blocks)
 
 
 def _unusable_plan(data: Any) -> LayoutError:

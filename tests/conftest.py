@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -49,6 +50,7 @@ SLOW_FILES = [
     "test_storage_contract.py",
     "test_plan_cache.py",
     "test_s3.py",
+    "test_s3_faults.py",
     "test_hardening.py",
     "test_crash.py",
     "test_convert.py",
@@ -182,6 +184,13 @@ class SeaweedS3:
     NoSuchBucket. One identity may do anything with ``key``/``secret``; anonymous requests
     may only read, write and list bucket ``open_bucket``, which ``paging_proxy`` fronts
     (see :class:`s3_proxy.S3Proxy`: only unsigned requests get its page size, ``upload_page``).
+
+    A ``restartable`` server is a test's own, to :meth:`kill`, :meth:`stop`/:meth:`cont` and
+    :meth:`restart` on the same data dir and ports. Its ``endpoint`` (the one :meth:`options`
+    gives) is ``front``, an :class:`s3_proxy.S3Proxy` whose ``faults.on_request`` can fire a
+    fault at a chosen request; a kill also cuts its connections and stops it listening, so
+    clients meet what a killed server's kernel does (connections reset, then refused).
+    ``client``, the test's own, goes to the server directly.
     """
 
     bucket = "ckpt"
@@ -191,7 +200,9 @@ class SeaweedS3:
     """The page size ``paging_proxy`` asks for: AWS's is 1,000, and a test that needs more than one
     page of open uploads makes one page and a bit (each upload is a request to make)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, restartable: bool = False) -> None:
+        """``restartable``: a server to :meth:`kill`, :meth:`stop` and :meth:`restart` (a test's own:
+        its master elects itself within 1 s of a restart, not the default 10-15 s)."""
         import boto3
         from botocore.config import Config
         from s3_proxy import S3Proxy
@@ -211,7 +222,7 @@ class SeaweedS3:
         }
         with open(os.path.join(root, "identities.json"), "w") as f:
             json.dump(identities, f)
-        os.makedirs(os.path.join(root, "data"))
+        os.makedirs(os.path.join(root, "data"), exist_ok=True)  # a test may have mounted a small disk there
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, self.port, s3_grpc = free_ports(8)
         # Every listener on 127.0.0.1 with a port of its own (parallel sessions don't collide);
         # the defaults this overrides: -ip 192.0.2.2, telemetry to seaweedfs.com, an Iceberg
@@ -227,14 +238,19 @@ class SeaweedS3:
             f"-s3.config={root}/identities.json", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-s3.autoCreateBucket=false",
         ]  # fmt: skip
+        if restartable:
+            # A restarted master recovers its Raft state and waits out an election timeout (10 s by
+            # default) before it leads; until then the S3 API answers nothing.
+            command.append("-master.electionTimeout=1s")
+        self.command = command
         self.log = os.path.join(root, "weed.log")
         started = time.perf_counter()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = self.server_endpoint = f"http://127.0.0.1:{self.port}"
         self.client = boto3.client(
             "s3",
-            endpoint_url=self.endpoint,
+            endpoint_url=self.server_endpoint,
             aws_access_key_id=self.key,
             aws_secret_access_key=self.secret,
             region_name="us-east-1",
@@ -247,6 +263,10 @@ class SeaweedS3:
             raise
         self.startup_seconds = time.perf_counter() - started
         self.paging_proxy = S3Proxy("127.0.0.1", self.port, max_uploads=self.upload_page)
+        self.front: S3Proxy | None = None
+        if restartable:
+            self.front = S3Proxy("127.0.0.1", self.port)
+            self.endpoint = f"http://127.0.0.1:{self.front.port}"
 
     def _wait_ready(self, deadline: float) -> None:
         """Until a bucket can be made and an object written (the filer, then a volume, are up)."""
@@ -300,13 +320,50 @@ class SeaweedS3:
         response = self.client.list_multipart_uploads(Bucket=bucket or self.bucket, Prefix=prefix + "/")
         return response.get("Uploads", [])
 
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` to the server's process group (its own session: nothing else is in it)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or the OOM killer would: requests under way end unanswered, new
+        connections are refused (``front`` too). Callable from ``front.faults.on_request``."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait()
+        if self.front is not None and not self.front.severed:
+            self.front.sever()
+
+    def stop(self) -> None:
+        """SIGSTOP the server: connections are still accepted (by the kernel), no request is answered."""
+        self._signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        """SIGCONT a stopped server: it answers again, the requests that waited first."""
+        self._signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 60) -> float:
+        """Kill the server if it runs, start it again on the same data dir and ports (objects,
+        uploads and storage options stay valid); seconds until it serves again."""
+        self.kill()
+        started = time.perf_counter()
+        with open(self.log, "ab") as log:
+            log.write(b"\n--- restarted ---\n")
+            log.flush()
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(time.monotonic() + timeout)  # the buckets are there already: BucketAlreadyOwnedByYou
+        if self.front is not None and self.front.severed:
+            self.front.resume()
+        return time.perf_counter() - started
+
     def _stop(self) -> None:
         # SIGTERM takes weed 15-25 s (it drains volumes); the data dir is thrown away anyway.
-        self.proc.kill()
+        self.proc.kill()  # a stopped (SIGSTOP) server dies too
         self.proc.wait()
 
     def close(self) -> None:
         self.paging_proxy.close()
+        if self.front is not None:
+            self.front.close()
         self._stop()
 
 

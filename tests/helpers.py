@@ -110,6 +110,7 @@ PRELOAD = [
     "cases",
     "concurrency_cases",
     "storage_contract_cases",
+    "s3_faults_cases",
 ]
 
 

@@ -3,18 +3,23 @@
 Tests point s3fs at the proxy (``endpoint_url``); the proxy forwards every
 request to the server over loopback. ``Faults`` decides, per request, whether
 to answer 500 / 503 SlowDown / 403 AccessDenied or to drop the connection
-instead of forwarding. With ``max_uploads``, an unsigned ListMultipartUploads
+instead of forwarding; ``Faults.on_request`` sees each request first (a test's trigger:
+kill the server when a given request arrives). :meth:`S3Proxy.sever` stops
+listening and cuts every connection, as a killed server's kernel would, and
+:meth:`S3Proxy.resume` listens again on the same port. With ``max_uploads``, an unsigned ListMultipartUploads
 asks for pages of that size, as AWS's are of 1,000 (see :class:`S3Proxy`). Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -45,15 +50,38 @@ def classify(method: str, path: str) -> str:
 
 @dataclass
 class Faults:
-    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403", "drop", "flip": forward the
+    """Which requests fail: ``rule(operation, n)`` -> None, "500", "503", "403", "507", "quota" (403
+    QuotaExceeded), "drop", "flip": forward the
     request with one bit of its body flipped, as a bad link or NIC would, or "stall": answer nothing for
-    ``stall_s`` seconds, then drop the connection, as a stopped (SIGSTOP) server (n counts that operation)."""
+    ``stall_s`` seconds, then drop the connection, as a stopped (SIGSTOP) server (n counts that operation).
+
+    ``on_request(operation, path, headers)`` runs first, on every request, before it is judged or forwarded:
+    a test's trigger (it may kill or stop the server behind the proxy, or :meth:`S3Proxy.sever`)."""
 
     rule: Callable[[str, int], str | None] | None = None
     stall_s: float = 5.0
+    on_request: Callable[[str, str, Message], None] | None = None
 
     def decide(self, operation: str, n: int) -> str | None:
         return self.rule(operation, n) if self.rule else None
+
+
+class Trigger:
+    """``action`` run once, at the first request ``when(operation, path, headers)`` picks, before that request
+    goes on: a ``Faults.on_request`` (kill or stop the server at a chosen point of a save). ``at``: when
+    (``time.monotonic()``, one clock for every process of the host); ``request``: which request."""
+
+    def __init__(self, when: Callable[[str, str, Message], bool], action: Callable[[], None]) -> None:
+        self.at: float | None = None
+        self.request: str | None = None
+        self._when, self._action = when, action
+        self._lock = threading.Lock()
+
+    def __call__(self, operation: str, path: str, headers: Message) -> None:
+        with self._lock:  # requests arriving meanwhile wait: none goes on before the action is done
+            if self.at is None and self._when(operation, path, headers):
+                self.at, self.request = time.monotonic(), f"{operation} {urlsplit(path).path}"
+                self._action()
 
 
 @dataclass
@@ -70,7 +98,8 @@ class Stats:
             self.injected.clear()
 
 
-ERRORS = {"500": (500, "InternalError"), "503": (503, "SlowDown"), "403": (403, "AccessDenied")}
+ERRORS = {"500": (500, "InternalError"), "503": (503, "SlowDown"), "403": (403, "AccessDenied"),
+          "507": (507, "InsufficientStorage"), "quota": (403, "QuotaExceeded")}
 
 
 class S3Proxy:
@@ -95,10 +124,29 @@ class S3Proxy:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._connections.add(self.connection)
+                if proxy.severed:  # accepted just before the listener closed
+                    self._drop()
+
             def finish(self) -> None:
-                super().finish()
+                with proxy._lock:
+                    proxy._connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:  # the client left (its timeout) or the proxy cut the connection
+                    pass
                 if self.upstream is not None:
                     self.upstream.close()
+
+            def _drop(self) -> None:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
             def _body(self) -> bytes:
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -114,8 +162,17 @@ class S3Proxy:
                 return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
             def _forward(self) -> None:
-                body = self._body()
+                try:
+                    body = self._body()
+                except OSError:  # cut while the request arrived
+                    self._drop()
+                    return
                 op = classify(self.command, self.path)
+                if proxy.faults.on_request is not None:
+                    proxy.faults.on_request(op, self.path, self.headers)
+                if proxy.severed:
+                    self._drop()
+                    return
                 with proxy.stats.lock:
                     proxy.stats.requests[op] += 1
                     n = proxy.stats.requests[op]
@@ -128,8 +185,7 @@ class S3Proxy:
                     if fault == "stall":
                         time.sleep(proxy.faults.stall_s)
                     if fault in ("drop", "stall"):
-                        self.close_connection = True
-                        self.connection.shutdown(2)
+                        self._drop()
                         return
                 if fault == "flip":
                     middle = len(body) // 2
@@ -165,8 +221,11 @@ class S3Proxy:
                         break
                     except (http.client.RemoteDisconnected, ConnectionError):
                         self.upstream.close()
-                        if fresh:
-                            raise
+                        if fresh or proxy.severed:
+                            # No server behind the proxy (killed): the client's connection ends
+                            # unanswered, as the server's own would have.
+                            self._drop()
+                            return
                 # The server's own Date and Server headers, not a second pair of ours (a client
                 # would see "Date: <ours>, <server's>").
                 self.send_response_only(resp.status)
@@ -176,18 +235,49 @@ class S3Proxy:
                 # A HEAD answer carries the object's length, not its (empty) body's.
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                except OSError:  # the client gave up waiting (a stopped server's late answer) or was cut
+                    self._drop()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._handler = Handler
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self.severed = False
+        self.port = 0
+        self._listen()
+
+    def _listen(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler)  # SO_REUSEADDR: the same port again
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def sever(self) -> None:
+        """Stop listening and cut every open connection, as the kernel does when the server behind is killed:
+        requests under way end unanswered, new connections are refused. Callable from ``on_request``."""
+        self.severed = True
         self.server.shutdown()
         self.server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for c in connections:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def resume(self) -> None:
+        """Listen again, on the same port, after :meth:`sever`."""
+        self.severed = False
+        self._listen()
+
+    def close(self) -> None:
+        if not self.severed:
+            self.server.shutdown()
+            self.server.server_close()

@@ -217,3 +217,102 @@ def test_a_stalled_server_is_named_as_stopped_answering_after_its_read_timeouts(
         storage.head("a.safetensors")
     assert time.perf_counter() - started < 4
     own_proxy.faults.rule = None
+
+
+def test_a_stalled_server_fails_after_one_round_of_timeouts_not_one_plus_the_window(s3, own_proxy):
+    """The window counts from when the first request that timed out was *sent*: parallel requests to a
+    stopped server (read_timeout 1.5 s, window 1 s) fail with the first round of timeouts, ~1.5 s, not after
+    a timeout plus the window plus another timeout (4.5 s, as it did when the window began at the first
+    timeout's end). One request alone is retried once first: a single timeout proves little."""
+    import threading
+    import time
+
+    from dcp_safetensors.errors import StorageError
+    from dcp_safetensors.storage.breaker import EndpointBreaker
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy, config_kwargs={"read_timeout": 1.5}))
+    storage._breaker = EndpointBreaker(window=1.0)
+    own_proxy.faults.stall_s = 6.0
+    own_proxy.faults.rule = lambda op, n: "stall"
+    ended: list[float] = []
+
+    def head() -> None:
+        with pytest.raises(StorageError, match="stopped answering"):
+            storage.head("a.safetensors")
+        ended.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=head) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ended) == 4 and max(ended) < 3.0, ended
+    own_proxy.faults.rule = None
+
+
+@pytest.mark.parametrize("fault, code", [("507", "InsufficientStorage"), ("quota", "QuotaExceeded")])
+def test_a_full_store_or_a_quota_fails_at_once_as_storage_full(s3, own_proxy, fault, code):
+    """507 (AWS, Ceph), XMinioStorageFull, QuotaExceeded: no retry frees space, so the first answer is a
+    StorageFullError naming the request, bucket, key and endpoint, and what to do (a quota's 403 is not
+    taken for bad credentials)."""
+    from dcp_safetensors.errors import StorageFullError
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy))
+    own_proxy.faults.rule = lambda op, n: fault if op == "UploadPart" else None
+    with pytest.raises(StorageFullError, match=rf"UploadPart 1 of s3://.*bucket '.*', key '.*'\) at http://127.0.0.1:"
+                                               rf"{own_proxy.port}: {code}: injected\. Not retried: free space"):
+        upload_one_part(storage, "a.safetensors", b"x" * 100)
+    assert own_proxy.stats.requests["UploadPart"] == 1
+
+
+def test_a_write_failing_with_internal_errors_says_the_store_may_be_full_and_warns_once(s3, own_proxy, caplog):
+    """SeaweedFS answers every write with 500 InternalError once its disk is full (measured): nothing in the
+    answer says so. After the attempts, the error says the store may be full; the retries of all requests
+    log one WARNING per kind of error, not one per attempt."""
+    import logging
+
+    from dcp_safetensors.errors import StorageError
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy), retries=3)
+    own_proxy.faults.rule = lambda op, n: "500" if op == "UploadPart" else None
+    with caplog.at_level(logging.DEBUG, logger="dcp_safetensors"):
+        for _ in range(2):
+            with pytest.raises(StorageError, match="failed after 3 attempts: InternalError.*may be out of disk space"):
+                upload_one_part(storage, "a.safetensors", b"x" * 100)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "attempt" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "further retries after InternalError are logged at DEBUG" in warnings[0].getMessage()
+    assert sum("attempt 2 failed" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 2
+    with pytest.raises(StorageError) as info:  # a read that fails so is no sign of a full store
+        own_proxy.faults.rule = lambda op, n: "500"
+        storage.head("a.safetensors")
+    assert "disk space" not in str(info.value)
+    own_proxy.faults.rule = None
+
+
+def test_a_save_stalled_by_the_server_is_warned_by_the_watchdog_then_completes(s3, own_proxy, caplog):
+    """A single-process dcp.save whose first UploadPart the server leaves unanswered for 2.5 s (then drops):
+    with stall_warning=1 s the rank logs a WARNING naming the save and what it waits on, the part is sent
+    again, and the save completes bit-exact."""
+    import logging
+
+    import safetensors.torch
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dcp_safetensors import SafetensorsWriter
+
+    opts = through(s3, own_proxy, config_kwargs={"read_timeout": 10})
+    own_proxy.faults.stall_s = 2.5
+    own_proxy.faults.rule = lambda op, n: "stall" if op == "UploadPart" and n == 1 else None
+    tensor = torch.arange(1 << 20, dtype=torch.float32)
+    url = s3.url(s3.prefix)
+    with caplog.at_level(logging.INFO, logger="dcp_safetensors"):
+        dcp.save({"w": tensor}, storage_writer=SafetensorsWriter(url, storage_options=opts, stall_warning=1.0))
+    own_proxy.faults.rule = None
+    stalls = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "no progress" in r.getMessage()]
+    assert stalls and stalls[0].startswith(f"save of {url} (rank 0): 0.0 of 4.2 MB (0%), no progress for 1 s while "
+                                           "writing"), stalls
+    data = s3.get(s3.prefix, "model.safetensors")
+    assert torch.equal(safetensors.torch.load(data)["w"], tensor)

@@ -5,10 +5,16 @@ a save spent its six attempts (and botocore's own, each waiting out a connect
 timeout), then every rank retried every abort the same way: minutes before
 the user learnt that the server was gone. The breaker counts only failures
 that reached no server (refused or dropped connections, timeouts); any answer,
-an error one included, shows the server lives and resets it. After
-:data:`UNREACHABLE_AFTER` seconds of nothing but such failures, it opens:
-requests fail at once for the next ``UNREACHABLE_AFTER`` seconds, naming the
-endpoint and the last failure, then one may try again (a later save).
+an error one included, shows the server lives and resets it. Such failures
+are retried until the breaker judges them (a request's attempt count does not
+apply: a server restarting for 5 s is waited for, one gone for good is not).
+Once at least two requests have failed so and none has been answered since
+the first of them was sent, :data:`UNREACHABLE_AFTER` seconds before, it
+opens: requests fail at once for the next ``UNREACHABLE_AFTER`` seconds,
+naming the endpoint and the last failure, then one may try again (a later
+save). Counting from when the first failed request was *sent* makes a
+stopped server (each request waits out its read timeout, 15 s) fail after one
+round of timeouts, not after one timeout plus the window.
 
 Example:
     >>> breaker = EndpointBreaker(window=0.0)
@@ -63,7 +69,8 @@ class EndpointBreaker:
     def __init__(self, window: float = UNREACHABLE_AFTER) -> None:
         self.window = window
         self._lock = threading.Lock()
-        self._since: float | None = None  # first failure since the last answer
+        self._since: float | None = None  # when the first request that failed since the last answer was sent
+        self._answered = 0.0  # when a request was last answered
         self._failures = 0
         self._opened: tuple[float, str] | None = None
 
@@ -77,22 +84,24 @@ class EndpointBreaker:
         """A server answered: the endpoint is reachable."""
         with self._lock:
             self._since, self._failures, self._opened = None, 0, None
+            self._answered = time.monotonic()
 
-    def failed(self, request: str, endpoint: str, e: BaseException) -> None:
-        """A request reached no server; raise StorageError if none has for ``window`` seconds."""
+    def failed(self, request: str, endpoint: str, e: BaseException, sent: float | None = None) -> None:
+        """A request sent at ``sent`` (``time.monotonic()``; default now) reached no server; raise
+        StorageError once two or more have failed so and none has been answered for ``window`` seconds."""
         with self._lock:
             now = time.monotonic()
-            if self._since is None:
-                self._since = now
+            sent = max(now if sent is None else sent, self._answered)  # not before the server last answered
+            self._since = sent if self._since is None else min(self._since, sent)
             self._failures += 1
-            if now - self._since < self.window:
+            if now - self._since < self.window or (self._failures < 2 and self.window > 0):
                 return
             state = "stopped answering (its requests time out)" if _timed_out(e) else "is unreachable"
             message = (
                 f"the endpoint {endpoint} {state}: no request has reached it for {now - self._since:.0f} s "
                 f"({self._failures} failed; the last, {request}: {type(e).__name__}: {e}). Every request of this "
-                "save or load stops now; nothing of a save is published (the next save cleans up its uploads). "
-                "Check that the server runs and that storage_options' endpoint_url points at it"
+                "save or load stops now (a save that had not committed publishes nothing; the next save cleans up "
+                "its uploads). Check that the server runs and that storage_options' endpoint_url points at it"
             )
             self._opened = (now, message)
         raise StorageError(message) from e

@@ -39,6 +39,7 @@ from dcp_safetensors.errors import (
     MissingFileError,
     StorageAccessError,
     StorageError,
+    StorageFullError,
 )
 from dcp_safetensors.layout import PartPlan
 from dcp_safetensors.names import INDEX_NAME
@@ -131,6 +132,7 @@ class FsspecStorage(Storage):
         self.retries = retries
         self._fs: Any = None
         self._breaker: EndpointBreaker | None = None
+        self._warned: set[str] = set()  # kinds of retried errors logged at WARNING so far
 
     @property
     def fs(self) -> Any:
@@ -171,14 +173,19 @@ class FsspecStorage(Storage):
         """``fn(*args, **kwargs)``, the request ``request`` (its S3 operation) on object ``name``,
         retried with exponential backoff on transient failures.
 
-        A refusal raises at once: retrying a bad signature or a missing bucket cannot help, and
-        the user should learn which request, bucket and key in seconds, not after the backoff.
-        A missing object raises ``FileNotFoundError`` for the caller to judge.
+        A refusal raises at once: retrying a bad signature, a missing bucket or a full store
+        cannot help, and the user should learn which request, bucket and key in seconds, not
+        after the backoff. A missing object raises ``FileNotFoundError`` for the caller to judge.
+        A request that reached no server is retried until the endpoint breaker judges the
+        endpoint unreachable (:mod:`.breaker`), whatever ``retries`` says.
         """
         delay = 0.1
         breaker = self.breaker
-        for attempt in range(1, self.retries + 1):
+        attempt = 0
+        unreached: list[float] = []  # when each attempt that reached no server was sent
+        while True:
             breaker.check()  # fails at once while the endpoint counts as unreachable
+            sent = time.monotonic()
             try:
                 result = fn(*args, **kwargs)
                 breaker.answered()
@@ -194,9 +201,21 @@ class FsspecStorage(Storage):
                 ) from e
             except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types for one transient fault
                 if reached_no_server(e):
-                    breaker.failed(f"{request} of {self.path(name)}", self.endpoint(), e)  # raises once it opens
-                else:
-                    breaker.answered()  # an error of the server's own: it lives
+                    breaker.failed(f"{request} of {self.path(name)}", self.endpoint(), e, sent)  # raises once it opens
+                    unreached.append(sent)
+                    # While other requests are answered the breaker stays closed: one request whose
+                    # connection is dropped every time (a proxy's body limit?) must still end.
+                    if len(unreached) >= self.retries and time.monotonic() - unreached[0] > 3 * breaker.window:
+                        raise StorageError(
+                            f"{self._where(request, name)}: reached no server on {len(unreached)} attempts over "
+                            f"{time.monotonic() - unreached[0]:.0f} s while other requests were answered: {_said(e)}"
+                        ) from e
+                    logger.debug("%s: reached no server (%s); retrying", self._where(request, name), _said(e))
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                breaker.answered()  # an error of the server's own: it lives
+                attempt += 1
                 if error_code(e) in ("PreconditionFailed", "412"):
                     raise CheckpointChangedError(
                         f"{self.path(name)}: replaced by another save while this load read it (its ETag changed); "
@@ -217,15 +236,18 @@ class FsspecStorage(Storage):
                             f"{attempt} times (BadDigest): they change in transit, or in memory while the save reads "
                             "them (a tensor updated during the save?); nothing of this save was published"
                         ) from e
-                    advice = ""
-                    if error_code(e) in ("SlowDown", "503", "ServiceUnavailable"):
-                        advice = ("; the server kept asking to slow down: fewer write_threads/read_threads, or a higher "
-                                  "request rate for this prefix from the store's operator")
-                    raise StorageError(f"{what}: failed after {attempt} attempts: {_said(e)}{advice}") from e
-                logger.warning("%s: attempt %d failed (%s); retrying", what, attempt, _said(e))
+                    raise StorageError(f"{what}: failed after {attempt} attempts: {_said(e)}{_advice(request, e)}") from e
+                # Once per storage and kind of error at WARNING: a throttled or failing save retries
+                # hundreds of requests, and a line for each would bury the one that matters.
+                kind = error_code(e) or type(e).__name__
+                if kind not in self._warned:
+                    self._warned.add(kind)
+                    logger.warning("%s: attempt %d failed (%s); retrying with backoff (further retries after %s are "
+                                   "logged at DEBUG)", what, attempt, _said(e), kind)
+                else:
+                    logger.debug("%s: attempt %d failed (%s); retrying", what, attempt, _said(e))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     def _refusal(self, request: str, name: str, e: Exception) -> StorageError | None:
         """The error to raise for ``e`` if no retry can change it (credentials, a missing bucket), else None."""
@@ -233,10 +255,15 @@ class FsspecStorage(Storage):
         # whose cause is botocore's ClientError: its code tells a missing bucket from a
         # missing key, and its operation which request inside an fsspec call was refused.
         cause = e if hasattr(e, "response") else e.__cause__
-        error = (getattr(cause, "response", None) or {}).get("Error", {})
+        response = getattr(cause, "response", None) or {}
+        error = response.get("Error", {})
         operation = request.split()[0]
-        if isinstance(e, (PermissionError, *_credential_errors())):
-            kind: type[StorageError] = StorageAccessError
+        if error.get("Code") in _FULL or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 507:
+            kind: type[StorageError] = StorageFullError
+            fix = ("free space on the store or raise the quota of this bucket or user, then save again; the previous "
+                   "checkpoint is intact and the next save aborts this one's uploads")
+        elif isinstance(e, (PermissionError, *_credential_errors())):
+            kind = StorageAccessError
             fix = (
                 "check the credentials (storage_options key/secret/token, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
                 f"AWS_SESSION_TOKEN/AWS_PROFILE), that they belong to this endpoint, and that they may {operation} here"
@@ -363,6 +390,26 @@ def error_code(e: BaseException) -> str | None:
     cause = e if hasattr(e, "response") else e.__cause__
     code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
     return str(code) if code is not None else None
+
+
+_FULL = frozenset({"InsufficientStorage", "InsufficientCapacity", "XMinioStorageFull", "QuotaExceeded",
+                   "XMinioAdminBucketQuotaExceeded"})
+"""Error codes of stores that are out of space or over a quota (AWS, Ceph RGW, MinIO): no retry frees space."""
+
+_WRITES = ("UploadPart", "PutObject", "CompleteMultipartUpload", "CreateMultipartUpload")
+
+
+def _advice(request: str, e: BaseException) -> str:
+    """What to do about a request that failed on every attempt, where its error code says."""
+    code = error_code(e)
+    if code in ("SlowDown", "503", "ServiceUnavailable"):
+        return ("; the server kept asking to slow down: fewer write_threads/read_threads, or a higher request rate "
+                "for this prefix from the store's operator")
+    if code in ("InternalError", "500") and request.startswith(_WRITES):
+        # SeaweedFS answers every write so once its disks are full (measured), as may others.
+        return ("; a server that fails every write so may be out of disk space (SeaweedFS answers a full disk with "
+                "500 InternalError): check the store's free space. The previous checkpoint is intact")
+    return ""
 
 
 def _said(e: BaseException) -> str:

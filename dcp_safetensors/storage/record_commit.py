@@ -76,7 +76,13 @@ class RecordCommit(Commit):
         # Past the commit point the uploads belong to the record: a failure while rolling
         # forward leaves them for the next reader or writer to complete, never to abort.
         session.committed = True
-        self._publish(session.staging, record, resumed=False)
+        try:
+            self._publish(session.staging, record, resumed=False)
+        except StorageError as e:
+            raise type(e)(
+                f"{e}. This save is committed all the same: its record {s.path(name)} holds it, and the next load or "
+                f"save of {s.url} finishes publishing it (until then other tools find no index there)"
+            ) from e
 
     def roll_forward(self, staging: str) -> None:
         self._publish(staging, CommitRecord.read(self.storage, staging), resumed=True)
