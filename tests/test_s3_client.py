@@ -266,23 +266,30 @@ def test_a_full_store_or_a_quota_fails_at_once_as_storage_full(s3, own_proxy, fa
     assert own_proxy.stats.requests["UploadPart"] == 1
 
 
-def test_a_write_failing_with_internal_errors_says_the_store_may_be_full_and_warns_once(s3, own_proxy, caplog):
+@pytest.mark.parametrize("fault, code, says", [
+    ("500", "InternalError", "may be out of disk space"),
+    ("503", "SlowDown", "kept asking to slow down: fewer write_threads"),
+], ids=["full", "throttled"])
+def test_a_write_failing_on_every_attempt_says_what_to_do_and_each_kind_of_retry_is_warned_once(
+    s3, own_proxy, caplog, fault, code, says
+):
     """SeaweedFS answers every write with 500 InternalError once its disk is full (measured): nothing in the
-    answer says so. After the attempts, the error says the store may be full; the retries of all requests
-    log one WARNING per kind of error, not one per attempt."""
+    answer says so; after the attempts, the error says the store may be full. Throttling (503 SlowDown) is
+    backed off and, at the end, answered with advice. The retries of all requests log one WARNING per kind
+    of error, not one per attempt."""
     import logging
 
     from dcp_safetensors.errors import StorageError
 
     storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy), retries=3)
-    own_proxy.faults.rule = lambda op, n: "500" if op == "UploadPart" else None
+    own_proxy.faults.rule = lambda op, n: fault if op == "UploadPart" else None
     with caplog.at_level(logging.DEBUG, logger="dcp_safetensors"):
         for _ in range(2):
-            with pytest.raises(StorageError, match="failed after 3 attempts: InternalError.*may be out of disk space"):
+            with pytest.raises(StorageError, match=f"failed after 3 attempts: {code}.*{says}"):
                 upload_one_part(storage, "a.safetensors", b"x" * 100)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "attempt" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert "further retries after InternalError are logged at DEBUG" in warnings[0].getMessage()
+    assert f"further retries after {code} are logged at DEBUG" in warnings[0].getMessage()
     assert sum("attempt 2 failed" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 2
     with pytest.raises(StorageError) as info:  # a read that fails so is no sign of a full store
         own_proxy.faults.rule = lambda op, n: "500"
@@ -316,3 +323,17 @@ def test_a_save_stalled_by_the_server_is_warned_by_the_watchdog_then_completes(s
                                            "writing"), stalls
     data = s3.get(s3.prefix, "model.safetensors")
     assert torch.equal(safetensors.torch.load(data)["w"], tensor)
+
+
+def test_the_unreachable_window_comes_from_the_environment_and_a_bad_value_is_refused(monkeypatch):
+    from dcp_safetensors.errors import ConfigurationError
+    from dcp_safetensors.storage.breaker import UNREACHABLE_AFTER, EndpointBreaker
+
+    monkeypatch.delenv("DCP_SAFETENSORS_UNREACHABLE_AFTER", raising=False)
+    assert EndpointBreaker().window == UNREACHABLE_AFTER
+    monkeypatch.setenv("DCP_SAFETENSORS_UNREACHABLE_AFTER", "3.5")
+    assert EndpointBreaker().window == 3.5
+    for bad in ("0", "-2", "ten"):
+        monkeypatch.setenv("DCP_SAFETENSORS_UNREACHABLE_AFTER", bad)
+        with pytest.raises(ConfigurationError, match=rf"DCP_SAFETENSORS_UNREACHABLE_AFTER='{bad}': give the seconds"):
+            EndpointBreaker()

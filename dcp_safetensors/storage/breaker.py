@@ -24,16 +24,41 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 
-from dcp_safetensors.errors import StorageError
+from dcp_safetensors.errors import ConfigurationError, StorageError
 
-__all__ = ["EndpointBreaker", "UNREACHABLE_AFTER", "reached_no_server"]
+__all__ = ["EndpointBreaker", "UNREACHABLE_AFTER", "reached_no_server", "unreachable_after"]
 
 UNREACHABLE_AFTER = 10.0
-"""Seconds of nothing but failed connections after which an endpoint counts as unreachable."""
+"""Seconds of nothing but failed connections after which an endpoint counts as unreachable, unless the
+environment variable ``DCP_SAFETENSORS_UNREACHABLE_AFTER`` says otherwise (set it alike on every rank:
+torchrun passes the environment on)."""
+
+WINDOW_VARIABLE = "DCP_SAFETENSORS_UNREACHABLE_AFTER"
+
+
+def unreachable_after() -> float:
+    """The breaker's window: ``$DCP_SAFETENSORS_UNREACHABLE_AFTER`` seconds, else :data:`UNREACHABLE_AFTER`.
+
+    Example:
+        >>> unreachable_after() == UNREACHABLE_AFTER or WINDOW_VARIABLE in os.environ
+        True
+    """
+    value = os.environ.get(WINDOW_VARIABLE)
+    if value is None:
+        return UNREACHABLE_AFTER
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigurationError(f"{WINDOW_VARIABLE}={value!r}: give the seconds (a positive number) after which "
+                                 "an S3 endpoint that answers no request counts as unreachable")
+    return seconds
 
 _NO_SERVER = frozenset({
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -66,8 +91,8 @@ def _timed_out(e: BaseException) -> bool:
 class EndpointBreaker:
     """Shared by every request of one storage (all its threads): see the module docstring."""
 
-    def __init__(self, window: float = UNREACHABLE_AFTER) -> None:
-        self.window = window
+    def __init__(self, window: float | None = None) -> None:
+        self.window = unreachable_after() if window is None else window
         self._lock = threading.Lock()
         self._since: float | None = None  # when the first request that failed since the last answer was sent
         self._answered = 0.0  # when a request was last answered
