@@ -235,3 +235,16 @@ def test_s3_bench_on_seaweedfs_times_each_method_and_counts_its_requests(tmp_pat
     ours = results[0]
     assert ours["requests"]["UploadPart"] >= 1 and ours["data_uploaded_bytes"] == ours["data_stored_bytes"]
     assert "| dcp_safetensors |" in done.stdout
+
+
+def test_crc_ceiling_times_copy_crc_and_both_in_each_process(tmp_path) -> None:
+    """benchmarks/crc_ceiling.py (the tmpfs ceiling of a checked load, docs/benchmarks.md): one triple per
+    process, each a real time, the copy-and-CRC run no shorter than its CRC alone."""
+    sys.path.insert(0, BENCH)
+    from crc_ceiling import ceiling
+
+    results = ceiling(str(tmp_path), 4, 2, 1)
+    assert len(results) == 2
+    for copy, crc, both in results:
+        assert 0 < copy and 0 < crc < both, (copy, crc, both)
+    assert not list(tmp_path.iterdir())  # its files removed
