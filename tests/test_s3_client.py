@@ -282,19 +282,18 @@ def test_a_write_failing_on_every_attempt_says_what_to_do_and_each_kind_of_retry
     from dcp_safetensors.errors import StorageError
 
     storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy), retries=3)
-    own_proxy.faults.rule = lambda op, n: fault if op == "UploadPart" else None
+    own_proxy.faults.rule = lambda op, n: fault if op in ("UploadPart", "GetObject") else None
     with caplog.at_level(logging.DEBUG, logger="dcp_safetensors"):
+        with pytest.raises(StorageError, match=f"failed after 3 attempts: {code}.*{says}"):
+            upload_one_part(storage, "a.safetensors", b"x" * 100)
         for _ in range(2):
-            with pytest.raises(StorageError, match=f"failed after 3 attempts: {code}.*{says}"):
-                upload_one_part(storage, "a.safetensors", b"x" * 100)
+            with pytest.raises(StorageError, match=f"GetObject .* failed after 3 attempts: {code}") as info:
+                storage.read_range("a.safetensors", 0, 10)
+            assert "disk space" not in str(info.value)  # a read that fails so is no sign of a full store
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "attempt" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert f"further retries after {code} are logged at DEBUG" in warnings[0].getMessage()
-    assert sum("attempt 2 failed" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 2
-    with pytest.raises(StorageError) as info:  # a read that fails so is no sign of a full store
-        own_proxy.faults.rule = lambda op, n: "500"
-        storage.head("a.safetensors")
-    assert "disk space" not in str(info.value)
+    assert sum("attempt 2 failed" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 3
     own_proxy.faults.rule = None
 
 
@@ -337,3 +336,28 @@ def test_the_unreachable_window_comes_from_the_environment_and_a_bad_value_is_re
         monkeypatch.setenv("DCP_SAFETENSORS_UNREACHABLE_AFTER", bad)
         with pytest.raises(ConfigurationError, match=rf"DCP_SAFETENSORS_UNREACHABLE_AFTER='{bad}': give the seconds"):
             EndpointBreaker()
+
+
+def test_once_a_write_failed_on_every_attempt_the_other_writes_of_the_save_are_not_retried(s3, own_proxy):
+    """A full store fails every write alike: after one part spent its attempts, another part in flight stops at
+    its next retry (naming the first failure) instead of re-sending its bytes 6 times; reads still retry, and
+    the next save (a storage of its own) tries afresh."""
+    from dcp_safetensors.errors import StorageError
+
+    storage = S3Storage(s3.url(s3.prefix), through(s3, own_proxy), retries=3)
+    own_proxy.faults.rule = lambda op, n: "500" if op in ("UploadPart", "HEAD") else None
+    with pytest.raises(StorageError, match="UploadPart 1 .* failed after 3 attempts: InternalError"):
+        upload_one_part(storage, "a.safetensors", b"x" * 100)
+    first = own_proxy.stats.requests["UploadPart"]
+    per_attempt = first // 3  # what the proxy counts of one attempt
+    assert first == 3 * per_attempt > 0
+    with pytest.raises(StorageError, match=r"UploadPart 1 of .*b\.safetensors.*: InternalError: .*; not retried, as another "
+                                           r"write of this save failed on every attempt: UploadPart 1 of .*a\.safetensors"):
+        upload_one_part(storage, "b.safetensors", b"y" * 100)
+    assert own_proxy.stats.requests["UploadPart"] == 4 * per_attempt  # one attempt, not three
+    with pytest.raises(StorageError, match="HeadObject .* failed after 3 attempts"):
+        storage.head("a.safetensors")
+    with pytest.raises(StorageError, match="failed after 3 attempts"):
+        upload_one_part(S3Storage(s3.url(s3.prefix), through(s3, own_proxy), retries=3), "c.safetensors", b"z")
+    assert own_proxy.stats.requests["UploadPart"] == 7 * per_attempt
+    own_proxy.faults.rule = None

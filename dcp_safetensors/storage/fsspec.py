@@ -133,6 +133,7 @@ class FsspecStorage(Storage):
         self._fs: Any = None
         self._breaker: EndpointBreaker | None = None
         self._warned: set[str] = set()  # kinds of retried errors logged at WARNING so far
+        self._failed_write: str | None = None  # the first write that failed on every attempt (one storage: one save)
 
     @property
     def fs(self) -> Any:
@@ -153,6 +154,7 @@ class FsspecStorage(Storage):
         state = dict(self.__dict__)
         state["_fs"] = None  # clients hold sockets and event loops; each process makes its own
         state["_breaker"] = None  # a lock; and another process judges the endpoint afresh
+        state["_failed_write"] = None
         return state
 
     @property
@@ -229,14 +231,24 @@ class FsspecStorage(Storage):
                 if isinstance(e, FileNotFoundError):
                     raise
                 what = self._where(request, name)
+                write = request.startswith(_WRITES)
+                if write and attempt < self.retries and self._failed_write is not None:
+                    # One write failed on every attempt (a full store fails them all alike): the others
+                    # in flight stop at their next retry instead of re-sending their bytes 6 times each.
+                    raise StorageError(f"{what}: {_said(e)}; not retried, as another write of this save failed on "
+                                       f"every attempt: {self._failed_write}") from e
                 if attempt == self.retries:
                     if error_code(e) == "BadDigest":  # our CRC-32 of the bytes, checked by the server
-                        raise StorageError(
+                        final = StorageError(
                             f"{what}: the server received bytes whose CRC-32 is not the one computed as they were read, "
                             f"{attempt} times (BadDigest): they change in transit, or in memory while the save reads "
                             "them (a tensor updated during the save?); nothing of this save was published"
-                        ) from e
-                    raise StorageError(f"{what}: failed after {attempt} attempts: {_said(e)}{_advice(request, e)}") from e
+                        )
+                    else:
+                        final = StorageError(f"{what}: failed after {attempt} attempts: {_said(e)}{_advice(request, e)}")
+                    if write:
+                        self._failed_write = str(final)
+                    raise final from e
                 # Once per storage and kind of error at WARNING: a throttled or failing save retries
                 # hundreds of requests, and a line for each would bury the one that matters.
                 kind = error_code(e) or type(e).__name__
