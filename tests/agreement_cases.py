@@ -146,8 +146,10 @@ def run_case(kind: str, name: str, root: str) -> dict[str, Any]:
 
 def local_knobs(root: str) -> None:
     """Options that only shape one rank's own work may differ: thread counts, a config passed on
-    rank 0 only, a meta resolver on the ranks that have meta tensors."""
+    rank 0 only, a meta resolver on the ranks that have meta tensors, the stall watchdog's period."""
     _save(root, writer={"write_threads": _odd_value(8, 1)})
+    _save(root, writer={"stall_warning": _odd_value(None, 5.0)})
+    _load(root, reader={"stall_warning": _odd_value(0.5, None)})
     _save(root, writer={"hf_config": {"vocab_size": 3} if dist.get_rank() == 0 else None})
     _save(root, planner=SafetensorsSavePlanner(meta_resolver=_odd_value(None, lambda k, t: t)))
     _load(root, reader={"read_threads": _odd_value(8, 1)})

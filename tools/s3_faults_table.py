@@ -12,7 +12,7 @@ the test extra, behind a proxy that fires the fault at a chosen request) and 2 g
 3. after a restart (or SIGCONT), save a third state.
 
 Storage options are what a user passes: key, secret, endpoint, region. Nothing else: s3fs's
-5 s connect and 15 s read timeouts, its own client's retries, the package's endpoint breaker
+5 s connect and 15 s read timeouts, the package's one retry policy (botocore's and s3fs's own retries off), its endpoint breaker
 (10 s). Faults:
 
 * ``planning``: killed at the save's first request (it plans, then asks the store first);
